@@ -1,0 +1,1 @@
+"""sept.data: WebDataset reading and writing, sample identity, pool and target readers, the demo corpus."""
