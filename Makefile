@@ -1,0 +1,32 @@
+# sept: `make demo` runs the whole pipeline on the demo corpus; `make test` runs every test.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clusters-up clusters-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# torch and torchvision first, pinned, so pip takes them from this machine's disk
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/sept demo --workdir work/demo
+
+clusters-up:
+	bash slurm/dev-cluster.sh up
+
+clusters-down:
+	bash slurm/dev-cluster.sh down
+
+# The Ray test cluster is started and stopped by the tests themselves (tests/conftest.py).
+test: install clusters-up
+	$(VENV)/bin/python -m pytest -q --timeout=900 tests; status=$$?; \
+	  bash slurm/dev-cluster.sh down; exit $$status
+
+clean:
+	rm -rf $(VENV) work

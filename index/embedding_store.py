@@ -1,0 +1,206 @@
+"""The embeddings store: one Zarr v3 group holding, per pool shard, float16 vectors and int64 ids.
+
+Layout (documented in the README)::
+
+    EMB.zarr/
+      zarr.json                 attrs: kind="sept-embeddings", dim, encoder (identity, arch, image_size),
+                                pool (the shard listing, whose order defines shard indices)
+      shards/
+        00000/                  one group per *complete* pool shard
+          zarr.json             attrs: shard (path), count, bad, bad_samples
+          vectors               (count, dim) float16
+          ids                   (count,) int64, see sept.data.identity
+
+A shard group is written under a temporary name and renamed into place once its data is on disk,
+so a shard group that exists is complete: that rename is the whole resume story. Writers of
+different shards never touch the same files, so any number of processes can write at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import zarr
+
+from sept.errors import SeptError
+
+KIND = "sept-embeddings"
+
+
+def shard_name(shard_index: int) -> str:
+    return f"{shard_index:05d}"
+
+
+@dataclass
+class EncoderIdentity:
+    """What the vectors mean: two stores (or a store and a query) are comparable only if these match."""
+
+    identity: str
+    arch: str
+    dim: int
+    image_size: int
+
+    @classmethod
+    def of(cls, bundle) -> "EncoderIdentity":
+        return cls(bundle.identity, bundle.arch, int(bundle.dim), int(bundle.image_size))
+
+    def to_dict(self) -> dict:
+        return dict(identity=self.identity, arch=self.arch, dim=self.dim, image_size=self.image_size)
+
+
+class EmbeddingStore:
+    """Read and write access to one embeddings store on a local or shared filesystem."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    # ---- creation -------------------------------------------------------------------------
+    @classmethod
+    def create_or_open(cls, path: str, *, encoder: EncoderIdentity, pool: list[str]) -> "EmbeddingStore":
+        """Create the store, or reopen it for the same encoder. The pool may have grown since."""
+        store = cls(path)
+        if os.path.exists(os.path.join(store.path, "zarr.json")):
+            attrs = store.attrs
+            if attrs.get("kind") != KIND:
+                raise SeptError(f"{path} exists and is not a sept embeddings store; choose another --out")
+            if attrs["encoder"]["identity"] != encoder.identity:
+                raise SeptError(
+                    f"{path} holds embeddings from encoder {attrs['encoder']['identity']}, "
+                    f"not {encoder.identity}; choose another --out"
+                )
+            old_pool = attrs["pool"]
+            if pool[: len(old_pool)] != old_pool:
+                raise SeptError(
+                    f"{path} was embedded from a different pool listing; shard indices would change "
+                    f"(first difference at shard {_first_difference(old_pool, pool)}); choose another --out"
+                )
+            group = zarr.open_group(store.path, mode="r+")
+            group.attrs["pool"] = list(pool)
+            return store
+        if os.path.exists(store.path) and os.listdir(store.path):
+            raise SeptError(f"{path} exists and is not a sept embeddings store; choose another --out")
+        group = zarr.open_group(store.path, mode="w")
+        group.require_group("shards")
+        group.attrs.update(kind=KIND, dim=encoder.dim, encoder=encoder.to_dict(), pool=list(pool))
+        return store
+
+    @classmethod
+    def open(cls, path: str) -> "EmbeddingStore":
+        store = cls(path)
+        if not os.path.exists(os.path.join(store.path, "zarr.json")):
+            raise SeptError(f"embeddings store not found: {path}")
+        if store.attrs.get("kind") != KIND:
+            raise SeptError(f"not a sept embeddings store: {path}")
+        return store
+
+    # ---- metadata -------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        with open(os.path.join(self.path, "zarr.json")) as f:
+            return json.load(f).get("attributes", {})
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def encoder(self) -> EncoderIdentity:
+        return EncoderIdentity(**self.attrs["encoder"])
+
+    @property
+    def pool(self) -> list[str]:
+        return list(self.attrs["pool"])
+
+    def _shard_dir(self, shard_index: int) -> str:
+        return os.path.join(self.path, "shards", shard_name(shard_index))
+
+    def is_complete(self, shard_index: int) -> bool:
+        return os.path.exists(os.path.join(self._shard_dir(shard_index), "zarr.json"))
+
+    def complete_shards(self) -> list[int]:
+        return [i for i in range(len(self.pool)) if self.is_complete(i)]
+
+    def missing_shards(self) -> list[int]:
+        return [i for i in range(len(self.pool)) if not self.is_complete(i)]
+
+    # ---- data -----------------------------------------------------------------------------
+    def write_shard(
+        self, shard_index: int, vectors: np.ndarray, ids: np.ndarray, *, report: dict | None = None
+    ) -> None:
+        """Write one shard atomically: build it under a temporary name, then rename it into place."""
+        final = self._shard_dir(shard_index)
+        tmp = os.path.join(self.path, "shards", f".tmp-{shard_name(shard_index)}-{uuid.uuid4().hex[:8]}")
+        n, dim = len(ids), self.dim
+        if vectors.shape != (n, dim):
+            raise ValueError(f"shard {shard_index}: vectors {vectors.shape} do not match ({n}, {dim})")
+        group = zarr.open_group(tmp, mode="w")
+        chunk = max(1, min(n, 65536))
+        group.create_array("vectors", shape=(n, dim), dtype="float16", chunks=(chunk, dim))[...] = vectors.astype(
+            np.float16
+        )
+        group.create_array("ids", shape=(n,), dtype="int64", chunks=(chunk,))[...] = ids.astype(np.int64)
+        group.attrs.update(shard=self.pool[shard_index], count=int(n), **(report or {}))
+        if os.path.exists(final):  # another attempt finished first; the data is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        os.rename(tmp, final)
+
+    def shard_attrs(self, shard_index: int) -> dict:
+        with open(os.path.join(self._shard_dir(shard_index), "zarr.json")) as f:
+            return json.load(f).get("attributes", {})
+
+    def read_shard(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors as float32, ids) of one complete shard."""
+        if not self.is_complete(shard_index):
+            raise SeptError(f"shard {shard_index} ({self.pool[shard_index]}) is not embedded in {self.path}")
+        group = zarr.open_group(self._shard_dir(shard_index), mode="r")
+        return np.asarray(group["vectors"][...], dtype=np.float32), np.asarray(group["ids"][...])
+
+    def shard_count(self, shard_index: int) -> int:
+        return int(self.shard_attrs(shard_index)["count"])
+
+    def iter_shards(self, shard_indices: list[int] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for i in self.complete_shards() if shard_indices is None else shard_indices:
+            x, ids = self.read_shard(i)
+            yield i, x, ids
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every vector and id, concatenated in shard order (for small pools and tests)."""
+        xs, idss = [], []
+        for _, x, ids in self.iter_shards():
+            xs.append(x)
+            idss.append(ids)
+        if not xs:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(xs), np.concatenate(idss)
+
+    def total_count(self) -> int:
+        return sum(self.shard_count(i) for i in self.complete_shards())
+
+    def sample(self, n: int, *, seed: int = 0) -> np.ndarray:
+        """A uniform random sample of up to n vectors, read shard by shard so memory stays ~n*dim."""
+        counts = {i: self.shard_count(i) for i in self.complete_shards()}
+        total = sum(counts.values())
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(total, size=min(n, total), replace=False))
+        out, start = [], 0
+        for i, count in counts.items():
+            local = chosen[(chosen >= start) & (chosen < start + count)] - start
+            if len(local):
+                group = zarr.open_group(self._shard_dir(i), mode="r")
+                out.append(np.asarray(group["vectors"][...], dtype=np.float32)[local])
+            start += count
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _first_difference(a: list[str], b: list[str]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))

@@ -1,0 +1,117 @@
+"""The index store: a trained FAISS index and its shards' inverted lists, in one Zarr v3 group.
+
+Layout (documented in the README)::
+
+    INDEX.zarr/
+      zarr.json            attrs: kind="sept-index", spec (IndexSpec), dim, encoder, embeddings
+                           (path and fingerprint), code_size, nlist, assignment (pool shards per
+                           index shard), ntotal, complete
+      trained              uint8: faiss.serialize_index of the trained, empty index
+      shards/
+        00000/             one group per complete index shard
+          offsets          (nlist + 1,) int64: list l holds rows offsets[l]:offsets[l+1]
+          ids              (n,) int64 global sample ids
+          codes            (n, code_size) uint8, exactly as faiss stores them
+
+A non-IVF index (Flat, PQ, ...) is stored as a single list of its standalone codes. A shard
+loads into faiss without re-encoding, and without reading the other shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+import faiss
+import numpy as np
+import zarr
+
+from sept.errors import SeptError
+
+KIND = "sept-index"
+
+
+def shard_name(index_shard: int) -> str:
+    return f"{index_shard:05d}"
+
+
+class IndexStore:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    @classmethod
+    def open(cls, path: str) -> "IndexStore":
+        store = cls(path)
+        if not os.path.exists(os.path.join(store.path, "zarr.json")) or store.attrs.get("kind") != KIND:
+            raise SeptError(f"not a sept index store: {path}")
+        return store
+
+    @classmethod
+    def create(cls, path: str, *, trained: faiss.Index, attrs: dict) -> "IndexStore":
+        store = cls(path)
+        group = zarr.open_group(store.path, mode="w")
+        blob = faiss.serialize_index(trained)
+        group.create_array("trained", shape=blob.shape, dtype="uint8", chunks=(max(1, len(blob)),))[...] = blob
+        group.require_group("shards")
+        group.attrs.update(kind=KIND, complete=False, **attrs)
+        return store
+
+    @property
+    def attrs(self) -> dict:
+        with open(os.path.join(self.path, "zarr.json")) as f:
+            return json.load(f).get("attributes", {})
+
+    def update_attrs(self, **values) -> None:
+        zarr.open_group(self.path, mode="r+").attrs.update(**values)
+
+    @property
+    def nshards(self) -> int:
+        return len(self.attrs["assignment"])
+
+    def trained_index(self) -> faiss.Index:
+        blob = np.asarray(zarr.open_group(self.path, mode="r")["trained"][...], dtype=np.uint8)
+        return faiss.deserialize_index(blob)
+
+    def _shard_dir(self, index_shard: int) -> str:
+        return os.path.join(self.path, "shards", shard_name(index_shard))
+
+    def is_complete(self, index_shard: int) -> bool:
+        return os.path.exists(os.path.join(self._shard_dir(index_shard), "zarr.json"))
+
+    def write_shard(self, index_shard: int, offsets: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Write one index shard under a temporary name, then rename it into place."""
+        tmp = os.path.join(self.path, "shards", f".tmp-{shard_name(index_shard)}-{uuid.uuid4().hex[:8]}")
+        group = zarr.open_group(tmp, mode="w")
+        n, code_size = codes.shape
+        group.create_array("offsets", shape=offsets.shape, dtype="int64", chunks=(max(1, len(offsets)),))[...] = offsets
+        chunk = max(1, min(n, 262144))
+        group.create_array("ids", shape=(n,), dtype="int64", chunks=(chunk,))[...] = ids
+        group.create_array("codes", shape=(n, code_size), dtype="uint8", chunks=(chunk, code_size))[...] = codes
+        group.attrs.update(ntotal=int(n))
+        final = self._shard_dir(index_shard)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+
+    def read_shard(self, index_shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.is_complete(index_shard):
+            raise SeptError(f"index shard {index_shard} is missing from {self.path}")
+        group = zarr.open_group(self._shard_dir(index_shard), mode="r")
+        return (
+            np.asarray(group["offsets"][...]),
+            np.asarray(group["ids"][...]),
+            np.asarray(group["codes"][...], dtype=np.uint8),
+        )
+
+    def load_shard(self, index_shard: int) -> faiss.Index:
+        """The index shard as a searchable faiss index."""
+        from sept.index.codes import index_from_codes
+
+        offsets, ids, codes = self.read_shard(index_shard)
+        index = index_from_codes(self.trained_index(), offsets, ids, codes)
+        nprobe = self.attrs.get("nprobe")
+        if nprobe and faiss.try_extract_index_ivf(index) is not None:
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+        return index

@@ -1,0 +1,88 @@
+"""Shared fixtures: a real two-node Ray cluster on loopback, and the SLURM dev cluster's presence."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+VENV_BIN = os.path.dirname(sys.executable)
+RAY = os.path.join(VENV_BIN, "ray")
+# Ray rewrites 127.0.0.1 to the host's public address; another loopback address stays on `lo`.
+NODE_IP = "127.0.0.2"
+
+
+@dataclass
+class RayCluster:
+    address: str
+    env: dict  # environment for drivers: carries the auth token
+
+    def run_sept(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+        return run_sept(*args, "--ray-address", self.address, env=self.env, check=check, timeout=timeout)
+
+
+def run_sept(*args: str, env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([os.path.join(VENV_BIN, "sept"), *args], env=env or os.environ.copy(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sept {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return port if port < 10000 else 6390  # Ray's worker ports start at 10002
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster (head + one worker node) with token auth, stopped afterwards."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    temp_dir = tempfile.mkdtemp(prefix="sept-ray-", dir="/tmp")  # short: unix socket paths are limited
+    port = 6390
+    common = ["--num-cpus=2", "--disable-usage-stats", f"--node-ip-address={NODE_IP}"]
+    subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
+                    "--resources", '{"sept_head": 1}', *common], env=env, check=True, capture_output=True, timeout=120)
+    cluster = RayCluster(address=f"{NODE_IP}:{port}", env=env)
+    try:
+        subprocess.run([RAY, "start", f"--address={cluster.address}", "--resources", '{"sept_worker": 1}', *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        _wait_for_nodes(cluster, 2)
+        yield cluster
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_nodes(cluster: RayCluster, n: int, timeout: float = 60) -> None:
+    code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))" % cluster.address)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    raise RuntimeError(f"the Ray test cluster did not reach {n} nodes")
+
+
+def slurm_available() -> str | None:
+    """None when the dev SLURM cluster answers with two usable nodes, else why not."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not found: run `bash slurm/dev-cluster.sh up`"
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
+    states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    usable = [n for n, s in states.items() if s.rstrip("*") in ("idle", "mix", "alloc", "comp")]
+    if len(usable) < 2:
+        return f"SLURM dev cluster not up ({out.stdout.strip() or out.stderr.strip()}): run `bash slurm/dev-cluster.sh up`"
+    return None

@@ -1,0 +1,127 @@
+"""Byte-exact materialization: extracting selected samples and writing verified shards atomically."""
+
+import os
+
+import pytest
+import webdataset as wds
+
+from sept.data.samples import PoolSample, iter_samples
+from sept.data.selection_writer import SelectionShardWriter, extract_samples
+from sept.errors import SeptError
+
+
+@pytest.fixture
+def source_shard(tmp_path):
+    """A pool shard whose members hold arbitrary bytes, including ones an encoder would touch."""
+    path = tmp_path / "pool" / "00000.tar"
+    path.parent.mkdir()
+    samples = []
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i in range(8):
+            members = {
+                "jpg": os.urandom(300 + 97 * i),
+                "json": b'{"key": "%d", "caption": "caf\xc3\xa9"}' % i,
+                "txt.gz": os.urandom(40),  # would be gzipped again by an encoding writer
+                "cls": b" 7\n",  # would be re-formatted by an encoding writer
+            }
+            sink.write({"__key__": f"{i:09d}", **members})
+            samples.append(PoolSample(f"{i:09d}", i, members))
+    return str(path), samples
+
+
+def test_extract_yields_selected_samples_unchanged(source_shard):
+    path, originals = source_shard
+    got = list(extract_samples(path, {6, 1, 3}))
+    assert got == [originals[1], originals[3], originals[6]]
+    assert list(extract_samples(path, set())) == []
+
+
+def test_extract_refuses_positions_past_the_end(source_shard):
+    path, _ = source_shard
+    with pytest.raises(SeptError, match=r"00000\.tar has no sample at 2 selected positions"):
+        list(extract_samples(path, {0, 8, 9}))
+
+
+def test_written_shards_read_back_byte_identical(source_shard, tmp_path):
+    path, originals = source_shard
+    out = tmp_path / "selected"
+    names = []
+    with SelectionShardWriter(str(out), maxcount=3) as writer:
+        for sample in extract_samples(path, range(8)):
+            names.append(writer.write(sample))
+    assert (
+        names
+        == ["selected-000000.tar"] * 3 + ["selected-000001.tar"] * 3 + ["selected-000002.tar"] * 2
+    )
+    assert writer.shards == [str(out / n) for n in dict.fromkeys(names)]
+    assert sorted(os.listdir(out)) == sorted(dict.fromkeys(names))  # no .tmp left behind
+    read_back = [s for shard in writer.shards for s in iter_samples(shard)]
+    assert [(s.key, s.members) for s in read_back] == [(s.key, s.members) for s in originals]
+    assert writer.samples_written == 8
+
+
+def test_unfinished_shard_only_exists_under_a_tmp_name(source_shard, tmp_path):
+    path, originals = source_shard
+    out = tmp_path / "sel"
+    writer = SelectionShardWriter(str(out), prefix="part", maxcount=2)
+    writer.write(originals[0])
+    writer.write(originals[1])
+    assert os.listdir(out) == ["part-000000.tar.tmp"]
+    assert writer.write(originals[2]) == "part-000001.tar"  # the first shard is now finished
+    assert sorted(os.listdir(out)) == ["part-000000.tar", "part-000001.tar.tmp"]
+    writer.close()
+    assert sorted(os.listdir(out)) == ["part-000000.tar", "part-000001.tar"]
+    writer.close()  # closing twice is harmless
+
+
+def test_crash_inside_with_leaves_only_finished_shards(source_shard, tmp_path):
+    path, originals = source_shard
+    out = tmp_path / "sel"
+    with pytest.raises(RuntimeError, match="boom"):
+        with SelectionShardWriter(str(out), maxcount=2) as writer:
+            for sample in originals[:3]:
+                writer.write(sample)
+            raise RuntimeError("boom")
+    assert os.listdir(out) == ["selected-000000.tar"]
+    assert [s.key for s in iter_samples(str(out / "selected-000000.tar"))] == [
+        s.key for s in originals[:2]
+    ]
+
+
+def test_keys_must_be_unique_within_a_shard_and_can_be_renamed(source_shard, tmp_path):
+    path, originals = source_shard
+    with SelectionShardWriter(str(tmp_path / "sel"), maxcount=10) as writer:
+        writer.write(originals[0])
+        with pytest.raises(ValueError, match="already written"):
+            writer.write(originals[0])
+        writer.write(originals[0], key="copy_of_0")
+        with pytest.raises(ValueError, match="without dots"):
+            writer.write(originals[1], key="bad.key")
+    read_back = list(iter_samples(writer.shards[0]))
+    assert [s.key for s in read_back] == ["000000000", "copy_of_0"]
+    assert read_back[1].members == originals[0].members
+
+
+def test_maxsize_rolls_over_and_output_is_deterministic(source_shard, tmp_path):
+    path, originals = source_shard
+    outputs = []
+    for run in ("a", "b"):
+        with SelectionShardWriter(str(tmp_path / run), maxcount=100, maxsize=1000) as writer:
+            for sample in originals:
+                writer.write(sample)
+        outputs.append([open(p, "rb").read() for p in writer.shards])
+    assert len(outputs[0]) > 1  # each shard stops once it holds 1000 bytes of members
+    assert outputs[0] == outputs[1]
+
+
+def test_verification_catches_a_shard_that_reads_back_differently(source_shard, tmp_path):
+    from sept.data.selection_writer import ShardVerificationError, _digests, _verify_shard
+
+    path, originals = source_shard
+    expected = [(s.key, _digests(s.members)) for s in originals]
+    _verify_shard(path, expected)  # the source itself matches
+    tampered = [*expected[:-1], (expected[-1][0], {**expected[-1][1], "jpg": "0" * 32})]
+    with pytest.raises(ShardVerificationError, match="from sample 7"):
+        _verify_shard(path, tampered)
+    with pytest.raises(ShardVerificationError, match="8 samples read, 9 written"):
+        _verify_shard(path, expected + expected[:1])
