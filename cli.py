@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="embeddings store to write (EMB.zarr)")
     p.add_argument("--workers", type=int, default=2, help="embedding actors (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-gpus-per-worker", type=float, default=None,
+                   help="GPUs each actor reserves (default: 1 if the Ray cluster has GPUs, else 0); "
+                   "a GPU requested but not usable is an error, never a silent CPU run")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (and CPUs) per actor")
+    p.add_argument("--decode-threads", type=int, default=2,
+                   help="image decoding threads per actor, running beside the model (default: %(default)s)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="end non-zero when more than this fraction of samples is bad (default: %(default)s); "
+                   "bad samples are listed in EMB.zarr/quarantine.jsonl")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images above this many pixels, before decoding them (decompression bombs)")
     _add_ray(p)
 
     p = sub.add_parser("index", help="train a FAISS index once and encode its shards in parallel",
@@ -136,8 +147,12 @@ def run(args: argparse.Namespace) -> object:
     if cmd == "embed":
         from sept.cluster.embed import EmbedConfig, embed_pool
 
+        extra = {} if args.max_pixels is None else dict(max_pixels=args.max_pixels)
         return embed_pool(EmbedConfig(pool=args.pool, encoder=args.encoder, out=args.out, ray_address=args.ray_address,
-                                      workers=args.workers, batch_size=args.batch_size))
+                                      workers=args.workers, batch_size=args.batch_size,
+                                      num_gpus_per_worker=args.num_gpus_per_worker,
+                                      threads_per_worker=args.threads_per_worker, decode_threads=args.decode_threads,
+                                      max_bad_fraction=args.max_bad_fraction, **extra))
     if cmd == "index":
         from sept.cluster.index_build import IndexConfig, build_index
         from sept.index.spec import IndexSpec

@@ -1,8 +1,12 @@
 """sept embed: Ray actors, each holding the encoder once, embed pool shards into the Zarr store.
 
-The coordinator hands out shards one at a time from a queue. An actor that dies is replaced and
-its shard goes back on the queue; a shard that fails three times is reported by name. Vectors
-never travel through Ray: each actor writes its own shard group straight to the store.
+The coordinator hands out shards one at a time from a queue. An actor that dies (or whose node
+leaves the cluster) is replaced and its shard goes back on the queue; a shard that fails
+``max_attempts`` times is reported by name and the run ends non-zero, every other shard embedded.
+Vectors never travel through Ray: each actor writes its shard's group straight to the store
+(atomically, see sept.index.embedding_store), and a retried shard that was already written is
+dropped, so every sample is embedded exactly once. Bad samples are skipped and counted; more
+than ``max_bad_fraction`` of them ends the run non-zero, with a quarantine report listing each.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -18,6 +23,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from sept.cluster.runtime import ray_session
+from sept.data.decode import DEFAULT_MAX_PIXELS
+from sept.data.embed_shard import BAD_KINDS
 from sept.data.shards import list_shards
 from sept.errors import SeptError
 from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
@@ -35,117 +42,243 @@ class EmbedConfig:
     ray_address: str | None = None
     workers: int = 2
     batch_size: int = 256
-    threads_per_worker: int = 1
+    threads_per_worker: int = 1  # torch threads, and the CPUs each actor reserves
+    decode_threads: int = 2  # image decoding threads per actor, running beside the model
+    num_gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
+    max_bad_fraction: float = 0.01
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_attempts: int = MAX_ATTEMPTS
 
 
-@ray.remote(num_cpus=1, max_restarts=0)
+@ray.remote(max_restarts=0)
 class EmbedWorker:
-    def __init__(self, encoder_path: str, store_path: str, batch_size: int, threads: int):
+    """One encoder, loaded once by ``setup``; embeds whole shards and writes them to the store."""
+
+    def __init__(self, encoder_path: str, store_path: str, cfg: dict, device: str):
+        self.encoder_path, self.store_path, self.cfg, self.device = encoder_path, store_path, cfg, device
+        self.encoder = None
+
+    def setup(self) -> dict:
+        """Load the encoder on this actor's device and say where it runs (logged by the coordinator)."""
         import torch
 
         from sept.training.encoder import load_encoder
 
-        torch.set_num_threads(threads)
-        self.encoder = load_encoder(encoder_path)
-        self.store = EmbeddingStore(store_path)
-        self.batch_size = batch_size
+        host = socket.gethostname()
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SeptError(
+                f"--num-gpus-per-worker {self.cfg['num_gpus_per_worker']} but Ray node {host} has no usable "
+                "CUDA device (torch.cuda.is_available() is False); pass --num-gpus-per-worker 0 for a CPU run"
+            )
+        torch.set_num_threads(int(self.cfg["threads_per_worker"]))
+        self.encoder = load_encoder(self.encoder_path, device=self.device)
+        self.store = EmbeddingStore(self.store_path)
+        device = str(self.encoder.device)
+        if self.device == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.encoder.device)})"
+        return dict(pid=os.getpid(), host=host, node_id=ray.get_runtime_context().get_node_id(), device=device,
+                    torch_threads=torch.get_num_threads(), decode_threads=int(self.cfg["decode_threads"]))
 
     def embed(self, shard_index: int, shard_path: str) -> dict:
         from sept.data.embed_shard import embed_shard
 
-        x, ids, report = embed_shard(self.encoder, shard_path, shard_index, batch_size=self.batch_size)
+        start = time.perf_counter()
+        x, ids, report = embed_shard(
+            self.encoder, shard_path, shard_index, batch_size=int(self.cfg["batch_size"]),
+            decode_threads=int(self.cfg["decode_threads"]), max_pixels=int(self.cfg["max_pixels"]),
+        )
         self.store.write_shard(shard_index, x, ids, report=report)
-        return dict(report, shard=shard_index, embedded=len(ids), node=socket.gethostname(), pid=os.getpid(),
-                    node_id=ray.get_runtime_context().get_node_id())
+        return dict(shard=shard_index, embedded=len(ids), bad=report["bad"], seconds=time.perf_counter() - start,
+                    pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id())
 
 
 def embed_pool(cfg: EmbedConfig) -> dict:
-    """Embed every shard of the pool that the store does not hold yet. Returns a summary."""
+    """Embed every shard of the pool that the store does not hold yet. Returns a summary.
+
+    Raises SeptError (after writing the summary and quarantine report) when a shard failed
+    ``max_attempts`` times or more than ``max_bad_fraction`` of the samples are bad.
+    """
     from sept.training.encoder import load_encoder
 
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise SeptError(f"--max-bad-fraction must lie in [0, 1], got {cfg.max_bad_fraction}")
+    if cfg.workers < 1 or cfg.batch_size < 1:
+        raise SeptError(f"--workers and --batch-size must be positive, got {cfg.workers} and {cfg.batch_size}")
     shards = list_shards(cfg.pool)
     encoder = load_encoder(cfg.encoder, device="cpu")
     store = EmbeddingStore.create_or_open(cfg.out, encoder=EncoderIdentity.of(encoder), pool=shards)
     del encoder
+    store.remove_partial_writes()  # a worker killed mid-write leaves its temporary group behind
     todo = store.missing_shards()
     log.info("embed: %d shards in the pool, %d to embed", len(shards), len(todo))
-    reports: list[dict] = []
-    failed: dict[int, str] = {}
+    run = dict(reports=[], failed={}, workers=[], replaced=0, seconds=0.0)
     if todo:
         with ray_session(cfg.ray_address):
-            reports, failed = _run_queue(cfg, store, shards, todo)
-    summary = _summarize(store, reports, failed)
-    zarr_attrs = dict(last_run=summary, config=asdict(cfg))
-    import zarr
-
-    zarr.open_group(store.path, mode="r+").attrs.update(**zarr_attrs)
-    if failed:
-        names = ", ".join(f"{shards[i]} ({why})" for i, why in sorted(failed.items()))
-        raise SeptError(f"{len(failed)} shard(s) failed {MAX_ATTEMPTS} times and are not embedded: {names}")
+            run = _EmbedRun(cfg, store, shards).run(todo)
+        store.remove_partial_writes()
+    summary = _summarize(store, cfg, run)
+    store.set_attrs(last_run=summary, config=asdict(cfg))
+    log.info("embed: %s", _describe(summary))
+    problems = []
+    if run["failed"]:
+        names = ", ".join(f"{shards[i]} ({why})" for i, why in sorted(run["failed"].items()))
+        problems.append(f"{len(run['failed'])} shard(s) failed {cfg.max_attempts} times and are not embedded: {names}")
+    if summary["bad_fraction"] > cfg.max_bad_fraction:
+        problems.append(
+            f"{summary['bad_samples']} of {summary['samples']} samples are bad ({summary['bad_fraction']:.2%} > "
+            f"--max-bad-fraction {cfg.max_bad_fraction:.2%}; {_kinds(summary['bad_kinds'])}); "
+            f"they are listed in {summary['quarantine']}"
+        )
+    if problems:
+        raise SeptError("; ".join(problems))
     return summary
 
 
-def _run_queue(cfg: EmbedConfig, store: EmbeddingStore, shards: list[str], todo: list[int]):
-    def new_worker():
-        return EmbedWorker.options(scheduling_strategy="SPREAD").remote(
-            cfg.encoder, store.path, cfg.batch_size, cfg.threads_per_worker
-        )
+class _EmbedRun:
+    """The coordinator's queue: shards out to actors, results and failures back, actors replaced."""
 
-    n_workers = max(1, min(cfg.workers, len(todo)))
-    idle = deque(new_worker() for _ in range(n_workers))
-    queue = deque(todo)
-    attempts = {i: 0 for i in todo}
-    inflight: dict = {}
-    reports, failed = [], {}
-    bar = tqdm(total=len(todo), desc="embed", unit="shard")
-    while queue or inflight:
-        while queue and idle:
-            shard = queue.popleft()
-            actor = idle.popleft()
-            attempts[shard] += 1
-            inflight[actor.embed.remote(shard, shards[shard])] = (actor, shard)
-        done, _ = ray.wait(list(inflight), num_returns=1)
-        ref = done[0]
-        actor, shard = inflight.pop(ref)
-        try:
-            report = ray.get(ref)
-        except RayActorError as exc:  # the actor (or its node) died: replace it, retry the shard
-            log.warning("embed: worker died on shard %d (%s); replacing it", shard, type(exc).__name__)
-            idle.append(new_worker())
-            _retry_or_fail(shard, attempts, queue, failed, "worker died")
-            continue
-        except RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            log.warning("embed: shard %s failed: %s", shards[shard], cause)
+    def __init__(self, cfg: EmbedConfig, store: EmbeddingStore, shards: list[str]):
+        self.cfg, self.store, self.shards = cfg, store, shards
+        self.num_gpus = _resolve_gpus(cfg.num_gpus_per_worker)
+        self.device = "cuda" if self.num_gpus > 0 else "cpu"
+        self.worker_cfg = dict(asdict(cfg), num_gpus_per_worker=self.num_gpus)
+        self.workers: list[dict] = []
+        self.replaced = 0
+
+    def _new_worker(self):
+        return EmbedWorker.options(
+            num_cpus=self.cfg.threads_per_worker, num_gpus=self.num_gpus, scheduling_strategy="SPREAD"
+        ).remote(self.cfg.encoder, self.store.path, self.worker_cfg, self.device)
+
+    def run(self, todo: list[int]) -> dict:
+        start = time.perf_counter()
+        n_workers = max(1, min(self.cfg.workers, len(todo)))
+        queue = deque(todo)
+        attempts = {i: 0 for i in todo}
+        inflight: dict = {}  # ref -> (actor, shard or None while the actor sets up)
+        idle: deque = deque()
+        for _ in range(n_workers):
+            actor = self._new_worker()
+            inflight[actor.setup.remote()] = (actor, None)
+        reports, failed = [], {}
+        start_failures = 0
+        bar = tqdm(total=len(todo), desc="embed", unit="shard", dynamic_ncols=True)
+        while queue or any(shard is not None for _, shard in inflight.values()):
+            while queue and idle:
+                shard = queue.popleft()
+                actor = idle.popleft()
+                attempts[shard] += 1
+                inflight[actor.embed.remote(shard, self.shards[shard])] = (actor, shard)
+            if not inflight:  # every actor failed to start: nothing can make progress
+                raise SeptError("embed: no worker could start; see the log above")
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            ref = done[0]
+            actor, shard = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as exc:  # the actor (or its node) died: replace it, retry its shard
+                where = "while starting" if shard is None else f"on shard {self.shards[shard]}"
+                log.warning("embed: worker died %s (%s); replacing it", where, _first_line(exc))
+                ray.kill(actor)
+                self.replaced += 1
+                if shard is None:
+                    start_failures += 1
+                    if start_failures > 3 * n_workers:
+                        raise SeptError(f"embed: workers keep dying while starting: {_first_line(exc)}") from None
+                else:
+                    self._retry_or_fail(shard, attempts, queue, failed, "worker died")
+                replacement = self._new_worker()
+                inflight[replacement.setup.remote()] = (replacement, None)
+                continue
+            except RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                if shard is None:  # setup raised: a configuration problem no retry can fix
+                    raise SeptError(str(cause).strip().splitlines()[0]) from None
+                why = _first_line(cause)
+                log.warning("embed: shard %s failed (attempt %d): %s", self.shards[shard], attempts[shard], why)
+                idle.append(actor)
+                self._retry_or_fail(shard, attempts, queue, failed, why)
+                continue
             idle.append(actor)
-            _retry_or_fail(shard, attempts, queue, failed, str(cause).splitlines()[0][:200])
-            continue
-        idle.append(actor)
-        reports.append(report)
-        bar.update(1)
-        bar.set_postfix(bad=sum(r["bad"] for r in reports))
-    bar.close()
-    for actor in idle:
-        ray.kill(actor)
-    return reports, failed
+            if shard is None:
+                self.workers.append(result)
+                log.info("embed: worker pid=%d on %s (node %s): device %s, %d torch thread(s), %d decode thread(s)",
+                         result["pid"], result["host"], result["node_id"][:12], result["device"],
+                         result["torch_threads"], result["decode_threads"])
+                continue
+            reports.append(result)
+            bar.update(1)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(img_s=f"{sum(r['embedded'] for r in reports) / max(elapsed, 1e-9):.0f}",
+                            bad=sum(r["bad"] for r in reports))
+        bar.close()
+        for actor, _ in inflight.values():
+            ray.kill(actor)
+        for actor in idle:
+            ray.kill(actor)
+        return dict(reports=reports, failed=failed, workers=self.workers, replaced=self.replaced,
+                    seconds=time.perf_counter() - start)
+
+    def _retry_or_fail(self, shard: int, attempts: dict, queue: deque, failed: dict, why: str) -> None:
+        if attempts[shard] < self.cfg.max_attempts:
+            queue.append(shard)
+        else:
+            log.error("embed: shard %s failed %d times, giving up on it: %s", self.shards[shard], attempts[shard], why)
+            failed[shard] = why
 
 
-def _retry_or_fail(shard: int, attempts: dict, queue: deque, failed: dict, why: str) -> None:
-    if attempts[shard] < MAX_ATTEMPTS:
-        queue.append(shard)
-    else:
-        failed[shard] = why
+def _resolve_gpus(requested: float | None) -> float:
+    available = float(ray.cluster_resources().get("GPU", 0))
+    if requested is None:
+        return 1.0 if available >= 1 else 0.0
+    if requested < 0:
+        raise SeptError(f"--num-gpus-per-worker must be >= 0, got {requested}")
+    if requested > 0 and available < requested:
+        raise SeptError(
+            f"--num-gpus-per-worker {requested:g} but the Ray cluster has {available:g} GPU(s); "
+            "pass --num-gpus-per-worker 0 for a CPU run"
+        )
+    return float(requested)
 
 
-def _summarize(store: EmbeddingStore, reports: list[dict], failed: dict) -> dict:
-    complete = store.complete_shards()
-    bad = sum(store.shard_attrs(i).get("bad", 0) for i in complete)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _summarize(store: EmbeddingStore, cfg: EmbedConfig, run: dict) -> dict:
+    quarantine = store.write_quarantine()
+    reports = run["reports"]
+    embedded_now = sum(r["embedded"] for r in reports)
+    seconds = run["seconds"]
     return dict(
         shards=len(store.pool),
-        complete=len(complete),
+        complete=len(store.complete_shards()),
         embedded_now=len(reports),
         vectors=store.total_count(),
-        bad_samples=int(bad),
-        failed=len(failed),
+        samples=quarantine["samples"],
+        bad_samples=quarantine["bad"],
+        bad_kinds=quarantine["kinds"],
+        bad_fraction=quarantine["bad"] / max(1, quarantine["samples"]),
+        quarantine=quarantine["path"],
+        failed=len(run["failed"]),
+        failed_shards=[store.pool[i] for i in sorted(run["failed"])],
+        workers_replaced=run["replaced"],
+        devices=sorted({w["device"] for w in run["workers"]}),
         nodes=sorted({r["node_id"] for r in reports}),
+        seconds=round(seconds, 2),
+        images_per_second=round(embedded_now / seconds, 1) if seconds > 0 else 0.0,
+    )
+
+
+def _kinds(kinds: dict) -> str:
+    return ", ".join(f"{k} {kinds.get(k, 0)}" for k in BAD_KINDS)
+
+
+def _describe(summary: dict) -> str:
+    return (
+        f"{summary['complete']}/{summary['shards']} shards complete, {summary['vectors']} vectors, "
+        f"{summary['embedded_now']} shard(s) embedded now at {summary['images_per_second']} img/s; "
+        f"bad samples {summary['bad_samples']} ({_kinds(summary['bad_kinds'])}); "
+        f"workers replaced {summary['workers_replaced']}; failed shards {summary['failed']}"
     )

@@ -1,46 +1,231 @@
-"""Distributed search: searcher actors each hold index shards, the coordinator merges exactly.
+"""Distributed search: searcher actors hold index shards, query batches stream to them, the coordinator merges.
 
-Queries go into Ray's object store once; every searcher answers with its shards' top-k, and
-``merge_topk`` (a faiss.ResultHeap) turns those into the global top-k.
+The plan (``sept.index.search_plan``) gives every searcher a group of index shards that fits in
+``memory_per_searcher``; when the groups outnumber the searchers they are searched in waves,
+each searcher reloading its next group. Query batches go into Ray's object store once and
+stream to every searcher, at most ``max_in_flight`` per searcher at a time. Each searcher
+answers with the top-k of each of its shards, and ``sept.index.merge.TopK`` folds those into
+the exact global top-k, whatever order they arrive in.
+
+A searcher that dies (its process killed, its node lost) is replaced by a new actor that loads
+the same shards, and every batch it had not answered is sent again; the merge adds each
+(batch, shard) result exactly once.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from tqdm import tqdm
 
-from sept.index.merge import merge_topk
+from sept.errors import SeptError
+from sept.index.merge import TopK
+from sept.index.search_plan import parse_size, plan_waves, shard_footprints
 from sept.index.store import IndexStore
 
 log = logging.getLogger(__name__)
 
+DEFAULT_QUERY_BATCH = 1024
+MAX_RESTARTS_PER_SEARCHER = 3
+_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 
-@ray.remote(num_cpus=1)
+
+@ray.remote(num_cpus=1, max_restarts=0)
 class ShardSearcher:
-    def __init__(self, index_path: str, index_shards: list[int]):
+    """Holds a group of index shards in memory and answers query batches with each shard's top-k."""
+
+    def __init__(self, index_path: str, threads: int = 1):
         import faiss
 
-        faiss.omp_set_num_threads(1)
-        store = IndexStore(index_path)
-        self.shards = {j: store.load_shard(j) for j in index_shards}
+        faiss.omp_set_num_threads(threads)
+        self.store = IndexStore(index_path)
+        self.shards: dict[int, object] = {}
 
-    def search(self, xq: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [index.search(np.ascontiguousarray(xq, dtype=np.float32), k) for index in self.shards.values()]
+    def load(self, index_shards: list[int]) -> dict:
+        self.shards = {}
+        gc.collect()  # free the previous wave's shards before reading the next ones
+        for j in index_shards:
+            self.shards[j] = self.store.load_shard(j)
+        return dict(pid=os.getpid(), node=socket.gethostname(), node_id=ray.get_runtime_context().get_node_id(),
+                    shards=list(index_shards))
+
+    def search(self, xq: np.ndarray, k: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        return [(j, *index.search(xq, k)) for j, index in sorted(self.shards.items())]
 
 
-def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Global top-k (D, I) of every query over every index shard. Needs a Ray session."""
+@dataclass
+class SearchStats:
+    """What a search did: filled in by ``search_index`` when passed one."""
+
+    waves: list[list[list[int]]] = field(default_factory=list)
+    group_bytes: list[list[int]] = field(default_factory=list)
+    batches: int = 0
+    restarts: int = 0
+    searcher_pids: list[int] = field(default_factory=list)
+    """Process ids of the searchers of the current wave, by searcher slot (updated on restarts)."""
+    nodes: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | None = None,
+                 memory_per_searcher: int | str | None = None, batch_size: int = DEFAULT_QUERY_BATCH,
+                 max_in_flight: int = 2, stats: SearchStats | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-k (D, I) of every query over every index shard. Needs a Ray session.
+
+    ``searchers`` defaults to one per index shard, at most the cluster's CPUs. ``on_batch(done,
+    total)`` is called after each (searcher, batch) answer is merged.
+    """
+    started = time.time()
+    stats = stats if stats is not None else SearchStats()
     store = IndexStore.open(index_path)
-    nshards = store.nshards
-    n_actors = max(1, min(searchers or nshards, nshards))
-    groups = [list(range(j, nshards, n_actors)) for j in range(n_actors)]
-    actors = [ShardSearcher.options(scheduling_strategy="SPREAD").remote(store.path, g) for g in groups]
-    xq_ref = ray.put(np.ascontiguousarray(xq, dtype=np.float32))
+    attrs = store.attrs
+    metric = attrs["metric"]
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    nq = len(xq)
+    if nq == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    memory = parse_size(memory_per_searcher)
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(store.trained_index()) is not None
+    footprints = shard_footprints(store.path, store.nshards, ivf=ivf)
+    trained_bytes = int(np.prod(_zarr_shape(store.path, "trained")))
+    query_bytes = min(nq, batch_size) * xq.shape[1] * 4 * (max_in_flight + 1)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    plan = plan_waves(footprints, searchers or min(store.nshards, max(1, cpus)), memory,
+                      base=trained_bytes + query_bytes)
+    _check_memory_fits(memory)
+    stats.waves, stats.group_bytes = plan.waves, plan.group_bytes
+    bounds = list(range(0, nq, batch_size)) + [nq]
+    batches = [ray.put(xq[a:b]) for a, b in zip(bounds, bounds[1:])]
+    stats.batches = len(batches)
+    tops = [TopK(b - a, k, metric=metric) for a, b in zip(bounds, bounds[1:])]
+    options = dict(scheduling_strategy="SPREAD")
+    if memory is not None:
+        options["memory"] = memory
+    pool = _SearcherPool(store.path, options, stats)
+    total = sum(len(w) for w in plan.waves) * len(batches)
+    done = 0
+    log.info("search: %d queries in %d batches, k=%d, %d index shards on %d searchers in %d wave(s)",
+             nq, len(batches), k, store.nshards, plan.searchers, len(plan.waves))
     try:
-        results = [r for part in ray.get([a.search.remote(xq_ref, k) for a in actors]) for r in part]
+        with tqdm(total=total, desc="search", unit="batch", disable=None) as bar:
+            for wave_number, groups in enumerate(plan.waves):
+                pool.load_wave(groups)
+                todo = {s: deque(range(len(batches))) for s in range(len(groups))}
+                inflight: dict[ray.ObjectRef, tuple[int, int]] = {}
+                while inflight or any(todo.values()):
+                    for s in range(len(groups)):
+                        while todo[s] and sum(1 for v in inflight.values() if v[0] == s) < max_in_flight:
+                            b = todo[s].popleft()
+                            inflight[pool.actors[s].search.remote(batches[b], k)] = (s, b)
+                    ready, _ = ray.wait(list(inflight), num_returns=1)
+                    ref = ready[0]
+                    s, b = inflight.pop(ref)
+                    try:
+                        answers = ray.get(ref)
+                    except _DEATH as err:
+                        # Everything this searcher had not answered goes back on its queue.
+                        lost = sorted([b] + [bb for r, (ss, bb) in list(inflight.items()) if ss == s])
+                        for r in [r for r, (ss, _) in inflight.items() if ss == s]:
+                            del inflight[r]
+                        todo[s].extendleft(reversed(lost))
+                        log.warning("search: searcher %d (shards %s) died (%s); restarting it, redoing %d batch(es)",
+                                    s, groups[s], type(err).__name__, len(lost))
+                        pool.restart(s, groups[s])
+                        continue
+                    for _, D, I in answers:
+                        tops[b].add(D, I)
+                    done += 1
+                    bar.update(1)
+                    if on_batch is not None:
+                        on_batch(done, total)
+                log.debug("search: wave %d of %d done", wave_number + 1, len(plan.waves))
     finally:
-        for actor in actors:
-            ray.kill(actor)
-    return merge_topk(results, k, metric=store.attrs["metric"])
+        pool.close()
+    D = np.concatenate([t.D for t in tops])
+    I = np.concatenate([t.I for t in tops])
+    stats.seconds = time.time() - started
+    return D, I
+
+
+class _SearcherPool:
+    """The searcher actors, one per slot of a wave; replaces a dead one on the same shards."""
+
+    def __init__(self, index_path: str, options: dict, stats: SearchStats):
+        self.index_path, self.options, self.stats = index_path, options, stats
+        self.actors: list = []
+        self.restarts: dict[int, int] = {}
+
+    def _new(self):
+        return ShardSearcher.options(**self.options).remote(self.index_path)
+
+    def load_wave(self, groups: list[list[int]]) -> None:
+        while len(self.actors) < len(groups):
+            self.actors.append(self._new())
+        for extra in self.actors[len(groups):]:
+            ray.kill(extra)
+        self.actors = self.actors[:len(groups)]
+        self.stats.searcher_pids = [0] * len(groups)
+        refs = [a.load.remote(g) for a, g in zip(self.actors, groups)]
+        for s, ref in enumerate(refs):
+            try:
+                self._loaded(s, ray.get(ref))
+            except _DEATH:
+                self.restart(s, groups[s])
+
+    def _loaded(self, s: int, info: dict) -> None:
+        self.stats.searcher_pids[s] = info["pid"]
+        self.stats.nodes.add(info["node_id"])
+
+    def restart(self, s: int, shards: list[int]) -> None:
+        while True:
+            self.restarts[s] = self.restarts.get(s, 0) + 1
+            self.stats.restarts += 1
+            if self.restarts[s] > MAX_RESTARTS_PER_SEARCHER:
+                raise RuntimeError(f"searcher for index shards {shards} died {MAX_RESTARTS_PER_SEARCHER + 1} times")
+            try:
+                ray.kill(self.actors[s], no_restart=True)
+            except Exception:  # already gone
+                pass
+            self.actors[s] = self._new()
+            try:
+                self._loaded(s, ray.get(self.actors[s].load.remote(shards)))
+                return
+            except _DEATH:
+                continue
+
+    def close(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+
+
+def _zarr_shape(path: str, name: str) -> tuple[int, ...]:
+    import zarr
+
+    return tuple(zarr.open_group(path, mode="r")[name].shape)
+
+
+def _check_memory_fits(memory: int | None) -> None:
+    """A memory request larger than every node would leave the actor pending forever; refuse it."""
+    if memory is None:
+        return
+    largest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if largest and memory > largest:
+        raise SeptError(f"--memory-per-searcher {memory} bytes is more than any Ray node offers ({int(largest)} bytes)")

@@ -1,40 +1,169 @@
 """embed_shard: one pool shard in, its vectors, ids and bad-sample report out. No Ray here.
 
-The encoder is any object with ``preprocess(PIL) -> Tensor`` and ``embed(Tensor) -> ndarray``
-(sept.training.encoder.EncoderBundle). Bad samples are skipped and counted, never fatal.
+The encoder is any object with ``preprocess(PIL) -> Tensor``, ``embed(Tensor) -> ndarray`` and
+``dim`` (sept.training.encoder.EncoderBundle). Reading the tar, decoding and preprocessing run on
+a reader thread and a pool of decode threads (PIL and torchvision release the GIL in their C
+code), ``prefetch`` batches ahead of the model, so the model is not starved while images decode.
+Memory stays bounded: at most ``(prefetch + 2) * batch_size`` images are decoded at once.
+
+Bad samples go through the one skip-and-count policy (``sept.data.decode.decode_sample``); the
+report lists each by key and reason, and counts them by kind (``BAD_KINDS``).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from sept.data.decode import decode_sample
+from sept.data.decode import DEFAULT_MAX_PIXELS, decode_sample
 from sept.data.identity import make_ids
-from sept.data.samples import ShardStats, iter_samples
+from sept.data.samples import PoolSample, ShardStats, iter_samples
+
+BAD_KINDS = ("undecodable", "zero_byte", "no_image", "truncated", "too_large")
+"""The kinds of bad sample the embed summary counts; every skip reason maps to exactly one."""
+
+MAX_LISTED_BAD = 10_000
+"""Bad samples listed by key per shard (all are counted); a shard of pure junk stays a small report."""
 
 
-def embed_shard(encoder, shard_path: str, shard_index: int, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, dict]:
+def bad_kind(reason: str) -> str:
+    """The kind (one of ``BAD_KINDS``) of a skip reason written by sept.data.decode or .samples."""
+    if reason.startswith("truncated shard"):
+        return "truncated"
+    if reason.startswith("no image member"):
+        return "no_image"
+    detail = reason.split(": ", 1)[1] if ": " in reason else reason  # drop the "jpg: " prefix
+    if detail.startswith("empty image bytes"):
+        return "zero_byte"
+    if detail.startswith("image too large"):
+        return "too_large"
+    return "undecodable"
+
+
+@dataclass
+class DecodeOptions:
+    """How a shard's images are turned into model input."""
+
+    batch_size: int = 256
+    decode_threads: int = 2
+    prefetch: int = 2  # ready batches queued ahead of the model
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images above this before decoding their pixels
+
+
+_END = object()
+
+
+def embed_shard(
+    encoder,
+    shard_path: str,
+    shard_index: int,
+    *,
+    batch_size: int = 256,
+    decode_threads: int = 2,
+    prefetch: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(vectors (n, dim) float32, ids (n,) int64, report) for the decodable samples of one shard.
+
+    Ids follow tar order whatever order decoding finishes in. Raises SeptError for shard-level
+    faults (missing file, not a tar, non-adjacent members of one key); everything per-sample is
+    skipped and counted in the report.
+    """
+    opts = DecodeOptions(batch_size, max(1, decode_threads), max(1, prefetch), max_pixels)
     stats = ShardStats()
     vectors: list[np.ndarray] = []
-    positions: list[int] = []
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        if batch:
-            vectors.append(encoder.embed(torch.stack(batch)))
-            batch.clear()
-
-    for sample in iter_samples(shard_path, stats):
-        image = decode_sample(sample, stats)
-        if image is None:
-            continue
-        batch.append(encoder.preprocess(image))
-        positions.append(sample.position)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    positions: list[np.ndarray] = []
+    for batch, batch_positions in _prepared_batches(encoder, shard_path, stats, opts):
+        vectors.append(encoder.embed(batch))
+        positions.append(batch_positions)
     dim = int(encoder.dim)
     x = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-    report = dict(samples=int(stats.samples), bad=int(stats.bad), bad_samples=[list(b) for b in stats.bad_samples[:1000]])
-    return x, make_ids(shard_index, np.asarray(positions, dtype=np.int64)), report
+    pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    return x, make_ids(shard_index, pos), shard_report(stats)
+
+
+def shard_report(stats: ShardStats) -> dict:
+    """The per-shard report stored with the shard's vectors: counts, kinds and listed bad samples."""
+    kinds = {kind: 0 for kind in BAD_KINDS}
+    for _, reason in stats.bad_samples:
+        kinds[bad_kind(reason)] += 1
+    return dict(
+        samples=int(stats.samples),
+        bad=int(stats.bad),
+        bad_kinds=kinds,
+        truncated=bool(stats.truncated),
+        bad_samples=[[key, reason] for key, reason in stats.bad_samples[:MAX_LISTED_BAD]],
+    )
+
+
+def _prepare(encoder, sample: PoolSample, max_pixels: int) -> tuple[torch.Tensor | None, ShardStats]:
+    """Decode and preprocess one sample on a decode thread; its skip record is private to it."""
+    own = ShardStats()
+    image = decode_sample(sample, own, max_pixels=max_pixels)
+    return (None if image is None else encoder.preprocess(image)), own
+
+
+def _prepared_batches(encoder, shard_path: str, stats: ShardStats, opts: DecodeOptions):
+    """Yields (batch tensor, positions) in tar order, decoded ahead of the caller by a reader thread."""
+    ready: queue.Queue = queue.Queue(maxsize=opts.prefetch)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            with ThreadPoolExecutor(opts.decode_threads, thread_name_prefix="sept-decode") as pool:
+                pending: list[tuple[PoolSample, Future]] = []
+                for sample in iter_samples(shard_path, stats):
+                    pending.append((sample, pool.submit(_prepare, encoder, sample, opts.max_pixels)))
+                    if len(pending) >= opts.batch_size:
+                        if not put(_collect(pending, stats)):
+                            return
+                        pending = []
+                if pending and not put(_collect(pending, stats)):
+                    return
+            put(_END)
+        except BaseException as exc:  # re-raised in the consuming thread, which owns the error
+            put(exc)
+
+    thread = threading.Thread(target=reader, name=f"sept-read-{shard_path}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if item is not None:
+                yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _collect(pending: list[tuple[PoolSample, Future]], stats: ShardStats):
+    """Wait for a batch's decodes in tar order; record skips in order; None if all were bad."""
+    tensors, positions = [], []
+    for sample, future in pending:
+        tensor, own = future.result()
+        for key, reason in own.bad_samples:
+            stats.add_bad(key, reason)
+        if tensor is not None:
+            tensors.append(tensor)
+            positions.append(sample.position)
+    if not tensors:
+        return None
+    return torch.stack(tensors), np.asarray(positions, dtype=np.int64)

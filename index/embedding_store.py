@@ -7,9 +7,11 @@ Layout (documented in the README)::
                                 pool (the shard listing, whose order defines shard indices)
       shards/
         00000/                  one group per *complete* pool shard
-          zarr.json             attrs: shard (path), count, bad, bad_samples
-          vectors               (count, dim) float16
+          zarr.json             attrs: shard (path), count, samples, bad, bad_kinds, truncated,
+                                bad_samples ([key, reason] pairs)
+          vectors               (count, dim) float16, chunks of CHUNK_ROWS rows
           ids                   (count,) int64, see sept.data.identity
+      quarantine.jsonl          every bad sample of the complete shards: shard, key, kind, reason
 
 A shard group is written under a temporary name and renamed into place once its data is on disk,
 so a shard group that exists is complete: that rename is the whole resume story. Writers of
@@ -31,6 +33,9 @@ import zarr
 from sept.errors import SeptError
 
 KIND = "sept-embeddings"
+CHUNK_ROWS = 65536
+TMP_PREFIX = ".tmp-"
+QUARANTINE = "quarantine.jsonl"
 
 
 def shard_name(shard_index: int) -> str:
@@ -135,21 +140,71 @@ class EmbeddingStore:
     ) -> None:
         """Write one shard atomically: build it under a temporary name, then rename it into place."""
         final = self._shard_dir(shard_index)
-        tmp = os.path.join(self.path, "shards", f".tmp-{shard_name(shard_index)}-{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(self.path, "shards", f"{TMP_PREFIX}{shard_name(shard_index)}-{uuid.uuid4().hex[:8]}")
         n, dim = len(ids), self.dim
         if vectors.shape != (n, dim):
             raise ValueError(f"shard {shard_index}: vectors {vectors.shape} do not match ({n}, {dim})")
         group = zarr.open_group(tmp, mode="w")
-        chunk = max(1, min(n, 65536))
+        chunk = max(1, min(n, CHUNK_ROWS))
         group.create_array("vectors", shape=(n, dim), dtype="float16", chunks=(chunk, dim))[...] = vectors.astype(
             np.float16
         )
         group.create_array("ids", shape=(n,), dtype="int64", chunks=(chunk,))[...] = ids.astype(np.int64)
         group.attrs.update(shard=self.pool[shard_index], count=int(n), **(report or {}))
+        _fsync_tree(tmp)  # the rename below marks the shard complete: its data must be durable first
         if os.path.exists(final):  # another attempt finished first; the data is the same
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # lost a race with another attempt at the same shard: keep the first
+            if not self.is_complete(shard_index):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        _fsync_dir(os.path.dirname(final))
+
+    def remove_partial_writes(self) -> int:
+        """Delete temporary shard groups left by writers that died; call only while none is writing."""
+        shards_dir = os.path.join(self.path, "shards")
+        stale = [n for n in os.listdir(shards_dir) if n.startswith(TMP_PREFIX)] if os.path.isdir(shards_dir) else []
+        for name in stale:
+            shutil.rmtree(os.path.join(shards_dir, name), ignore_errors=True)
+        return len(stale)
+
+    def set_attrs(self, **values) -> None:
+        """Update the root attributes; only the coordinator calls this, never a shard writer."""
+        zarr.open_group(self.path, mode="r+").attrs.update(**values)
+
+    def write_quarantine(self) -> dict:
+        """Rewrite quarantine.jsonl from the complete shards' reports; returns the counts.
+
+        {"path", "samples" (vectors + bad), "bad", "kinds" (count per kind)}
+        """
+        from sept.data.embed_shard import BAD_KINDS, bad_kind
+
+        kinds = {kind: 0 for kind in BAD_KINDS}
+        samples = bad = 0
+        path = os.path.join(self.path, QUARANTINE)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "w") as f:
+            for i in self.complete_shards():
+                attrs = self.shard_attrs(i)
+                shard_bad = int(attrs.get("bad", 0))
+                samples += int(attrs["count"]) + shard_bad
+                bad += shard_bad
+                listed = attrs.get("bad_samples", [])
+                for key, reason in listed:
+                    kind = bad_kind(reason)
+                    f.write(json.dumps(dict(shard_index=i, shard=attrs["shard"], key=key, kind=kind,
+                                            reason=reason)) + "\n")
+                for kind, count in (attrs.get("bad_kinds") or {}).items():
+                    kinds[kind] = kinds.get(kind, 0) + int(count)
+                if "bad_kinds" not in attrs:  # a shard written before kinds were counted
+                    for _, reason in listed:
+                        kinds[bad_kind(reason)] += 1
+        os.replace(tmp, path)
+        return dict(path=path, samples=samples, bad=bad, kinds=kinds)
 
     def shard_attrs(self, shard_index: int) -> dict:
         with open(os.path.join(self._shard_dir(shard_index), "zarr.json")) as f:
@@ -164,6 +219,19 @@ class EmbeddingStore:
 
     def shard_count(self, shard_index: int) -> int:
         return int(self.shard_attrs(shard_index)["count"])
+
+    def read_rows(self, shard_index: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors as float32, ids) of rows start:stop of one shard; reads only their chunks."""
+        group = zarr.open_group(self._shard_dir(shard_index), mode="r")
+        return np.asarray(group["vectors"][start:stop], dtype=np.float32), np.asarray(group["ids"][start:stop])
+
+    def iter_batches(self, shard_indices: list[int], batch_rows: int = CHUNK_ROWS
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(vectors, ids) of the given shards, at most batch_rows at a time: memory is one batch."""
+        for i in shard_indices:
+            count = self.shard_count(i)
+            for start in range(0, count, batch_rows):
+                yield self.read_rows(i, start, min(count, start + batch_rows))
 
     def iter_shards(self, shard_indices: list[int] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         for i in self.complete_shards() if shard_indices is None else shard_indices:
@@ -184,7 +252,10 @@ class EmbeddingStore:
         return sum(self.shard_count(i) for i in self.complete_shards())
 
     def sample(self, n: int, *, seed: int = 0) -> np.ndarray:
-        """A uniform random sample of up to n vectors, read shard by shard so memory stays ~n*dim."""
+        """A uniform random sample of up to n vectors, read chunk by chunk so memory stays ~n*dim.
+
+        Only the chunks holding sampled rows are read, never a whole pool in memory.
+        """
         counts = {i: self.shard_count(i) for i in self.complete_shards()}
         total = sum(counts.values())
         rng = np.random.default_rng(seed)
@@ -194,9 +265,38 @@ class EmbeddingStore:
             local = chosen[(chosen >= start) & (chosen < start + count)] - start
             if len(local):
                 group = zarr.open_group(self._shard_dir(i), mode="r")
-                out.append(np.asarray(group["vectors"][...], dtype=np.float32)[local])
+                vectors = group["vectors"]
+                rows = vectors.chunks[0]
+                for c in np.unique(local // rows):  # one chunk in memory at a time
+                    in_chunk = local[(local >= c * rows) & (local < (c + 1) * rows)]
+                    block = np.asarray(vectors[c * rows : min(count, (c + 1) * rows)], dtype=np.float32)
+                    out.append(block[in_chunk - c * rows])
             start += count
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _first_difference(a: list[str], b: list[str]) -> int:

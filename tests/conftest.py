@@ -18,6 +18,10 @@ VENV_BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(VENV_BIN, "ray")
 # Ray rewrites 127.0.0.1 to the host's public address; another loopback address stays on `lo`.
 NODE_IP = "127.0.0.2"
+# One token for the test cluster and every driver, this process included. Ray caches the token
+# the first time it looks, so it is set before anything imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 
 @dataclass
@@ -47,7 +51,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real two-node Ray cluster (head + one worker node) with token auth, stopped afterwards."""
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env = dict(os.environ)
     temp_dir = tempfile.mkdtemp(prefix="sept-ray-", dir="/tmp")  # short: unix socket paths are limited
     port = 6390
     common = ["--num-cpus=2", "--disable-usage-stats", f"--node-ip-address={NODE_IP}"]

@@ -1,0 +1,78 @@
+"""Scoring a selection against kept-aside truth, and the trivial feature baselines it is compared to.
+
+Everything here runs in one process on features held in memory: the pool is read once,
+features are computed by an encoder (or a colour histogram), the target's train images are the
+queries, and ``sept.index.budget.fill_budget`` makes the same round-robin selection the real
+``select`` stage makes (exact inner-product search, which is what a Flat index returns).
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+
+import numpy as np
+from PIL import Image
+
+from sept.data.decode import decode_sample
+from sept.data.identity import make_ids
+from sept.data.samples import ShardStats, iter_samples
+from sept.data.shards import list_shards
+from sept.index.budget import Selection, fill_budget, neighbours_needed
+
+
+def load_pool(pool_spec: str) -> tuple[np.ndarray, list[str], list[Image.Image]]:
+    """(ids, keys, RGB images) of every decodable pool sample, in listing order."""
+    ids, keys, images = [], [], []
+    for shard_index, shard in enumerate(list_shards(pool_spec)):
+        with closing(iter_samples(shard, ShardStats())) as samples:
+            for position, sample in enumerate(samples):
+                img = decode_sample(sample, ShardStats())
+                if img is not None:
+                    ids.append(int(make_ids(shard_index, [position])[0]))
+                    keys.append(sample.key)
+                    images.append(img)
+    return np.asarray(ids, dtype=np.int64), keys, images
+
+
+def colour_histogram(images: list[Image.Image], bins: int = 8, size: int = 32) -> np.ndarray:
+    """L2-normalised joint RGB histograms (bins^3), white background pixels included."""
+    out = np.zeros((len(images), bins**3), dtype=np.float32)
+    for i, img in enumerate(images):
+        a = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.int64) * bins // 256
+        codes = (a[..., 0] * bins + a[..., 1]) * bins + a[..., 2]
+        out[i] = np.bincount(codes.ravel(), minlength=bins**3)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products, best first: (D, I) as faiss returns them (I indexes ``xb``)."""
+    sim = xq @ xb.T
+    k = min(k, xb.shape[0])
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
+    I = np.take_along_axis(top, order, axis=1)
+    return np.take_along_axis(sim, I, axis=1).astype(np.float32), I.astype(np.int64)
+
+
+def round_robin(xq: np.ndarray, xb: np.ndarray, budget: int) -> Selection:
+    """SEPT's per-instance round-robin selection (row indices of ``xb``), as ``select`` makes it."""
+    k = neighbours_needed(budget, len(xq), len(xb))
+    while True:
+        D, I = search(xq, xb, k)
+        selection = fill_budget(D, I, budget)
+        if len(selection) >= budget or k >= len(xb):
+            return selection
+        k = min(len(xb), 2 * k)
+
+
+def precision(selected_keys, truth: dict[str, str], relevant) -> float:
+    """Share of selected keys whose truth is one of ``relevant``."""
+    keys = list(selected_keys)
+    return float(np.mean([truth[k] in relevant for k in keys])) if keys else 0.0
+
+
+def per_class_precision(selected_keys, truth: dict[str, str]) -> dict[str, float]:
+    """Share of the selection in each truth class (sums to 1)."""
+    keys = list(selected_keys)
+    classes = sorted(set(truth.values()))
+    return {c: float(np.mean([truth[k] == c for k in keys])) if keys else 0.0 for c in classes}

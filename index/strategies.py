@@ -1,0 +1,347 @@
+"""Choosing what to keep: target images' neighbours in, one deduplicated selection out. Math only, no Ray.
+
+Every strategy turns its candidates into *streams*: ordered lists of (pool id, similarity, the
+target image that proposed it), each with a weight. ``fill`` then takes from the streams in
+turn, always from the one that is furthest below its weighted share, until the budget is full:
+
+* ``instance`` (SEPT's per-instance search, the default): one stream per balance group, holding
+  its target images' neighbours rank by rank (rank 0 of every image, then rank 1, ...), so each
+  target image gets an equal share. With ``balance="class"`` there is one stream per class of
+  equal weight, so each class gets an equal share, split evenly over its images.
+* ``topk``: one stream of all (image, neighbour) pairs by similarity: the global top scores.
+* ``cluster``: k-means on the pool's embeddings; the clusters the target images fall into are
+  kept, one stream each, weighted by how many target images fell in, members ordered by their
+  similarity to those images (DINOv2's curation by retrieval of clusters).
+
+A pool sample reached again is kept once, with its best similarity and every target image
+that retrieved it. Samples in ``excluded`` (the leakage guard) and near-duplicates of samples
+already kept (``sept.index.dedup.NearDuplicateFilter``) are skipped and counted. Every order is
+total (ties broken by id, then stream index), so a choice is a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import faiss
+import numpy as np
+
+from sept.index.dedup import NearDuplicateFilter, normalize
+
+STRATEGIES = ("instance", "topk", "cluster")
+BALANCES = ("instance", "class")
+
+
+@dataclass
+class Stream:
+    """Candidates in the order they are to be taken."""
+
+    ids: np.ndarray  # (n,) int64
+    scores: np.ndarray  # (n,) float32 similarity, higher is better
+    queries: np.ndarray  # (n,) int64 target image (query row) proposing each candidate
+    weight: float = 1.0
+    bound: float = -np.inf
+    """Best similarity a candidate beyond this stream's end could have; -inf when nothing lies beyond
+    (every target image's neighbour list ended, or fell below the similarity threshold)."""
+    sorted_by_score: bool = False
+    name: str = ""
+    cluster: int = -1  # the k-means cluster a cluster-strategy stream holds
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Choice:
+    ids: np.ndarray  # (n,) int64 chosen pool ids, in the order they were chosen
+    scores: np.ndarray  # (n,) float32 best similarity of each chosen id
+    chosen_by: np.ndarray  # (n,) int64 the query whose turn chose it
+    stream_of: np.ndarray  # (n,) int64 the stream it was taken from
+    retrieved_by: list[list[int]] = field(default_factory=list)  # every query that retrieved it
+    taken: list[int] = field(default_factory=list)  # per stream
+    leaked_skipped: int = 0  # distinct excluded ids met while filling
+    near_duplicates: dict[int, int] = field(default_factory=dict)  # skipped id -> the chosen id it duplicates
+    needs_more_neighbours: bool = False
+    """A stream ran short, or took candidates worse than what lies beyond its k neighbours:
+    searching again with a larger k could change the choice."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ---- building streams from search results ------------------------------------------------------
+
+def _valid(S: np.ndarray, I: np.ndarray, min_similarity: float | None) -> np.ndarray:
+    valid = (I >= 0) & np.isfinite(S)
+    if min_similarity is not None:
+        valid &= S >= min_similarity
+    return valid
+
+
+def _bound(S: np.ndarray, valid: np.ndarray, rows) -> float:
+    """Candidates beyond k exist only for rows whose k-th neighbour is still valid."""
+    rows = np.asarray(rows)
+    if len(rows) == 0 or S.shape[1] == 0:
+        return -np.inf
+    last = valid[rows, -1]
+    return float(S[rows, -1][last].max()) if last.any() else -np.inf
+
+
+def instance_streams(S: np.ndarray, I: np.ndarray, query_class: np.ndarray | None = None, *,
+                     balance: str = "instance", min_similarity: float | None = None) -> list[Stream]:
+    """Per-instance streams: rank-major over a group's queries; one group, or one per class."""
+    if balance not in BALANCES:
+        raise ValueError(f"unknown balance {balance!r}; expected one of {BALANCES}")
+    nq, k = I.shape
+    valid = _valid(S, I, min_similarity)
+    if balance == "class":
+        if query_class is None:
+            raise ValueError("balance='class' needs the class of every query")
+        query_class = np.asarray(query_class)
+        groups = [(str(c), np.flatnonzero(query_class == c)) for c in np.unique(query_class)]
+    else:
+        groups = [("all", np.arange(nq))]
+    streams = []
+    for name, rows in groups:
+        rank_major_valid = valid[rows].T.ravel()
+        streams.append(Stream(
+            ids=I[rows].T.ravel()[rank_major_valid].astype(np.int64),
+            scores=S[rows].T.ravel()[rank_major_valid].astype(np.float32),
+            queries=np.tile(rows, k)[rank_major_valid].astype(np.int64),
+            bound=_bound(S, valid, rows), name=name))
+    return streams
+
+
+def topk_streams(S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> list[Stream]:
+    """One stream of every distinct neighbour by its best similarity, best first (ties by id)."""
+    nq, k = I.shape
+    valid = _valid(S, I, min_similarity)
+    ids = I[valid].astype(np.int64)
+    scores = S[valid].astype(np.float32)
+    queries = np.repeat(np.arange(nq), k).reshape(nq, k)[valid].astype(np.int64)
+    order = np.lexsort((queries, ids, -scores))
+    ids, scores, queries = ids[order], scores[order], queries[order]
+    _, first = np.unique(ids, return_index=True)  # the first occurrence is the best
+    keep = np.sort(first)
+    return [Stream(ids=ids[keep], scores=scores[keep], queries=queries[keep], bound=_bound(S, valid, np.arange(nq)),
+                   sorted_by_score=True, name="topk")]
+
+
+# ---- filling the budget ------------------------------------------------------------------------
+
+def fill(streams: list[Stream], budget: int, *, excluded: set[int] | frozenset = frozenset(),
+         near_dup: NearDuplicateFilter | None = None) -> Choice:
+    """Take candidates from the streams, each turn from the one furthest below its weighted share."""
+    if budget < 0:
+        raise ValueError(f"budget must be non-negative, got {budget}")
+    chosen: dict[int, int] = {}
+    ids, scores, chosen_by, stream_of = [], [], [], []
+    taken = [0] * len(streams)
+    lowest = [np.inf] * len(streams)
+    ran_out = [False] * len(streams)
+    position = [0] * len(streams)
+    leaked: set[int] = set()
+    turns = [(0.0, s) for s, st in enumerate(streams) if st.weight > 0]
+    heapq.heapify(turns)
+    while turns and len(ids) < budget:
+        _, s = heapq.heappop(turns)
+        st = streams[s]
+        accepted = False
+        while position[s] < len(st):
+            p = position[s]
+            position[s] += 1
+            pid = int(st.ids[p])
+            if pid in chosen:
+                continue
+            if pid in excluded:
+                leaked.add(pid)
+                continue
+            if near_dup is not None and near_dup.duplicate_of(pid) is not None:
+                continue
+            if near_dup is not None:
+                near_dup.accept(pid)
+            chosen[pid] = len(ids)
+            ids.append(pid)
+            scores.append(float(st.scores[p]))
+            chosen_by.append(int(st.queries[p]))
+            stream_of.append(s)
+            lowest[s] = min(lowest[s], float(st.scores[p]))
+            accepted = True
+            break
+        if not accepted:
+            ran_out[s] = True
+            continue
+        taken[s] += 1
+        heapq.heappush(turns, (taken[s] / st.weight, s))
+    needs_more = any(
+        st.bound > -np.inf and (ran_out[s] or (st.sorted_by_score and taken[s] and lowest[s] < st.bound))
+        for s, st in enumerate(streams))
+    return Choice(ids=np.asarray(ids, np.int64), scores=np.asarray(scores, np.float32),
+                  chosen_by=np.asarray(chosen_by, np.int64), stream_of=np.asarray(stream_of, np.int64),
+                  taken=taken, leaked_skipped=len(leaked),
+                  near_duplicates=dict(near_dup.duplicates) if near_dup is not None else {},
+                  needs_more_neighbours=needs_more)
+
+
+def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> Choice:
+    """Fill ``retrieved_by`` (every query with the id among its valid neighbours) and best scores."""
+    valid = _valid(S, I, min_similarity)
+    position = {int(pid): j for j, pid in enumerate(choice.ids.tolist())}
+    retrievers: list[list[int]] = [[] for _ in range(len(choice))]
+    best = choice.scores.copy()
+    qs, ranks = np.nonzero(valid)
+    for q, r in zip(qs.tolist(), ranks.tolist()):
+        j = position.get(int(I[q, r]))
+        if j is not None:
+            retrievers[j].append(q)
+            best[j] = max(best[j], S[q, r])
+    choice.retrieved_by = [sorted(set(r)) for r in retrievers]
+    choice.scores = best.astype(np.float32)
+    return choice
+
+
+def query_neighbours(choice: Choice, S: np.ndarray | None, I: np.ndarray | None, nq: int, top: int = 16
+                     ) -> list[list[tuple[int, float]]]:
+    """For each query, its chosen neighbours best first (id, similarity), at most ``top``: what the report shows."""
+    pairs: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
+    chosen = set(choice.ids.tolist())
+    if S is not None and I is not None:
+        for q in range(nq):
+            for r in range(I.shape[1]):
+                pid = int(I[q, r])
+                if pid in chosen and np.isfinite(S[q, r]):
+                    pairs[q].append((pid, float(S[q, r])))
+    else:
+        for pid, score, q in zip(choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist()):
+            pairs[q].append((pid, float(score)))
+    return [sorted(p, key=lambda t: (-t[1], t[0]))[:top] for p in pairs]
+
+
+def choose(S: np.ndarray, I: np.ndarray, budget: int, *, strategy: str = "instance", balance: str = "instance",
+           query_class: np.ndarray | None = None, min_similarity: float | None = None,
+           excluded: set[int] | frozenset = frozenset(), near_dup: NearDuplicateFilter | None = None) -> Choice:
+    """The search-based strategies end to end: streams, fill, retrievers."""
+    if strategy == "instance":
+        streams = instance_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
+    elif strategy == "topk":
+        streams = topk_streams(S, I, min_similarity=min_similarity)
+    else:
+        raise ValueError(f"strategy {strategy!r} is not search-based; expected 'instance' or 'topk'")
+    choice = fill(streams, budget, excluded=excluded, near_dup=near_dup)
+    return attach_retrievers(choice, S, I, min_similarity=min_similarity)
+
+
+# ---- the cluster strategy ----------------------------------------------------------------------
+
+def train_clusters(sample: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20) -> np.ndarray:
+    """Spherical k-means centroids (n_clusters, d) of a sample of pool embeddings."""
+    x = normalize(sample)
+    n_clusters = int(max(1, min(n_clusters, len(x))))
+    km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=seed, spherical=True, verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=max(256, -(-len(x) // n_clusters)))
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def _assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    _, a = index.search(normalize(x), 1)
+    return a[:, 0]
+
+
+@dataclass
+class ClusterPlan:
+    """Which clusters the target images fall into and how much weight each gets."""
+
+    probes: int
+    query_clusters: list[list[int]]  # per query: the clusters it falls into
+    weights: dict[int, float]  # kept cluster -> weight
+    members: int  # pool samples in the kept clusters
+
+
+def cluster_streams(centroids: np.ndarray, xq: np.ndarray, pool: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+                    budget: int, *, query_class: np.ndarray | None = None, balance: str = "instance",
+                    min_similarity: float | None = None) -> tuple[list[Stream], ClusterPlan, list[list[int]]]:
+    """Streams of the kept clusters' members, read from ``pool()`` (an iterable of (x, ids) blocks, read twice).
+
+    Each target image falls into its nearest cluster; while those hold fewer than ``budget``
+    samples, into its nearest two, three, ... Returns the streams, the plan, and per query the
+    clusters it probed (for retrieved_by).
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"unknown balance {balance!r}; expected one of {BALANCES}")
+    nq = len(xq)
+    q = normalize(xq)
+    c = normalize(centroids)
+    ranking = np.lexsort((np.tile(np.arange(len(c)), (nq, 1)), -(q @ c.T)), axis=1)  # nearest first, ties by index
+    counts = np.zeros(len(c), np.int64)
+    for x, _ in pool():
+        counts += np.bincount(_assign(x, c), minlength=len(c))
+    probes = 1
+    while True:
+        kept = np.unique(ranking[:, :probes])
+        if counts[kept].sum() >= budget or probes >= len(c):
+            break
+        probes += 1
+    query_clusters = [sorted(ranking[i, :probes].tolist()) for i in range(nq)]
+    share = np.full(nq, 1.0 / probes)
+    if balance == "class":
+        if query_class is None:
+            raise ValueError("balance='class' needs the class of every query")
+        qc = np.asarray(query_class)
+        _, inverse, per_class = np.unique(qc, return_inverse=True, return_counts=True)
+        share = share / per_class[inverse]
+    weights: dict[int, float] = {}
+    probing: dict[int, list[int]] = {}
+    for i, clusters in enumerate(query_clusters):
+        for cl in clusters:
+            weights[cl] = weights.get(cl, 0.0) + float(share[i])
+            probing.setdefault(cl, []).append(i)
+    # Second pass: every kept cluster's members, with their best similarity to the images that probed it.
+    found: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {cl: [] for cl in weights}
+    for x, ids in pool():
+        a = _assign(x, c)
+        xn = normalize(x)
+        for cl in np.unique(a):
+            cl = int(cl)
+            if cl not in weights:
+                continue
+            rows = np.flatnonzero(a == cl)
+            sims = xn[rows] @ q[probing[cl]].T
+            best = sims.argmax(axis=1)
+            found[cl].append((np.asarray(ids)[rows].astype(np.int64), sims[np.arange(len(rows)), best].astype(np.float32),
+                              np.asarray(probing[cl])[best].astype(np.int64)))
+    streams = []
+    for cl in sorted(weights):
+        parts = found[cl]
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        scores = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
+        queries = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
+        if min_similarity is not None:
+            keep = scores >= min_similarity
+            ids, scores, queries = ids[keep], scores[keep], queries[keep]
+        order = np.lexsort((ids, -scores))
+        streams.append(Stream(ids=ids[order], scores=scores[order], queries=queries[order], weight=weights[cl],
+                              sorted_by_score=True, name=f"cluster {cl}", cluster=cl))
+    plan = ClusterPlan(probes=probes, query_clusters=query_clusters, weights=weights,
+                       members=int(counts[np.asarray(sorted(weights))].sum()))
+    return streams, plan, query_clusters
+
+
+def choose_by_clusters(centroids: np.ndarray, xq: np.ndarray, pool: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+                       budget: int, *, query_class: np.ndarray | None = None, balance: str = "instance",
+                       min_similarity: float | None = None, excluded: set[int] | frozenset = frozenset(),
+                       near_dup: NearDuplicateFilter | None = None) -> tuple[Choice, ClusterPlan]:
+    streams, plan, query_clusters = cluster_streams(centroids, xq, pool, budget, query_class=query_class,
+                                                    balance=balance, min_similarity=min_similarity)
+    choice = fill(streams, budget, excluded=excluded, near_dup=near_dup)
+    probing: dict[int, list[int]] = {}
+    for i, clusters in enumerate(query_clusters):
+        for cl in clusters:
+            probing.setdefault(cl, []).append(i)
+    choice.retrieved_by = [probing[streams[s].cluster] for s in choice.stream_of.tolist()]
+    return choice, plan
+

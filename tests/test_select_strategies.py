@@ -1,0 +1,153 @@
+"""Choosing what to keep: per-instance and class-balanced round robin, global top-k, clusters,
+similarity threshold, dedup with best score and every retriever, near-duplicates, leakage guard."""
+
+import numpy as np
+import pytest
+
+from sept.index.dedup import NearDuplicateFilter, leaked_ids, normalize, to_similarity
+from sept.index.strategies import choose, choose_by_clusters, instance_streams, train_clusters
+
+
+def _disjoint(nq=4, k=10, seed=0):
+    """Each query has its own neighbours; query q's scores are all higher than query q+1's."""
+    rng = np.random.default_rng(seed)
+    S = np.sort(rng.uniform(0, 0.1, size=(nq, k)), axis=1)[:, ::-1] + np.arange(nq)[::-1, None]
+    I = (np.arange(nq)[:, None] * 1000 + np.arange(k)[None, :]).astype(np.int64)
+    return S.astype(np.float32), I
+
+
+def test_per_instance_gives_every_image_an_equal_share():
+    S, I = _disjoint()
+    c = choose(S, I, 12)
+    assert np.bincount(c.chosen_by, minlength=4).tolist() == [3, 3, 3, 3]
+    # each image's share is its own best neighbours, in rank order
+    for q in range(4):
+        assert sorted(c.ids[c.chosen_by == q].tolist()) == I[q, :3].tolist()
+
+
+def test_class_balance_splits_the_budget_by_class_not_by_image():
+    S, I = _disjoint(nq=5)
+    cls = np.array([0, 0, 0, 0, 1])  # class 1 has a single image
+    by_image = choose(S, I, 10, query_class=cls)
+    by_class = choose(S, I, 10, query_class=cls, balance="class")
+    assert np.bincount(cls[by_image.chosen_by]).tolist() == [8, 2]
+    assert np.bincount(cls[by_class.chosen_by]).tolist() == [5, 5]
+    assert np.bincount(by_class.chosen_by, minlength=5)[:4].sum() == 5
+
+
+def test_topk_takes_the_global_best_scores():
+    rng = np.random.default_rng(1)
+    S = np.sort(rng.uniform(size=(6, 30)), axis=1)[:, ::-1].astype(np.float32)
+    I = rng.integers(0, 60, size=(6, 30))
+    for q in range(6):  # distinct within a row, as search results are
+        I[q] = rng.permutation(200)[:30]
+    c = choose(S, I, 15, strategy="topk")
+    best = {}
+    for s, i in zip(S.ravel(), I.ravel()):
+        best[int(i)] = max(best.get(int(i), -1), float(s))
+    expected = sorted(best, key=lambda i: (-best[i], i))[:15]
+    assert c.ids.tolist() == expected
+    np.testing.assert_allclose(c.scores, [best[i] for i in expected])
+
+
+def test_topk_asks_for_more_neighbours_when_k_cuts_off_better_pairs():
+    S, I = _disjoint(nq=3, k=2)  # query 0 has the best scores but only 2 of them were fetched
+    assert choose(S, I, 4, strategy="topk").needs_more_neighbours
+    S, I = _disjoint(nq=3, k=10)
+    assert not choose(S, I, 4, strategy="topk").needs_more_neighbours
+
+
+def test_per_instance_asks_for_more_when_a_stream_runs_short():
+    S, I = _disjoint(nq=2, k=3)
+    c = choose(S, I, 10)
+    assert len(c) == 6 and c.needs_more_neighbours
+    # ...but not when the lists ended for real (padding: the pool had nothing more)
+    I2 = I.copy()
+    I2[:, 2] = -1
+    c2 = choose(to_similarity(S, I2, "ip"), I2, 10)
+    assert len(c2) == 4 and not c2.needs_more_neighbours
+
+
+def test_duplicates_kept_once_with_best_score_and_every_retriever():
+    S = np.array([[0.9, 0.8, 0.7], [0.95, 0.6, 0.5], [0.4, 0.3, 0.2]], dtype=np.float32)
+    I = np.array([[7, 8, 9], [7, 10, 8], [11, 7, 12]])
+    c = choose(S, I, 5)
+    assert len(set(c.ids.tolist())) == len(c) == 5
+    j = c.ids.tolist().index(7)
+    assert c.scores[j] == np.float32(0.95)
+    assert c.retrieved_by[j] == [0, 1, 2]
+    assert c.retrieved_by[c.ids.tolist().index(8)] == [0, 1]
+
+
+def test_min_similarity_is_a_hard_floor():
+    S = np.tile(np.linspace(1, 0, 10, dtype=np.float32), (3, 1))
+    I = (np.arange(3)[:, None] * 1000 + np.arange(10)[None, :]).astype(np.int64)
+    c = choose(S, I, 30, min_similarity=0.55)
+    assert len(c) == 15 and (c.scores >= 0.55).all()
+    assert not c.needs_more_neighbours, "what lies beyond k is below the floor anyway"
+    S2, I2 = _disjoint(nq=3)  # rows 0 and 1 are above the floor to their k-th: more may lie beyond
+    assert choose(S2, I2, 30, min_similarity=1.0).needs_more_neighbours
+
+
+def test_leakage_guard_excludes_and_counts_and_still_fills_the_budget():
+    S, I = _disjoint(nq=2, k=10)
+    held_out_S = np.array([[0.99, 0.97, 0.5]], dtype=np.float32)
+    held_out_I = np.array([[0, 1001, 3]])
+    leaked, incomplete = leaked_ids(held_out_S, held_out_I, 0.95)
+    assert leaked == {0, 1001} and not incomplete
+    c = choose(S, I, 6, excluded=leaked)
+    assert not ({0, 1001} & set(c.ids.tolist()))
+    assert len(c) == 6 and c.leaked_skipped == 2
+    assert leaked_ids(np.array([[0.99, 0.98]]), np.array([[5, 6]]), 0.95)[1], "k-th still close: look further"
+
+
+def test_near_duplicates_collapse_to_the_first_chosen():
+    rng = np.random.default_rng(2)
+    base = normalize(rng.normal(size=(10, 16)))
+    vectors = {}
+    for i, v in enumerate(base):
+        vectors[i] = v
+        vectors[100 + i] = normalize((v + 0.01 * rng.normal(size=16))[None])[0]  # near copy of i
+    S = np.tile(np.linspace(1, 0.5, 20, dtype=np.float32), (1, 1))
+    I = np.array([[i for pair in zip(range(10), range(100, 110)) for i in pair]])  # 0, 100, 1, 101, ...
+    c = choose(S, I, 8, near_dup=NearDuplicateFilter(vectors, threshold=0.95))
+    assert c.ids.tolist() == list(range(8))
+    assert c.near_duplicates == {100 + i: i for i in range(7)}  # the fill stops at 7, before 107
+    plain = choose(S, I, 8)
+    assert plain.ids.tolist() == [0, 100, 1, 101, 2, 102, 3, 103]
+
+
+def test_cluster_strategy_keeps_the_clusters_the_target_falls_into():
+    rng = np.random.default_rng(3)
+    centres = normalize(rng.normal(size=(4, 8))) * 4
+    blobs = [normalize(c + rng.normal(size=(150, 8)) * 0.3) for c in centres]
+    x = np.concatenate(blobs).astype(np.float32)
+    ids = np.arange(len(x), dtype=np.int64) * 3
+    blob_of = np.repeat(np.arange(4), 150)
+
+    def pool():
+        for a in range(0, len(x), 200):  # read in blocks, like shards of the embeddings store
+            yield x[a:a + 200], ids[a:a + 200]
+
+    centroids = train_clusters(x, 4, seed=0)
+    xq = normalize(np.concatenate([centres[0] + rng.normal(size=(3, 8)) * 0.3,
+                                   centres[2] + rng.normal(size=(1, 8)) * 0.3]))
+    c, plan = choose_by_clusters(centroids, xq, pool, 100)
+    assert plan.probes == 1 and len(plan.weights) == 2
+    chosen_blobs = blob_of[c.ids // 3]
+    assert set(chosen_blobs.tolist()) == {0, 2}
+    assert np.bincount(chosen_blobs, minlength=4)[[0, 2]].tolist() == [75, 25], "weighted by target images"
+    again, _ = choose_by_clusters(centroids, xq, pool, 100)
+    np.testing.assert_array_equal(again.ids, c.ids)
+    # class balance: both classes get half
+    balanced, _ = choose_by_clusters(centroids, xq, pool, 100, query_class=np.array([0, 0, 0, 1]), balance="class")
+    assert np.bincount(blob_of[balanced.ids // 3], minlength=4)[[0, 2]].tolist() == [50, 50]
+    # a budget above the kept clusters' members makes each image fall into its next cluster too
+    big, big_plan = choose_by_clusters(centroids, xq, pool, 400)
+    assert big_plan.probes == 2 and len(big) == 400
+
+
+def test_instance_streams_are_rank_major():
+    S, I = _disjoint(nq=2, k=3)
+    (stream,) = instance_streams(S, I)
+    assert stream.ids.tolist() == [0, 1000, 1, 1001, 2, 1002]

@@ -1,0 +1,191 @@
+"""The training stream: disjoint rank shares, equal batch counts, no key twice per epoch (also with
+fewer shards than ranks), exact resume, skip-and-count of bad samples, progressive sizes, masks."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from sept.data.identity import split_ids
+from sept.data.shards import list_shards
+from sept.errors import SeptError
+from sept.training.acceleration import AccelerationPlan
+from sept.training.augment import ViewAugment, two_views
+from sept.training.loader import EpochState, PretrainStream, count_samples, count_shard_samples
+
+torch.set_num_threads(1)
+
+
+def make_pool(directory, shard_sizes, bad=(), size=16, seed=0, masks=False):
+    """WebDataset shards of random JPEGs; ``bad`` = (shard, index) pairs with undecodable bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard, count in enumerate(shard_sizes):
+        with wds.TarWriter(str(directory / f"{shard:05d}.tar")) as writer:
+            for i in range(count):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG")
+                image = b"not a jpeg" if (shard, i) in bad else buffer.getvalue()
+                sample = {"__key__": f"{shard:05d}{i:04d}", "jpg": image, "json": b"{}"}
+                if masks:  # four quadrant segments
+                    labels = np.zeros((size, size), np.uint8)
+                    labels[: size // 2, size // 2 :], labels[size // 2 :, : size // 2], labels[size // 2 :, size // 2 :] = 1, 2, 3
+                    png = io.BytesIO()
+                    Image.fromarray(labels, mode="L").save(png, "PNG")
+                    sample["mask.png"] = png.getvalue()
+                writer.write(sample)
+    return list_shards(str(directory))
+
+
+def _stream(shards, rank, world, **kwargs):
+    return PretrainStream(shards, augment=ViewAugment(16), batch_size=kwargs.pop("batch_size", 4), rank=rank, world_size=world, **kwargs)
+
+
+def _keys(batches):
+    return [k for b in batches for k in b.keys]
+
+
+@pytest.mark.parametrize("sizes, per_rank_batches", [([13, 9, 11], 4), ([21], 2)], ids=["3-shards", "1-shard"])
+def test_two_ranks_get_equal_batches_of_disjoint_samples(tmp_path, sizes, per_rank_batches):
+    shards = make_pool(tmp_path / "pool", sizes)
+    assert count_samples(shards) == sum(sizes)
+    per_rank = []
+    for rank in range(2):
+        stream = _stream(shards, rank, 2)
+        batches = list(stream.epoch(0))
+        assert stream.batches_per_epoch == per_rank_batches and len(batches) == per_rank_batches
+        for batch in batches:
+            assert batch.view1.shape == batch.view2.shape == (4, 3, 16, 16)
+            assert not torch.equal(batch.view1, batch.view2)
+        keys = _keys(batches)
+        assert len(keys) == len(set(keys)) == 4 * per_rank_batches  # no key twice in the epoch
+        assert [b.index for b in batches] == list(range(per_rank_batches))
+        per_rank.append(set(keys))
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_a_rank_opens_only_the_shards_its_block_touches(tmp_path, monkeypatch):
+    shards = make_pool(tmp_path / "pool", [8, 8, 8, 8])
+    import sept.training.loader as loader
+
+    opened = []
+    real = loader.iter_samples
+    monkeypatch.setattr(loader, "iter_samples", lambda path, stats=None: opened.append(path) or real(path, stats))
+    list(_stream(shards, 1, 2).epoch(0))
+    assert len(opened) == 2  # 16 samples of 32: two of the four shards
+
+
+def test_header_count_matches_a_full_read(tmp_path):
+    shards = make_pool(tmp_path / "pool", [7, 0, 3])
+    assert [count_shard_samples(s) for s in shards] == [7, 0, 3]
+
+
+def test_ids_name_the_samples(tmp_path):
+    shards = make_pool(tmp_path / "pool", [6, 6])
+    batch = next(_stream(shards, 0, 1).epoch(0))
+    shard_index, position = split_ids(batch.ids.numpy())
+    for key, s, p in zip(batch.keys, shard_index, position):
+        assert key == f"{s:05d}{p:04d}"
+
+
+def test_epochs_reshuffle_but_repeat_for_the_same_seed(tmp_path):
+    shards = make_pool(tmp_path / "pool", [8, 8, 8])
+    keys = lambda stream, e: _keys(stream.epoch(e))  # noqa: E731
+    first = keys(_stream(shards, 0, 1), 0)
+    assert keys(_stream(shards, 0, 1), 0) == first
+    second = keys(_stream(shards, 0, 1), 1)
+    assert sorted(second) == sorted(first) and second != first
+    views = lambda: next(_stream(shards, 0, 1).epoch(3)).view1  # noqa: E731
+    assert torch.equal(views(), views())
+
+
+def test_bad_samples_are_skipped_counted_and_never_replaced_by_repeats(tmp_path):
+    shards = make_pool(tmp_path / "pool", [10, 10], bad={(0, 2), (1, 5), (1, 7)})
+    bad_keys = {"000000002", "000010005", "000010007"}
+    seen, bad = [], 0
+    for rank in range(2):
+        stream = _stream(shards, rank, 2, batch_size=3)
+        batches = list(stream.epoch(0))
+        for b in batches:
+            stream.record(b)
+        assert stream.batches_per_epoch == 3 and len(batches) <= 3  # short of a batch if its share lost samples
+        assert all(len(b) == 3 for b in batches)
+        keys = _keys(batches)
+        assert len(keys) == len(set(keys)) and not set(keys) & bad_keys
+        seen += keys
+        bad += stream.bad
+        assert all(reason.startswith("jpg: undecodable") for _, reason in stream.bad_samples)
+    assert len(seen) == len(set(seen))
+    assert bad <= 3 and len(seen) + bad <= 18
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_the_epoch_exactly(tmp_path, num_workers):
+    shards = make_pool(tmp_path / "pool", [14, 10])
+    full = list(_stream(shards, 1, 2, num_workers=num_workers).epoch(EpochState.fresh(2, 100, max(1, num_workers))))
+    assert len(full) == 3 and [b.step for b in full] == [100, 101, 102]
+
+    stream = _stream(shards, 1, 2, num_workers=num_workers)
+    state = EpochState.fresh(2, 100, max(1, num_workers))
+    for batch in stream.epoch(state):  # consume two batches, then "preempt"
+        state.advance(batch)
+        if state.consumed == 2:
+            break
+    restored = EpochState.from_dict(state.to_dict())
+    rest = list(_stream(shards, 1, 2, num_workers=num_workers).epoch(restored))
+    assert [b.keys for b in rest] == [b.keys for b in full[2:]]
+    assert [b.step for b in rest] == [102]
+    assert torch.equal(rest[0].view1, full[2].view1)  # the same views, not just the same samples
+
+
+def test_workers_keep_shares_disjoint_and_counts_equal(tmp_path):
+    shards = make_pool(tmp_path / "pool", [12, 12])
+    batches = list(_stream(shards, 1, 2, num_workers=2).epoch(0))
+    assert len(batches) == 3 and [b.index for b in batches] == [0, 1, 2]
+    assert len(set(_keys(batches))) == 12
+    alone = set(_keys(_stream(shards, 1, 2).epoch(0)))
+    assert set(_keys(batches)) == alone
+
+
+def test_max_samples_caps_the_epoch(tmp_path):
+    shards = make_pool(tmp_path / "pool", [10, 10])
+    stream = _stream(shards, 0, 1, max_samples=8)
+    assert stream.num_samples == 8 and len(list(stream.epoch(0))) == 2
+
+
+def test_too_little_data_is_a_clear_error(tmp_path):
+    shards = make_pool(tmp_path / "pool", [5])
+    with pytest.raises(SeptError, match="too little training data: 5 samples"):
+        _stream(shards, 0, 2, batch_size=4).batches_per_epoch
+
+
+def test_progressive_plan_sets_each_batch_size(tmp_path):
+    shards = make_pool(tmp_path / "pool", [16])
+    plan = AccelerationPlan(steps=4, base_lr=0.1, warmup_steps=0, image_size=16, lr_schedule="cyclic",
+                            cycle_steps=4, progressive=True, min_image_size=8, min_strength=0.5, stages=2)
+    batches = list(_stream(shards, 0, 1, plan=plan).epoch(0))
+    assert [b.view1.shape[-1] for b in batches] == [8, 8, 16, 16]
+
+
+def test_masks_travel_with_their_views(tmp_path):
+    shards = make_pool(tmp_path / "pool", [8], masks=True)
+    batch = next(_stream(shards, 0, 1, num_masks=16).epoch(0))
+    assert batch.mask1.shape == batch.mask2.shape == (4, 16, 16) and batch.mask1.dtype == torch.uint8
+    assert batch.mask_ids.shape == (4, 16)
+    for ids, m1, m2 in zip(batch.mask_ids, batch.mask1, batch.mask2):
+        chosen = set(ids[ids >= 0].tolist())
+        assert chosen and chosen <= set(m1.unique().tolist()) & set(m2.unique().tolist())
+        assert (ids == -1).sum() == 16 - len(chosen)
+    missing = make_pool(tmp_path / "plain", [8])
+    stream = _stream(missing, 0, 1, num_masks=16)
+    assert list(stream.epoch(0)) == []  # every sample lacks its mask: skipped, none reused
+
+
+def test_two_views_helper():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    a, b = two_views(image, image_size=24)
+    assert a.shape == b.shape == (3, 24, 24) and a.dtype == torch.float32
+    assert not torch.equal(a, b)

@@ -1,0 +1,147 @@
+"""The trainer in this process (world size 1) and the local submitit launcher with 2 ranks."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from sept.errors import SeptError
+from sept.training.bootstrap import bootstrap, sample_pool
+from sept.training.config import load_config
+from sept.training.encoder import load_encoder
+from sept.training.launcher import launch_pretrain
+from sept.training.trainer import train
+
+torch.set_num_threads(1)
+
+
+def make_pool(directory, shard_sizes, size=16, seed=0):
+    """WebDataset shards of small random JPEGs, named as img2dataset names them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard, count in enumerate(shard_sizes):
+        with wds.TarWriter(str(directory / f"{shard:05d}.tar")) as writer:
+            for i in range(count):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG")
+                writer.write({"__key__": f"{shard:05d}{i:04d}", "jpg": buffer.getvalue(), "json": b"{}"})
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return make_pool(tmp_path_factory.mktemp("pool"), [20, 20])
+
+
+def _cfg(pool, out, **overrides):
+    base = dict(data=pool, out=str(out), steps=4, batch_size=8, image_size=16, width=8, log_every=2,
+                checkpoint_every=2)
+    return load_config(None, {**base, **overrides})
+
+
+def _metric_steps(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
+def test_train_writes_the_run_directory(pool, tmp_path, method):
+    summary = train(_cfg(pool, tmp_path / "run", method=method))
+    run_dir = str(tmp_path / "run")
+    assert summary["world_size"] == 1 and summary["steps"] == 4 and summary["allreduce_check"] == 1
+    assert np.isfinite(summary["first_loss"]) and np.isfinite(summary["final_loss"])
+    assert summary["ranks"][0]["samples_read"] == 32
+    assert json.load(open(os.path.join(run_dir, "summary.json"))) == summary
+    assert _metric_steps(run_dir) == [1, 2, 4]
+    assert load_config(os.path.join(run_dir, "config.yaml")).method == method
+    bundle = load_encoder(os.path.join(run_dir, "encoder.pt"), device="cpu")
+    assert (bundle.arch, bundle.dim, bundle.image_size) == ("resnet18_small", 64, 16)
+    assert bundle.extra["method"] == method and bundle.extra["steps"] == 4
+
+
+def test_resume_restores_step_model_and_metrics(pool, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(pool, run))
+    finished = load_encoder(str(run / "encoder.pt"), device="cpu").identity
+
+    again = train(_cfg(pool, run))  # checkpoint at the last step: nothing left to train
+    assert again["resumed_from_step"] == 4 and again["steps"] == 4
+    assert load_encoder(str(run / "encoder.pt"), device="cpu").identity == finished
+
+    longer = train(_cfg(pool, run, steps=6))
+    assert longer["resumed_from_step"] == 4 and longer["steps"] == 6
+    assert _metric_steps(str(run)) == [1, 2, 4, 5, 6]
+    assert load_encoder(str(run / "encoder.pt"), device="cpu").identity != finished
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_checkpoint_of_another_config_is_refused(pool, tmp_path):
+    train(_cfg(pool, tmp_path / "run"))
+    with pytest.raises(SeptError, match=r"belongs to a run with another config \(method: 'simclr' -> 'byol'\)"):
+        train(_cfg(pool, tmp_path / "run", method="byol"))
+
+
+def test_bootstrap_trains_an_encoder_on_a_pool_subset(pool, tmp_path):
+    out = tmp_path / "retrieval.pt"
+    path = bootstrap(pool, str(out), sample_size=16, steps=2, batch_size=8, image_size=16, width=8, min_shards=2)
+    bundle = load_encoder(path, device="cpu")
+    assert bundle.extra["stage"] == "bootstrap" and bundle.extra["sample_size"] == 16
+    assert bundle.extra["data"] == pool
+    assert not os.path.exists(str(out) + ".bootstrap/checkpoint.pt")
+    with pytest.raises(SeptError, match="bootstrap sets config key 'data'"):
+        bootstrap(pool, str(out), data="x")
+
+
+def test_bootstrap_reads_a_config_file_and_lets_arguments_win(pool, tmp_path):
+    config = tmp_path / "boot.yaml"
+    config.write_text("steps: 3\nbatch_size: 8\nimage_size: 16\nwidth: 8\nmethod: byol\n")
+    out = str(tmp_path / "enc.pt")
+    bootstrap(pool, out, config=str(config), sample_size=16, min_shards=2, method="moco")
+    summary = json.load(open(out + ".bootstrap/summary.json"))
+    assert summary["steps"] == 3 and summary["method"] == "moco" and summary["num_samples"] == 16
+    bootstrap(pool, out, config=str(config), sample_size=16, min_shards=2, steps=2, method="moco")
+    assert load_encoder(out, device="cpu").extra["steps"] == 2
+
+
+def test_bootstrap_sample_is_seeded_and_spread_over_shards(pool):
+    from sept.data.shards import list_shards
+
+    shards = list_shards(pool)
+    items, scanned, seen = sample_pool(shards, 10, seed=3, min_shards=2)
+    again, _, _ = sample_pool(shards, 10, seed=3, min_shards=2)
+    other, _, _ = sample_pool(shards, 10, seed=4, min_shards=2)
+    keys = lambda xs: [(s, k) for s, k, _, _ in xs]  # noqa: E731
+    assert (scanned, seen, len(items)) == (2, 40, 10)
+    assert keys(items) == keys(again) and keys(items) != keys(other)
+    assert {s for s, _, _, _ in items} == {0, 1}
+
+
+def test_trainer_imports_neither_submitit_nor_ray():
+    code = (
+        "import sys, sept.training.trainer, sept.training.bootstrap; "
+        "print(sorted(m for m in ('submitit', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.integration
+def test_local_launcher_runs_two_ddp_ranks(pool, tmp_path):
+    run = tmp_path / "ddp"
+    summary = launch_pretrain(_cfg(pool, run, steps=3), executor="local", tasks_per_node=2, time_min=5)
+    assert summary["world_size"] == 2
+    assert summary["allreduce_check"] == 3
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert all(r["samples_read"] == 24 for r in summary["ranks"])
+    assert summary["job_id"] and os.path.isdir(summary["log_folder"])
+    assert os.path.dirname(summary["log_folder"]) == str(run)
+    assert load_encoder(str(run / "encoder.pt"), device="cpu").extra["world_size"] == 2
+    assert json.load(open(run / "summary.json"))["allreduce_check"] == 3

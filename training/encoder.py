@@ -1,0 +1,334 @@
+"""The encoder checkpoint contract shared by every stage: build, save, load and run a backbone.
+
+An encoder file is ``{"sept_encoder": {"arch", "image_size", "mean", "std", "dim", "state_dict",
+"extra"}}`` written by ``save_encoder``. ``load_encoder`` also accepts a plain torchvision ResNet
+state dict (its arch found by strict loading, its ``fc`` head dropped). Loading always uses
+``torch.load(weights_only=True)``: an encoder file never runs code.
+
+``EncoderBundle`` is what the embed, select and evaluate stages hold: the backbone, how to
+preprocess an image for it, and ``embed``, which returns L2-normalised float32 features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.transforms import v2
+
+from sept.errors import SeptError
+from sept.training.atomic import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SMALL_RESNET_WIDTH = 16
+"""Default base width of ``resnet18_small`` (64 is the standard CIFAR ResNet-18): 16 keeps a
+32-px CPU training step near a quarter second; raise it for real runs on GPUs."""
+
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = ("resnet18_small",) + TORCHVISION_ARCHS
+
+_TORCHVISION_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+_TORCHVISION_IMAGE_SIZE = 224
+_CONTRACT_KEYS = ("arch", "image_size", "mean", "std", "dim", "state_dict")
+
+
+class SmallResNet18(ResNet):
+    """torchvision's ResNet-18 with a CIFAR-style stem (3x3 conv, stride 1, no max-pool) and a
+    configurable base width; ``fc`` is the identity, so ``forward`` returns pooled features."""
+
+    def __init__(self, width: int = SMALL_RESNET_WIDTH):
+        nn.Module.__init__(self)  # ResNet.__init__ hard-codes width 64 and the ImageNet stem
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes = width
+        self.dilation = 1
+        self.groups = 1
+        self.base_width = 64  # torchvision's BasicBlock only accepts its default base width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(BasicBlock, width, 2)
+        self.layer2 = self._make_layer(BasicBlock, 2 * width, 2, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, 4 * width, 2, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, 8 * width, 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+def build_backbone(arch: str, *, width: int | None = None) -> tuple[nn.Module, int]:
+    """A randomly initialised backbone returning pooled features, and the features' dimension.
+
+    ``arch`` is ``resnet18_small`` (``width`` = base width, default ``SMALL_RESNET_WIDTH``) or a
+    torchvision ``resnet18``/``resnet34``/``resnet50`` (``fc`` replaced by the identity).
+    """
+    if arch == "resnet18_small":
+        width = SMALL_RESNET_WIDTH if width is None else int(width)
+        if width < 1:
+            raise SeptError(f"resnet18_small width must be positive, got {width}")
+        return SmallResNet18(width), 8 * width
+    if arch in TORCHVISION_ARCHS:
+        if width is not None:
+            raise SeptError(f"width applies to resnet18_small only, not to {arch}")
+        model = getattr(torchvision.models, arch)(weights=None)
+        model.fc = nn.Identity()
+        return model, _TORCHVISION_DIMS[arch]
+    raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)})")
+
+
+def _backbone_for_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, int]:
+    """Builds ``arch`` shaped to hold ``state_dict`` (the small ResNet's width is read off its stem)."""
+    width = None
+    if arch == "resnet18_small":
+        stem = state_dict.get("conv1.weight")
+        if not isinstance(stem, torch.Tensor) or stem.ndim != 4:
+            raise ValueError("state dict has no conv1.weight")
+        width = int(stem.shape[0])
+    return build_backbone(arch, width=width)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    # DistributedDataParallel (and torch.compile) keep the real module one level down.
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return getattr(module, "_orig_mod", module)
+
+
+def save_encoder(
+    path: str,
+    backbone: nn.Module,
+    *,
+    arch: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    extra: dict | None = None,
+) -> str:
+    """Writes ``backbone`` (weights on CPU) and how to preprocess for it to ``path`` atomically.
+
+    ``extra`` is free-form provenance (method, steps, data...) and must be JSON-serialisable, so
+    that the file stays loadable with ``weights_only=True``. Returns ``path``.
+    """
+    if arch not in ARCHS:
+        raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)})")
+    extra = dict(extra or {})
+    try:
+        extra = json.loads(json.dumps(extra))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"encoder extra must be JSON-serialisable: {err}") from None
+    mean, std = [float(x) for x in mean], [float(x) for x in std]
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std must have 3 values (RGB)")
+    state_dict = {k: v.detach().to("cpu").clone() for k, v in _unwrap(backbone).state_dict().items()}
+    _, dim = _backbone_for_state_dict(arch, state_dict)
+    payload = {
+        "sept_encoder": {
+            "arch": arch,
+            "image_size": int(image_size),
+            "mean": mean,
+            "std": std,
+            "dim": int(dim),
+            "state_dict": state_dict,
+            "extra": extra,
+        }
+    }
+    atomic_torch_save(payload, path)
+    log.info("saved %s encoder (dim %d, %d px) to %s", arch, dim, image_size, path)
+    return path
+
+
+def weights_identity(
+    state_dict: Mapping[str, torch.Tensor], *, arch: str, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> str:
+    """First 16 hex chars of a sha256 over the weights (names, dtypes, shapes, bytes) and the
+    preprocessing: the same weights fed differently-sized or -normalised images embed differently."""
+    h = hashlib.sha256()
+    h.update(json.dumps([arch, int(image_size), [float(x) for x in mean], [float(x) for x in std]]).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class EncoderBundle:
+    """A loaded encoder: the backbone in eval mode on ``device`` and how to feed it."""
+
+    model: nn.Module
+    arch: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int
+    identity: str
+    device: torch.device
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.image_size, antialias=True),
+                v2.CenterCrop(self.image_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(self.mean), list(self.std)),
+            ]
+        )
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """One image as the model's input: RGB, shorter side resized to ``image_size``, centre
+        crop, normalised; a float32 tensor [3, image_size, image_size]."""
+        return self._transform(img.convert("RGB"))
+
+    def embed(self, batch: torch.Tensor) -> np.ndarray:
+        """L2-normalised features (B, dim) float32 of a preprocessed batch [B, 3, H, W].
+
+        On CUDA the model runs channels-last under bfloat16 autocast; on CPU in float32.
+        """
+        self.model.eval()
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                    features = self.model(x)
+            else:
+                features = self.model(x.float())
+            features = F.normalize(features.float(), dim=1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 256) -> np.ndarray:
+        """``embed`` over PIL images, ``batch_size`` at a time; (len(images), dim) float32."""
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            out[start : start + len(chunk)] = self.embed(torch.stack([self.preprocess(im) for im in chunk]))
+        return out
+
+
+def _bundle(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    arch: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str | torch.device,
+    extra: dict,
+) -> EncoderBundle:
+    model, dim = _backbone_for_state_dict(arch, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    identity = weights_identity(state_dict, arch=arch, image_size=image_size, mean=mean, std=std)
+    dev = _resolve_device(device)
+    model = model.to(dev).eval()
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return EncoderBundle(
+        model=model,
+        arch=arch,
+        image_size=int(image_size),
+        mean=tuple(float(x) for x in mean),
+        std=tuple(float(x) for x in std),
+        dim=int(dim),
+        identity=identity,
+        device=dev,
+        extra=dict(extra),
+    )
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundle:
+    """Loads a sept encoder file or a plain torchvision ResNet state dict (224 px, ImageNet mean/std).
+
+    ``device`` is ``"auto"`` (CUDA when present), or any torch device. Raises ``SeptError``
+    ``"not an encoder checkpoint: PATH (...)"`` for a file that is neither.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SeptError(f"encoder checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SeptError(f"not an encoder checkpoint: {path} (unreadable by torch.load: {reason})") from None
+
+    if isinstance(obj, Mapping) and "sept_encoder" in obj:
+        meta = obj["sept_encoder"]
+        missing = [k for k in _CONTRACT_KEYS if not isinstance(meta, Mapping) or k not in meta]
+        if missing:
+            raise SeptError(f"not an encoder checkpoint: {path} (sept_encoder lacks {', '.join(missing)})")
+        if meta["arch"] not in ARCHS:
+            raise SeptError(f"not an encoder checkpoint: {path} (unknown arch {meta['arch']!r})")
+        try:
+            bundle = _bundle(
+                meta["state_dict"],
+                arch=meta["arch"],
+                image_size=meta["image_size"],
+                mean=meta["mean"],
+                std=meta["std"],
+                device=device,
+                extra=meta.get("extra") or {},
+            )
+        except (RuntimeError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0]
+            raise SeptError(f"not an encoder checkpoint: {path} (weights do not fit {meta['arch']}: {reason})") from None
+        if bundle.dim != meta["dim"]:
+            raise SeptError(f"not an encoder checkpoint: {path} (dim {meta['dim']} but {meta['arch']} gives {bundle.dim})")
+        return bundle
+
+    if _is_tensor_dict(obj):
+        state_dict = {k: v for k, v in obj.items() if not k.startswith("fc.")}
+        for arch in TORCHVISION_ARCHS:
+            try:
+                bundle = _bundle(
+                    state_dict,
+                    arch=arch,
+                    image_size=_TORCHVISION_IMAGE_SIZE,
+                    mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD,
+                    device=device,
+                    extra={"source": "torchvision state dict"},
+                )
+            except RuntimeError:  # strict load failed: missing/unexpected keys or shape mismatch
+                continue
+            log.info("loaded %s as a plain torchvision %s state dict", path, arch)
+            return bundle
+        raise SeptError(
+            f"not an encoder checkpoint: {path} (a state dict that fits none of {', '.join(TORCHVISION_ARCHS)})"
+        )
+
+    raise SeptError(f"not an encoder checkpoint: {path} (holds {type(obj).__name__}, no sept_encoder entry)")

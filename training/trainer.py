@@ -1,0 +1,510 @@
+"""The pre-training loop of one rank: DDP over the data stream, checkpoints, logs, the encoder.
+
+``train(cfg)`` runs in the calling process as one rank of whatever job it is in (it joins the
+process group through ``sept.training.distributed``), so the same function serves a laptop run,
+a local multi-process run and a multi-node SLURM run. It never imports submitit or Ray.
+
+Run directory (``cfg.out``): ``config.yaml``; ``checkpoint.pt``, written atomically every
+``checkpoint_every`` steps, at the end, and when the scheduler signals (``preemption``); the
+logs of ``sept.training.run_logs``; ``summary.json`` and ``encoder.pt`` at the end; and, for
+DetCon on data without masks, ``masked-shards/`` (``sept.data.masks``).
+
+A checkpoint holds the model and optimizer, the step, every rank's position in the data
+(``loader.EpochState``) and the list of attempts (each start or resume, with its SLURM job id
+and restart count). A run that finds one resumes from its step at the same data position; the
+learning rate and the progressive schedules are functions of the step, so they continue too.
+
+Each step the ranks all-reduce two flags: a stop request (a signal, ``preemption``) and "my
+data ran out" (bad samples can end a rank's epoch early). A stop checkpoints at that step and
+returns ``{"interrupted": "SIGUSR2" | "SIGTERM", ...}`` without writing the encoder; running out
+ends the epoch on every rank at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sept.data.shards import list_shards
+from sept.errors import SeptError
+from sept.training import distributed
+from sept.training.acceleration import AccelerationPlan
+from sept.training.atomic import atomic_torch_save, atomic_write_text
+from sept.training.augment import ViewAugment
+from sept.training.config import PretrainConfig, config_to_dict, save_resolved_config
+from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
+from sept.training.lars import LARS
+from sept.training.loader import EpochState, PretrainStream, TrainBatch, count_shard_samples
+from sept.training.methods import build_method, needs_masks
+from sept.training.preemption import StopRequests, signal_of_code
+from sept.training.run_logs import (
+    METRICS_COLUMNS,
+    METRICS_FILENAME,
+    RANK_METRICS_COLUMNS,
+    RANK_METRICS_FILENAME,
+    SAMPLES_COLUMNS,
+    StepCsv,
+    samples_filename,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+SUMMARY_FILENAME = "summary.json"
+ENCODER_FILENAME = "encoder.pt"
+MASKED_SHARDS_DIRNAME = "masked-shards"
+
+
+def _device(cfg: PretrainConfig, info: distributed.DistInfo) -> torch.device:
+    """This rank's device: its GPU by local rank (SLURM_LOCALID under SLURM), or the CPU."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = info.local_rank
+    if local >= visible:
+        raise SeptError(
+            f"rank {info.rank} (local rank {local} on {socket.gethostname()}) needs GPU {local},"
+            f" but {visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r});"
+            " run one task per GPU (tasks per node = GPUs per node)"
+        )
+    return torch.device("cuda", local)
+
+
+def _share_cpu_threads() -> None:
+    # Ranks on one node would each start one thread per core and fight over them.
+    ranks_here = distributed.get_local_world_size()
+    if ranks_here > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // ranks_here))
+
+
+def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9), AdamW or LARS; biases and normalisation weights get no weight decay
+    (and no LARS trust ratio)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "lars":
+        groups[1]["lars"] = False
+        return LARS(groups, lr=cfg.lr, momentum=0.9)
+    raise SeptError(f"unknown optimizer {cfg.optimizer!r} (choose from sgd, adamw, lars)")
+
+
+# Fields a run may change when it resumes; any other difference means another run's checkpoint.
+_RESUMABLE_CHANGES = ("out", "steps", "checkpoint_every", "log_every", "num_workers", "num_samples",
+                      "sample_log", "compile", "device")
+
+
+def _load_checkpoint(path: str, cfg: PretrainConfig, method: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SeptError(f"cannot resume from checkpoint {path}: {reason} (remove it to start over)") from None
+    saved = state.get("config") if isinstance(state, dict) else None
+    if isinstance(saved, dict):
+        current = config_to_dict(cfg)
+        changed = [k for k in current if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
+        if changed:
+            diff = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+            raise SeptError(f"checkpoint {path} belongs to a run with another config ({diff}); remove it or use another out dir")
+    try:
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, EOFError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SeptError(f"cannot resume from checkpoint {path}: {reason} (remove it to start over)") from None
+    return state
+
+
+def _attempt(step: int) -> dict[str, Any]:
+    """This start of the run, for the checkpoint's history."""
+    return {
+        "start_step": step,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+        "hostname": socket.gethostname(),
+        "time": round(time.time(), 3),
+    }
+
+
+def _shard_counts(cfg: PretrainConfig, shards: list[str], is_main: bool) -> list[int]:
+    if cfg.num_samples is not None and len(shards) == 1:
+        return [cfg.num_samples]
+    # One rank counts, so a pool is not read world_size times over before training starts.
+    counts = [count_shard_samples(s) for s in shards] if is_main else None
+    return distributed.broadcast_object(counts)
+
+
+def _prepare_masks(cfg: PretrainConfig, shards: list[str], run_dir: str, info: distributed.DistInfo) -> list[str]:
+    """The shards with segmentation masks: ``shards`` if they carry them, else masked copies in
+    the run directory, computed by every rank for its share of the shards, then shared."""
+    from sept.data.masks import add_masks, has_masks
+
+    if has_masks(shards):
+        return shards
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, cores // max(1, distributed.get_local_world_size()))
+    out_dir = os.path.join(run_dir, MASKED_SHARDS_DIRNAME)
+    log.info("rank %d computing Felzenszwalb masks for its share of %d shards into %s", info.rank, len(shards), out_dir)
+    masked = add_masks(shards, out_dir, workers=workers, rank=info.rank, world_size=info.world_size)
+    distributed.barrier()
+    missing = [p for p in masked if not os.path.exists(p)]
+    if missing:
+        raise SeptError(f"masked shard {missing[0]} is missing: the run directory must be on a file system every node shares")
+    return masked
+
+
+def train(
+    cfg: PretrainConfig,
+    *,
+    distributed_run: bool = True,
+    encoder_path: str | None = None,
+    encoder_extra: dict[str, Any] | None = None,
+    step_callback: Callable[[int, nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Trains ``cfg.method`` for ``cfg.steps`` steps as one rank; returns the run summary (on every rank).
+
+    ``distributed_run=False`` trains alone whatever the environment says (bootstrap).
+    ``encoder_path`` defaults to ``run_dir/encoder.pt``; ``encoder_extra`` is added to its provenance.
+    A run stopped by a signal returns ``{"interrupted": SIGNAL_NAME, "steps": ..., ...}``.
+    ``step_callback(step, backbone)``, where given, runs on rank 0 after every optimizer step
+    (the bootstrap scores checkpoints with it); the model is put back in training mode after it.
+    """
+    owns_group = distributed_run and not distributed.is_initialized()
+    info = distributed.init_distributed() if distributed_run else distributed.DistInfo(0, 1, 0, None)
+    try:
+        with StopRequests() as stop:
+            return _train(cfg, info, encoder_path, encoder_extra or {}, stop, step_callback)
+    finally:
+        if owns_group:
+            distributed.destroy_distributed()
+
+
+class _Window:
+    """Images, data-wait and compute seconds of this rank since the last log row."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.images = 0
+        self.wait = 0.0
+        self.compute = 0.0
+        self.total_images = 0
+        self.total_wait = 0.0
+        self.total_compute = 0.0
+
+    def vector(self) -> torch.Tensor:
+        return torch.tensor([self.images, time.perf_counter() - self.start, self.wait, self.compute], dtype=torch.float64)
+
+    def reset(self) -> None:
+        self.total_images += self.images
+        self.total_wait += self.wait
+        self.total_compute += self.compute
+        self.start, self.images, self.wait, self.compute = time.perf_counter(), 0, 0.0, 0.0
+
+
+def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | None, encoder_extra: dict,
+           stop: StopRequests, step_callback: Callable[[int, nn.Module], None] | None = None) -> dict:
+    rank, world = info.rank, info.world_size
+    is_main = rank == 0
+    device = _device(cfg, info)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)
+    else:
+        _share_cpu_threads()
+    collective_device = device if info.backend == "nccl" else torch.device("cpu")
+    if not cfg.data:
+        raise SeptError("no training data: set `data` to a shard spec")
+    run_dir = os.path.abspath(cfg.out)
+    os.makedirs(run_dir, exist_ok=True)
+    if is_main:
+        save_resolved_config(cfg, run_dir)
+
+    shards = list_shards(cfg.data)
+    if needs_masks(cfg.method):
+        shards = _prepare_masks(cfg, shards, run_dir, info)
+    plan = AccelerationPlan.from_config(cfg)
+    stream = PretrainStream(
+        shards,
+        augment=ViewAugment(cfg.image_size, cfg.color_jitter),
+        batch_size=cfg.batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+        shard_counts=_shard_counts(cfg, shards, is_main),
+        max_samples=cfg.max_samples,
+        num_workers=cfg.num_workers,
+        plan=plan,
+        num_masks=cfg.num_masks if needs_masks(cfg.method) else 0,
+        pin_memory=on_gpu,
+    )
+    batches_per_epoch = stream.batches_per_epoch
+    workers = stream.logical_workers()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
+    backbone, feat_dim = build_backbone(cfg.arch, width=cfg.width)
+    method = build_method(cfg.method, backbone, feat_dim, temperature=cfg.temperature, momentum=cfg.momentum,
+                          detcon_temperature=cfg.detcon_temperature)
+    method = method.to(device)
+    if on_gpu:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(method, cfg)
+
+    checkpoint_path = os.path.join(run_dir, CHECKPOINT_FILENAME)
+    start_step, first_loss, last_loss = 0, None, None
+    history: list[dict] = []
+    epoch_state = EpochState.fresh(0, 0, workers)
+    if distributed.broadcast_object(os.path.exists(checkpoint_path)):  # rank 0 decides for all
+        if not os.path.exists(checkpoint_path):
+            raise SeptError(
+                f"rank {rank} cannot see {checkpoint_path}, which rank 0 resumes from:"
+                " the run directory must be on a file system every node shares"
+            )
+        state = _load_checkpoint(checkpoint_path, cfg, method, optimizer)
+        start_step, first_loss, last_loss = int(state["step"]), state.get("first_loss"), state.get("last_loss")
+        history = list(state.get("history") or [])
+        epoch_state = _resumed_epoch(state, rank, world, workers, start_step)
+        log.info("rank %d resumes from %s at step %d (epoch %d, %d batches in)",
+                 rank, checkpoint_path, start_step, epoch_state.epoch, epoch_state.consumed)
+    history.append(_attempt(start_step))
+
+    model: nn.Module = method
+    if world > 1:
+        model = DistributedDataParallel(method, device_ids=[device.index] if on_gpu else None)
+    if cfg.compile and on_gpu:
+        model = torch.compile(model)
+    metrics = StepCsv(os.path.join(run_dir, METRICS_FILENAME), METRICS_COLUMNS, start_step) if is_main else None
+    rank_metrics = StepCsv(os.path.join(run_dir, RANK_METRICS_FILENAME), RANK_METRICS_COLUMNS, start_step) if is_main else None
+    samples_log = (StepCsv(os.path.join(run_dir, samples_filename(rank)), SAMPLES_COLUMNS, start_step)
+                   if cfg.sample_log else None)
+
+    def save_checkpoint(step: int) -> None:
+        positions = distributed.gather_objects(epoch_state.to_dict())
+        if is_main:
+            atomic_torch_save(
+                {
+                    "step": step,
+                    "model": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "first_loss": first_loss,
+                    "last_loss": last_loss,
+                    "config": config_to_dict(cfg),
+                    "world_size": world,
+                    "loader": positions,
+                    "history": history,
+                },
+                checkpoint_path,
+            )
+        distributed.barrier()
+
+    def run_step(batch: TrainBatch) -> torch.Tensor:
+        inputs = [batch.view1, batch.view2]
+        if batch.mask_ids is not None:
+            inputs += [batch.mask1, batch.mask2, batch.mask_ids]
+        inputs = [t.to(device, non_blocking=True) for t in inputs]
+        if on_gpu:
+            inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+            inputs[1] = inputs[1].contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                loss = model(*inputs)
+        else:
+            loss = model(*inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    step = start_step
+    interrupted = None
+    window = _Window()
+    started = time.perf_counter()
+    batches = stream.epoch(epoch_state)
+    fresh_epoch = epoch_state.consumed == 0
+    last_batch: TrainBatch | None = None
+    model.train()
+    try:
+        while step < cfg.steps:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            window.wait += time.perf_counter() - waited
+            flags = torch.tensor([stop.code, 0 if batch is not None else 1], dtype=torch.int64, device=collective_device)
+            if world > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop_code, ran_out = int(flags[0]), bool(flags[1])
+            if stop_code:
+                interrupted = signal_of_code(stop_code)
+                log.warning("rank %d stops at step %d on %s", rank, step, interrupted.name)
+                save_checkpoint(step)
+                break
+            if ran_out:
+                if fresh_epoch:
+                    raise SeptError(
+                        f"no decodable training sample for rank {rank} of {world} in epoch {epoch_state.epoch}"
+                        f" of {len(shards)} shards (first {shards[0]})"
+                    )
+                batches.close()
+                log.info("epoch %d ended at step %d", epoch_state.epoch, step)
+                epoch_state = EpochState.fresh(epoch_state.epoch + 1, step, workers)
+                batches, fresh_epoch = stream.epoch(epoch_state), True
+                continue
+            fresh_epoch = False
+
+            computing = time.perf_counter()
+            lr = plan.lr(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = run_step(batch)
+            step += 1
+            method.momentum_update(step / cfg.steps)
+            epoch_state.advance(batch)
+            stream.record(batch)
+            last_batch = batch
+            if samples_log is not None:
+                samples_log.append([step, epoch_state.epoch, " ".join(str(int(i)) for i in batch.ids)])
+            window.images += len(batch)
+
+            if step == start_step + 1 or step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = distributed.all_reduce_mean(loss.detach().float().reshape(1).to(collective_device)).item()
+                window.compute += time.perf_counter() - computing
+                if not math.isfinite(mean_loss):
+                    raise RuntimeError(f"training diverged: loss {mean_loss} at step {step} (lower lr?)")
+                if step == 1:
+                    first_loss = mean_loss
+                last_loss = mean_loss
+                per_rank = distributed.all_gather_no_grad(window.vector().to(collective_device)[None]).cpu()
+                window.reset()
+                if is_main:
+                    _log_row(metrics, rank_metrics, step, epoch_state.epoch, mean_loss, lr,
+                             int(batch.view1.shape[-1]), plan.strength_at(step - 1), per_rank)
+                    log.info("step %d/%d loss %.4f lr %.4g %d px %.1f img/s", step, cfg.steps, mean_loss, lr,
+                             batch.view1.shape[-1], float(per_rank[:, 0].sum() / per_rank[:, 1].max().clamp_min(1e-9)))
+            else:
+                window.compute += time.perf_counter() - computing
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(step)
+            if step_callback is not None and is_main:
+                step_callback(step, method.backbone)
+                model.train()
+    finally:
+        batches.close()
+        for csv_log in (metrics, rank_metrics, samples_log):
+            if csv_log is not None:
+                csv_log.close()
+    elapsed = time.perf_counter() - started
+    window.reset()
+
+    if interrupted is not None:
+        return {"interrupted": interrupted.name, "steps": step, "resumed_from_step": start_step, "run_dir": run_dir}
+
+    check = torch.tensor([float(rank + 1)], device=collective_device)
+    allreduce_check = distributed.all_reduce_sum(check).item()
+    ranks = distributed.gather_objects(
+        {
+            **distributed.node_info(),
+            "samples_read": stream.images_read,
+            "bad_samples": stream.bad,
+            "images_per_s": round(window.total_images / max(elapsed, 1e-9), 1),
+            "data_wait_s": round(window.total_wait, 3),
+            "compute_s": round(window.total_compute, 3),
+        }
+    )
+    summary: dict[str, Any] | None = None
+    if is_main:
+        encoder_path = os.path.abspath(encoder_path or os.path.join(run_dir, ENCODER_FILENAME))
+        save_encoder(
+            encoder_path,
+            method.backbone,
+            arch=cfg.arch,
+            image_size=cfg.image_size,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            extra={
+                "method": cfg.method,
+                "steps": step,
+                "data": cfg.data,
+                "world_size": world,
+                "final_loss": last_loss,
+                "seed": cfg.seed,
+                **encoder_extra,
+            },
+        )
+        summary = {
+            "world_size": world,
+            "steps": step,
+            "resumed_from_step": start_step,
+            "first_loss": first_loss,
+            "final_loss": last_loss,
+            "allreduce_check": int(allreduce_check) if float(allreduce_check).is_integer() else allreduce_check,
+            "ranks": ranks,
+            "method": cfg.method,
+            "arch": cfg.arch,
+            "batch_size_per_rank": cfg.batch_size,
+            "num_samples": stream.num_samples,
+            "batches_per_epoch": batches_per_epoch,
+            "epoch": epoch_state.epoch,
+            "final_lr": plan.lr(step - 1) if step > 0 else None,
+            "final_image_size": int(last_batch.view1.shape[-1]) if last_batch is not None else None,
+            "elapsed_s": round(elapsed, 3),
+            "images_per_s": round((step - start_step) * cfg.batch_size * world / max(elapsed, 1e-9), 1),
+            "data_wait_s_max": max(r["data_wait_s"] for r in ranks),
+            "device": str(device.type),
+            "attempts": history,
+            "run_dir": run_dir,
+            "encoder": encoder_path,
+        }
+        atomic_write_text(os.path.join(run_dir, SUMMARY_FILENAME), json.dumps(summary, indent=2) + "\n")
+    summary = distributed.broadcast_object(summary)
+    distributed.barrier()
+    return summary
+
+
+def _resumed_epoch(state: dict, rank: int, world: int, workers: int, step: int) -> EpochState:
+    """This rank's saved data position, or the start of the next epoch when the saved one cannot
+    be continued (another world size or worker count: the shares would differ)."""
+    positions = state.get("loader")
+    saved = EpochState.from_dict(positions[rank]) if positions and len(positions) == world else None
+    if saved is not None and saved.num_workers == workers:
+        return saved
+    epoch = EpochState.from_dict(positions[0]).epoch + 1 if positions else 0
+    log.warning(
+        "checkpoint data position is for %s ranks x %s workers, this run has %d x %d:"
+        " continuing with epoch %d (the rest of the interrupted epoch is skipped)",
+        len(positions or []) or "unknown", positions[0]["num_workers"] if positions else "?", world, workers, epoch,
+    )
+    return EpochState.fresh(epoch, step, workers)
+
+
+def _log_row(metrics: StepCsv, rank_metrics: StepCsv, step: int, epoch: int, loss: float, lr: float,
+             image_size: int, strength: float, per_rank: torch.Tensor) -> None:
+    """One metrics.csv row and one rank_metrics.csv row per rank; ``per_rank`` rows are
+    (images, wall seconds, data-wait seconds, compute seconds) of each rank's window."""
+    images, wall, wait, compute = (per_rank[:, i] for i in range(4))
+    wall = wall.clamp_min(1e-9)
+    rates = images / wall
+    metrics.append([
+        step, epoch, f"{loss:.6f}", f"{lr:.6g}", image_size,
+        f"{strength:.3f}", f"{float(images.sum() / wall.max()):.1f}",
+        f"{float(rates.min()):.1f}", f"{float((wait / wall).max()):.3f}",
+    ])
+    for r in range(per_rank.shape[0]):
+        rank_metrics.append([step, r, f"{float(rates[r]):.1f}", f"{float(wait[r]):.4f}", f"{float(compute[r]):.4f}"])
