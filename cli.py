@@ -18,6 +18,7 @@ The pipeline, stage by stage:
   sept embed     --pool 'pool/{00000..00099}.tar' --encoder enc.pt --out emb.zarr
   sept index     --embeddings emb.zarr --out index.zarr --shards 4
   sept select    --index index.zarr --encoder enc.pt --target mytask/ --budget 100000 --out sel/
+  sept report    --selection sel/ --out sel/report
   sept pretrain  --data sel/shards --out run/ --executor slurm --nodes 2 --gpus-per-node 8
   sept evaluate  --encoder run/encoder.pt --target mytask/
 or all of it on a generated demo corpus:  sept demo
@@ -92,18 +93,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train the index")
     _add_ray(p)
 
-    p = sub.add_parser("select", help="retrieve the pool samples nearest to a target task and write them",
-                       description="Embed the target's train images, search every index shard, merge the "
-                       "per-shard top-k exactly, fill the budget per target image (round robin, deduplicated) "
-                       "and write the selected samples as WebDataset shards plus a manifest.")
+    p = sub.add_parser("select", help="retrieve the pool samples nearest to target tasks and write them",
+                       description="Embed the target tasks' train images, search every index shard once for all "
+                       "tasks, merge the per-shard top-k exactly, fill each task's budget (per target image, round "
+                       "robin, deduplicated, leakage-guarded) and write the union of the selections once, as shared "
+                       "WebDataset shards, with one manifest per task. A rerun resumes; adding a task later copies "
+                       "only its new samples.")
     p.add_argument("--index", required=True, help="index store from `sept index`")
     p.add_argument("--encoder", required=True, help="the encoder the index was built with")
-    p.add_argument("--target", required=True, help="target task: ImageFolder dir with train/ (and val/)")
-    p.add_argument("--budget", type=int, required=True, help="number of pool samples to select")
-    p.add_argument("--out", required=True, help="selection directory to write")
-    p.add_argument("--task", default="", help="task name (default: the target directory's name)")
-    p.add_argument("--searchers", type=int, default=None, help="searcher actors (default: one per index shard)")
+    p.add_argument("--target", action="append", default=[],
+                   help="target task: ImageFolder dir with train/ (and val/, test/); repeat for several tasks")
+    p.add_argument("--task", action="append", default=[],
+                   help="task name, one per --target in order (default: the target directory's name)")
+    p.add_argument("--tasks", default=None, metavar="TASKS.yaml",
+                   help="YAML list of tasks (name, target, budget), instead of or besides --target")
+    p.add_argument("--budget", type=int, default=None, help="pool samples to select per task")
+    p.add_argument("--out", required=True, help="selection directory to write (shared by its tasks)")
+    p.add_argument("--strategy", choices=["instance", "topk", "cluster"], default="instance",
+                   help="instance: SEPT's equal share per target image (default); topk: global top scores; "
+                   "cluster: k-means on the pool, keep the clusters the target falls into")
+    p.add_argument("--balance", choices=["instance", "class"], default="instance",
+                   help="split the budget evenly over target images (default) or over classes")
+    p.add_argument("--min-similarity", type=float, default=None, help="never select below this cosine similarity")
+    p.add_argument("--near-dup-threshold", type=float, default=None,
+                   help="keep one of pool images at least this similar to each other (default: off)")
+    p.add_argument("--leakage-threshold", type=float, default=0.95,
+                   help="exclude pool images this similar to a target val/test image (default: %(default)s)")
+    p.add_argument("--no-leakage-guard", dest="leakage_guard", action="store_false",
+                   help="do not exclude pool images close to the target's val/test images")
+    p.add_argument("--clusters", type=int, default=None, help="k-means clusters for --strategy cluster "
+                   "(default: sqrt of the pool size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k-means (the other strategies are exact)")
+    p.add_argument("--searchers", type=int, default=None, help="searcher actors (default: one per index shard, "
+                   "at most the cluster's CPUs)")
+    p.add_argument("--memory-per-searcher", default=None, metavar="SIZE",
+                   help="memory a searcher may hold, e.g. 8GB; shards that do not fit are searched in waves")
+    p.add_argument("--query-batch", type=int, default=1024, help="queries per batch sent to the searchers")
     _add_ray(p)
+
+    p = sub.add_parser("report", help="an HTML page and contact sheets to look at a selection",
+                       description="Write an HTML page with PNG contact sheets (target images with their top "
+                       "retrieved pool images and scores), the score histogram, per-class budget use, the "
+                       "duplicate and leakage counts and, given the truth, precision per class.")
+    p.add_argument("--selection", required=True, help="selection directory from `sept select`")
+    p.add_argument("--out", required=True, help="report directory to write (index.html and PNGs)")
+    p.add_argument("--task", action="append", default=[], help="task to show (repeatable; default: all)")
+    p.add_argument("--truth", default=None, help="JSON {pool key: domain}, to measure precision")
+    p.add_argument("--domain", default=None, help="the domain of --truth that counts as relevant")
+    p.add_argument("--samples", type=int, default=8, help="target images per contact sheet")
+    p.add_argument("--top", type=int, default=8, help="retrieved images shown per target image")
+    p.add_argument("--seed", type=int, default=0, help="which target images are sampled")
 
     p = sub.add_parser("pretrain", help="self-supervised DDP pre-training launched with submitit",
                        description="Launch self-supervised pre-training with submitit: on this machine "
@@ -124,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--config", default=None, help="YAML with PretrainConfig fields")
     p.add_argument("--target", default=None, help="evaluate on this target task when training ends")
+
+    p = sub.add_parser("plan", help="estimate wall time, memory and storage of every stage for a pool",
+                       description="Estimate, for each stage, the wall time and throughput, the index's memory "
+                       "and disk size with the factory sept would choose, the number of index shards and "
+                       "searchers, and the storage of embeddings and selected shards. Throughputs come from "
+                       "a profile file: measure this machine's with --calibrate, or bring your cluster's.",
+                       epilog="example: sept plan --images 1000000000 --dim 256 --gpus 64 --nodes 8 "
+                       "--profile benchmarks/profiles/a100.json")
+    p.add_argument("--images", type=int, help="pool size")
+    p.add_argument("--dim", type=int, default=256, help="embedding dimension (default: %(default)s)")
+    p.add_argument("--gpus", type=int, help="GPUs in all (CPU nodes for a CPU profile)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--memory-per-node", type=float, default=256.0, help="GiB of RAM per node (default: %(default)s)")
+    p.add_argument("--budget-fraction", type=float, default=0.1, help="share of the pool selected")
+    p.add_argument("--queries", type=int, default=10_000, help="target images that query the index")
+    p.add_argument("--epochs", type=float, default=100.0, help="pre-training epochs over the selection")
+    p.add_argument("--profile", default="benchmarks/profiles/this-machine.json", help="profile JSON to read or write")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine and write --profile, then plan")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("evaluate", help="linear-probe and kNN accuracy of an encoder on a target task",
                        description="Fit a linear probe and a kNN classifier (k=20, cosine) on frozen features "
@@ -164,7 +222,17 @@ def run(args: argparse.Namespace) -> object:
         from sept.cluster.select import SelectConfig, select
 
         return select(SelectConfig(index=args.index, encoder=args.encoder, target=args.target, budget=args.budget,
-                                   out=args.out, task=args.task, ray_address=args.ray_address, searchers=args.searchers))
+                                   out=args.out, task=args.task, tasks_file=args.tasks, strategy=args.strategy,
+                                   balance=args.balance, min_similarity=args.min_similarity,
+                                   near_dup_threshold=args.near_dup_threshold, leakage_guard=args.leakage_guard,
+                                   leakage_threshold=args.leakage_threshold, clusters=args.clusters, seed=args.seed,
+                                   ray_address=args.ray_address, searchers=args.searchers,
+                                   memory_per_searcher=args.memory_per_searcher, query_batch=args.query_batch))
+    if cmd == "report":
+        from sept.data.report import ReportConfig, write_report
+
+        return write_report(ReportConfig(selection=args.selection, out=args.out, tasks=args.task, truth=args.truth,
+                                         domain=args.domain, samples=args.samples, top=args.top, seed=args.seed))
     if cmd == "pretrain":
         from sept.training.config import load_config
         from sept.training.launcher import launch_pretrain
@@ -180,6 +248,21 @@ def run(args: argparse.Namespace) -> object:
 
             summary = dict(summary, evaluation=evaluate(f"{args.out}/encoder.pt", args.target))
         return summary
+    if cmd == "plan":
+        from sept.cluster.plan import PlanInputs, Profile, calibrate, estimate, format_plan
+
+        prof = calibrate(args.profile) if args.calibrate else Profile.load(args.profile)
+        if args.images is None or args.gpus is None:
+            if args.calibrate:
+                return None
+            raise SeptError("sept plan needs --images and --gpus (or --calibrate alone)")
+        plan = estimate(PlanInputs(images=args.images, dim=args.dim, devices=args.gpus, nodes=args.nodes,
+                                   memory_per_node_gib=args.memory_per_node, budget_fraction=args.budget_fraction,
+                                   queries=args.queries, pretrain_epochs=args.epochs), prof)
+        if args.json:
+            return plan
+        print(format_plan(plan))
+        return None
     if cmd == "evaluate":
         from sept.training.evaluate import evaluate
 
@@ -194,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
     except SeptError as exc:
-        print(f"sept {args.command}: error: {exc}", file=sys.stderr)
+        # A SeptError raised inside a Ray task arrives wrapped, with a traceback: print its cause.
+        cause = getattr(exc, "cause", None) or exc
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"sept {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sept {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

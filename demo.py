@@ -27,7 +27,7 @@ class DemoConfig:
     budget_fraction: float = 0.1
     bootstrap_samples: int = 2000
     bootstrap_steps: int = 300
-    pretrain_steps: int = 300
+    pretrain_steps: int = 150
     batch_size: int = 64
     index_shards: int = 2
     seed: int = 0
