@@ -48,6 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where pre-training runs (default: %(default)s)")
     _add_ray(p)
 
+    p = sub.add_parser("experiment", help="pre-train on selected vs random vs full pool, over seeds and budgets",
+                       description="Run the pipeline once, then pre-train three arms with the same method, "
+                       "schedule and steps: the selected subset, a random subset of the same size, and the whole "
+                       "pool; score each (and an untrained floor) by linear probe and kNN on the target. Writes "
+                       "results.json, results.md and results.png; a rerun resumes.")
+    p.add_argument("--pool", required=True, help="pool shards: brace pattern, directory or listing file")
+    p.add_argument("--target", required=True, help="target task: ImageFolder dir with train/ and val/")
+    p.add_argument("--out", required=True, help="experiment directory")
+    p.add_argument("--budget-fraction", type=float, nargs="+", default=[0.1],
+                   help="share(s) of the pool to select, e.g. 0.05 0.1 0.2 (default: 0.1)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", nargs="+", default=["selected", "random", "full"], choices=["selected", "random", "full"])
+    p.add_argument("--encoder", default=None, help="retrieval encoder to use instead of bootstrapping one")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--bootstrap-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--method", default="simclr")
+    p.add_argument("--truth", default=None, help="JSON {pool key: label} to report selection precision")
+    p.add_argument("--truth-label", default=None, help="the label in --truth that the target belongs to")
+    _add_ray(p)
+
     p = sub.add_parser("bootstrap", help="self-supervised training of the retrieval encoder on a random pool subset",
                        description="SEPT step 1: train the retrieval encoder with self-supervision on a random "
                        "subset of the pool. Users with a strong checkpoint of their own can skip this and pass "
@@ -80,17 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse images above this many pixels, before decoding them (decompression bombs)")
     _add_ray(p)
 
-    p = sub.add_parser("index", help="train a FAISS index once and encode its shards in parallel",
-                       description="Train the FAISS index on a sample of the embeddings, encode the index "
-                       "shards as parallel Ray tasks, and store everything in one Zarr store.")
+    p = sub.add_parser("index", help="train a FAISS index once and encode its shards in parallel; `index eval` "
+                       "measures its recall", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="sept index --embeddings EMB --out INDEX [--add]: train the FAISS index on a "
+                       "sample of the embeddings, encode the index shards as parallel Ray tasks, and store "
+                       "everything in one Zarr store. --add encodes only pool shards embedded since.\n"
+                       "sept index eval --index INDEX --embeddings EMB: recall@1, recall@10 and QPS against exact "
+                       "search on held-out queries for a sweep of nprobe; prints the table, writes it as JSON and "
+                       "stores the chosen nprobe with the index.")
+    p.add_argument("action", nargs="?", choices=["build", "eval"], default="build",
+                   help="build (default) or eval")
     p.add_argument("--embeddings", required=True, help="embeddings store from `sept embed`")
-    p.add_argument("--out", required=True, help="index store to write (INDEX.zarr)")
+    p.add_argument("--out", default=None, help="build: index store to write (INDEX.zarr); "
+                   "eval: the JSON table to write (default: INDEX/eval.json)")
+    p.add_argument("--index", default=None, help="eval: the index store to evaluate")
     p.add_argument("--factory", default="", help="FAISS factory string, e.g. Flat or IVF1024,PQ32 "
-                   "(default: chosen from the pool size)")
+                   "(default: chosen from the pool size, the dimension and --memory-budget)")
+    p.add_argument("--memory-budget", default=None,
+                   help="memory the finished index may take, e.g. 16G or 512M; guides the choice of factory")
     p.add_argument("--shards", type=int, default=2, help="index shards (default: %(default)s)")
     p.add_argument("--metric", choices=["ip", "l2"], default="ip")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query (until `index eval` chooses)")
     p.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train the index")
+    p.add_argument("--add", action="store_true", help="encode only pool shards embedded since the index was built")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="index the complete shards of an embeddings store that has incomplete ones")
+    p.add_argument("--queries", type=int, default=1000, help="eval: held-out queries (default: %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="eval: recall@k (default: %(default)s)")
+    p.add_argument("--nprobe-sweep", default="", help="eval: comma-separated nprobe values "
+                   "(default: powers of two up to min(nlist, 256))")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="eval: the chosen nprobe is the smallest reaching this recall@k (default: %(default)s)")
     _add_ray(p)
 
     p = sub.add_parser("select", help="retrieve the pool samples nearest to target tasks and write them",
@@ -197,6 +238,16 @@ def run(args: argparse.Namespace) -> object:
         from sept.demo import run_demo
 
         return run_demo(args.workdir, executor=args.executor, ray_address=args.ray_address)
+    if cmd == "experiment":
+        from sept.experiment import ExperimentConfig, format_results, run_experiment
+
+        results = run_experiment(ExperimentConfig(
+            pool=args.pool, target=args.target, out=args.out, budget_fractions=args.budget_fraction, seeds=args.seeds,
+            arms=args.arms, encoder=args.encoder, pretrain_steps=args.pretrain_steps,
+            bootstrap_steps=args.bootstrap_steps, batch_size=args.batch_size, method=args.method,
+            ray_address=args.ray_address, truth=args.truth, truth_label=args.truth_label))
+        print(format_results(results))
+        return None
     if cmd == "bootstrap":
         from sept.training.bootstrap import bootstrap
 
@@ -215,9 +266,31 @@ def run(args: argparse.Namespace) -> object:
         from sept.cluster.index_build import IndexConfig, build_index
         from sept.index.spec import IndexSpec
 
+        from sept.index.spec import parse_bytes
+
+        if args.action == "eval":
+            from sept.index.eval import EvalConfig, evaluate_index, format_eval_table
+
+            if not args.index:
+                raise SeptError("index eval needs --index INDEX")
+            try:
+                sweep = [int(v) for v in args.nprobe_sweep.split(",") if v.strip()]
+            except ValueError:
+                raise SeptError(f"--nprobe-sweep takes comma-separated integers, got {args.nprobe_sweep!r}") from None
+            result = evaluate_index(EvalConfig(index=args.index, embeddings=args.embeddings, queries=args.queries,
+                                               k=args.k, nprobes=sweep, target_recall=args.target_recall,
+                                               out=args.out or ""))
+            print(format_eval_table(result))
+            return None
+        if not args.out:
+            raise SeptError("index needs --out INDEX (or `sept index eval --index INDEX`)")
         spec = IndexSpec(factory=args.factory, metric=args.metric, shards=args.shards, nprobe=args.nprobe,
                          train_size=args.train_size)
-        return build_index(IndexConfig(embeddings=args.embeddings, out=args.out, spec=spec, ray_address=args.ray_address))
+        summary = build_index(IndexConfig(embeddings=args.embeddings, out=args.out, spec=spec,
+                                          ray_address=args.ray_address, memory_budget=parse_bytes(args.memory_budget),
+                                          add=args.add, allow_partial=args.allow_partial))
+        print(f"sept index: {summary['factory']}: {summary['reason']}", file=sys.stderr)
+        return summary
     if cmd == "select":
         from sept.cluster.select import SelectConfig, select
 

@@ -64,8 +64,36 @@ def ray_cluster():
         _wait_for_nodes(cluster, 2)
         yield cluster
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_ray_processes(temp_dir: str) -> None:
+    """Stop the Ray processes whose command line names temp_dir: this cluster's, not anyone else's
+    (`ray stop` would kill every Ray instance on the machine, other tests' and users' included)."""
+    import signal
+
+    def ours() -> list[int]:
+        pids = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if temp_dir.encode() in f.read():
+                            pids.append(int(pid))
+                except OSError:
+                    pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while ours() and time.time() < deadline:
+            time.sleep(0.5)
 
 
 def _wait_for_nodes(cluster: RayCluster, n: int, timeout: float = 60) -> None:

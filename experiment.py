@@ -1,0 +1,284 @@
+"""sept experiment: does selection pay on this pool and target? Three arms, several seeds, one table.
+
+The pipeline runs once (bootstrap, embed, index); then, for every budget fraction and seed, the
+same method, schedule and number of steps pre-trains three arms:
+
+- **selected**: the subset `sept select` chose;
+- **random**: a uniformly random subset of the same size;
+- **full**: the whole pool;
+
+and an untrained encoder gives the floor. Each arm is scored by linear probe and kNN on the
+target's val split, and kNN is also tracked over training steps. Every finished piece leaves a
+file behind, so a rerun resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ARMS = ("selected", "random", "full")
+
+
+@dataclass
+class ExperimentConfig:
+    pool: str
+    target: str
+    out: str
+    budget_fractions: list[float] = field(default_factory=lambda: [0.1])
+    seeds: int = 3
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    encoder: str | None = None  # a checkpoint to retrieve with; None: bootstrap one
+    bootstrap_samples: int = 2000
+    bootstrap_steps: int = 300
+    pretrain_steps: int = 300
+    batch_size: int = 64
+    method: str = "simclr"
+    curve_points: int = 4  # kNN measured at this many evenly spaced steps
+    executor: str = "inprocess"  # "local" or "slurm": launch each arm with submitit (no kNN curve)
+    index_shards: int = 2
+    ray_address: str | None = None
+    truth: str | None = None  # JSON {pool key: label}, to report selection precision
+    truth_label: str | None = None
+
+
+def _done(path: str) -> dict | None:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def untrained_encoder(path: str, seed: int) -> str:
+    import torch
+
+    from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
+
+    if not os.path.exists(path):
+        torch.manual_seed(seed)
+        backbone, _ = build_backbone("resnet18_small")
+        save_encoder(path, backbone, arch="resnet18_small", image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return path
+
+
+def random_subset(embeddings: str, budget: int, pool: list[str], out_dir: str, seed: int) -> str:
+    """Materialize `budget` pool samples drawn uniformly; returns the shard directory."""
+    from sept.cluster.materialize import materialize
+    from sept.index.embedding_store import EmbeddingStore
+
+    shards = os.path.join(out_dir, "shards")
+    if _done(os.path.join(out_dir, "done.json")) is None:
+        _, ids = EmbeddingStore.open(embeddings).read_all()
+        chosen = np.sort(np.random.default_rng(seed).choice(ids, size=budget, replace=False))
+        rows = materialize(chosen, pool, shards)
+        with open(os.path.join(out_dir, "manifest.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        _write_json(os.path.join(out_dir, "done.json"), dict(budget=budget, seed=seed))
+    return shards
+
+
+def selection_precision(manifest_path: str, truth: dict[str, str], label: str) -> float:
+    with open(manifest_path) as f:
+        keys = [json.loads(line)["key"] for line in f]
+    return float(np.mean([truth.get(k) == label for k in keys])) if keys else 0.0
+
+
+def pretrain_arm(data: str, run_dir: str, target: str, cfg: ExperimentConfig, seed: int, images: int) -> dict:
+    """Pre-train one arm in this process and score it; kNN is tracked at `curve_points` steps."""
+    from sept.training.config import load_config
+    from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, save_encoder
+    from sept.training.evaluate import evaluate
+    from sept.training.trainer import train
+
+    result_path = os.path.join(run_dir, "arm.json")
+    if (done := _done(result_path)) is not None:
+        return done
+    os.makedirs(run_dir, exist_ok=True)
+    pcfg = load_config(None, dict(data=data, out=run_dir, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+                                  seed=seed, method=cfg.method))
+    marks = sorted({max(1, round(cfg.pretrain_steps * (i + 1) / cfg.curve_points)) for i in range(cfg.curve_points)})
+    snapshots: dict[int, str] = {}
+
+    def snapshot(step: int, backbone) -> None:
+        if step in marks:
+            path = os.path.join(run_dir, f"encoder-step{step:06d}.pt")
+            save_encoder(path, backbone, arch=pcfg.arch, image_size=pcfg.image_size, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD)
+            snapshots[step] = path
+
+    t0 = time.time()
+    if cfg.executor == "inprocess":
+        summary = train(pcfg, distributed_run=False, step_callback=snapshot)
+    else:
+        from sept.training.launcher import launch_pretrain
+
+        summary = launch_pretrain(pcfg, executor=cfg.executor, nodes=1)
+    wall = time.time() - t0
+    curve = []
+    for step in sorted(snapshots):
+        curve.append(dict(step=step, knn=evaluate(snapshots[step], target)["knn"]))
+    final = evaluate(os.path.join(run_dir, "encoder.pt"), target)
+    result = dict(linear_probe=final["linear_probe"], knn=final["knn"], curve=curve, wall_s=wall, images=images,
+                  steps=summary.get("steps", cfg.pretrain_steps))
+    _write_json(result_path, result)
+    return result
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    from sept.cluster.embed import EmbedConfig, embed_pool
+    from sept.cluster.index_build import IndexConfig, build_index
+    from sept.cluster.runtime import ray_session
+    from sept.cluster.select import SelectConfig, select
+    from sept.errors import SeptError
+    from sept.index.spec import IndexSpec
+    from sept.index.store import IndexStore
+    from sept.training.bootstrap import bootstrap
+    from sept.training.evaluate import evaluate
+
+    unknown = sorted(set(cfg.arms) - set(ARMS))
+    if unknown:
+        raise SeptError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    out = os.path.abspath(cfg.out)
+    os.makedirs(out, exist_ok=True)
+    recorded = _done(os.path.join(out, "config.json"))
+    if recorded is not None and recorded != asdict(cfg):
+        raise SeptError(f"{cfg.out} holds an experiment with another config; choose another --out or delete it")
+    _write_json(os.path.join(out, "config.json"), asdict(cfg))
+    timings: dict[str, float] = {}
+    encoder = cfg.encoder or os.path.join(out, "encoder.pt")
+    t = time.time()
+    if not os.path.exists(encoder):
+        bootstrap(cfg.pool, encoder, sample_size=cfg.bootstrap_samples, steps=cfg.bootstrap_steps, seed=0,
+                  batch_size=cfg.batch_size)
+    timings["bootstrap"] = time.time() - t
+    emb, index = os.path.join(out, "embeddings.zarr"), os.path.join(out, "index.zarr")
+    truth = json.load(open(cfg.truth)) if cfg.truth else None
+    results: dict = dict(config=asdict(cfg), fractions={}, floor=[], timings=timings)
+    with ray_session(cfg.ray_address):
+        t = time.time()
+        embed_pool(EmbedConfig(pool=cfg.pool, encoder=encoder, out=emb, ray_address=cfg.ray_address))
+        timings["embed"] = time.time() - t
+        t = time.time()
+        build_index(IndexConfig(embeddings=emb, out=index, spec=IndexSpec(shards=cfg.index_shards)))
+        timings["index"] = time.time() - t
+        attrs = IndexStore.open(index).attrs
+        ntotal, pool = int(attrs["ntotal"]), attrs["pool"]
+        data: dict[tuple[float, str, int], str] = {}
+        for frac in cfg.budget_fractions:
+            budget = max(1, int(round(frac * ntotal)))
+            t = time.time()
+            sel_dir = os.path.join(out, f"selection-{frac:g}")
+            select(SelectConfig(index=index, encoder=encoder, target=cfg.target, budget=budget, out=sel_dir,
+                                task="target"))
+            timings[f"select-{frac:g}"] = time.time() - t
+            entry = results["fractions"].setdefault(f"{frac:g}", dict(budget=budget, arms={}))
+            if truth and cfg.truth_label:
+                entry["selection_precision"] = selection_precision(
+                    os.path.join(sel_dir, "tasks", "target", "manifest.jsonl"), truth, cfg.truth_label)
+                entry["base_rate"] = float(np.mean([v == cfg.truth_label for v in truth.values()]))
+            for seed in range(cfg.seeds):
+                data[(frac, "selected", seed)] = os.path.join(sel_dir, "shards")
+                if "random" in cfg.arms:
+                    data[(frac, "random", seed)] = random_subset(emb, budget, pool,
+                                                                 os.path.join(out, f"random-{frac:g}-s{seed}"), seed)
+                data[(frac, "full", seed)] = cfg.pool
+    for seed in range(cfg.seeds):
+        floor = evaluate(untrained_encoder(os.path.join(out, f"untrained-s{seed}.pt"), seed), cfg.target)
+        results["floor"].append(dict(seed=seed, linear_probe=floor["linear_probe"], knn=floor["knn"]))
+    full_runs: dict[int, dict] = {}
+    for frac in cfg.budget_fractions:
+        entry = results["fractions"][f"{frac:g}"]
+        for arm in cfg.arms:
+            runs = []
+            for seed in range(cfg.seeds):
+                if arm == "full":  # the same for every fraction: train it once per seed
+                    if seed not in full_runs:
+                        full_runs[seed] = pretrain_arm(cfg.pool, os.path.join(out, "runs", f"full-s{seed}"),
+                                                       cfg.target, cfg, seed, ntotal)
+                    runs.append(dict(full_runs[seed], seed=seed))
+                    continue
+                run_dir = os.path.join(out, "runs", f"{arm}-{frac:g}-s{seed}")
+                runs.append(dict(pretrain_arm(data[(frac, arm, seed)], run_dir, cfg.target, cfg, seed,
+                                              entry["budget"]), seed=seed))
+            entry["arms"][arm] = runs
+    _write_json(os.path.join(out, "results.json"), results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(format_results(results) + "\n")
+    plot_results(results, os.path.join(out, "results.png"))
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def format_results(results: dict) -> str:
+    lines = ["| budget | arm | images | linear probe | kNN |", "|---|---|---|---|---|"]
+    floor_lp = _mean_std([r["linear_probe"] for r in results["floor"]])
+    floor_knn = _mean_std([r["knn"] for r in results["floor"]])
+    for frac, entry in results["fractions"].items():
+        for arm, runs in entry["arms"].items():
+            lp = _mean_std([r["linear_probe"] for r in runs])
+            knn = _mean_std([r["knn"] for r in runs])
+            lines.append(f"| {frac} | {arm} | {runs[0]['images']} | {lp[0]:.1%} ± {lp[1]:.1%} | "
+                         f"{knn[0]:.1%} ± {knn[1]:.1%} |")
+    lines.append(f"| - | no pre-training | 0 | {floor_lp[0]:.1%} ± {floor_lp[1]:.1%} | "
+                 f"{floor_knn[0]:.1%} ± {floor_knn[1]:.1%} |")
+    for frac, entry in results["fractions"].items():
+        if "selection_precision" in entry:
+            lines.append(f"\nSelection precision at budget {frac}: {entry['selection_precision']:.1%} "
+                         f"(pool base rate {entry['base_rate']:.1%})")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
+    labels, means, stds = [], [], []
+    for frac, entry in results["fractions"].items():
+        for arm, runs in entry["arms"].items():
+            m, s = _mean_std([r["linear_probe"] for r in runs])
+            labels.append(f"{arm}\n{frac}")
+            means.append(m)
+            stds.append(s)
+    m, s = _mean_std([r["linear_probe"] for r in results["floor"]])
+    labels.append("no\npre-training")
+    means.append(m)
+    stds.append(s)
+    bars.bar(range(len(means)), means, yerr=stds, capsize=4, color="tab:blue")
+    bars.set_xticks(range(len(means)), labels, fontsize=8)
+    bars.set_ylabel("linear-probe accuracy")
+    bars.set_title("target accuracy by arm (mean ± std over seeds)")
+    for frac, entry in results["fractions"].items():
+        for arm, runs in entry["arms"].items():
+            steps = [p["step"] for p in runs[0]["curve"]]
+            if not steps:
+                continue
+            knn = np.mean([[p["knn"] for p in r["curve"]] for r in runs], axis=0)
+            curves.plot(steps, knn, marker="o", label=f"{arm} ({frac})")
+    curves.set_xlabel("pre-training step")
+    curves.set_ylabel("kNN accuracy")
+    curves.set_title("kNN accuracy over training")
+    curves.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

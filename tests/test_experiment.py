@@ -1,0 +1,33 @@
+"""sept experiment on a tiny corpus with one seed: all three arms and the floor, a valid PNG."""
+
+import json
+
+import pytest
+from conftest import run_sept
+from PIL import Image
+
+from sept.data.demo_corpus import make_demo_corpus
+
+pytestmark = pytest.mark.integration
+
+
+def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
+    corpus = make_demo_corpus(str(tmp_path / "corpus"), pool_size=160, shards=2, target_train_per_class=2,
+                              target_val_per_class=2, seed=3)
+    out = tmp_path / "exp"
+    run_sept("experiment", "--pool", corpus.pool_spec, "--target", corpus.target_dir, "--out", str(out),
+             "--seeds", "1", "--budget-fraction", "0.25", "--pretrain-steps", "4", "--bootstrap-steps", "4",
+             "--batch-size", "16", "--truth", corpus.truth_path, "--truth-label", corpus.target_domain)
+    results = json.load(open(out / "results.json"))
+    arms = results["fractions"]["0.25"]["arms"]
+    assert set(arms) == {"selected", "random", "full"}
+    assert arms["selected"][0]["images"] == arms["random"][0]["images"] == 40
+    assert arms["full"][0]["images"] == 160
+    for runs in arms.values():
+        assert 0.0 <= runs[0]["linear_probe"] <= 1.0
+        assert [p["step"] for p in runs[0]["curve"]] == [1, 2, 3, 4]
+    assert len(results["floor"]) == 1
+    assert "selection_precision" in results["fractions"]["0.25"]
+    with Image.open(out / "results.png") as img:
+        img.verify()
+    assert "no pre-training" in (out / "results.md").read_text()
