@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-similarity", type=float, default=None, help="never select below this cosine similarity")
     p.add_argument("--near-dup-threshold", type=float, default=None,
                    help="keep one of pool images at least this similar to each other (default: off)")
-    p.add_argument("--leakage-threshold", type=float, default=0.95,
+    p.add_argument("--leakage-threshold", type=float, default=0.97,
                    help="exclude pool images this similar to a target val/test image (default: %(default)s)")
     p.add_argument("--no-leakage-guard", dest="leakage_guard", action="store_false",
                    help="do not exclude pool images close to the target's val/test images")
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory to write (index.html and PNGs)")
     p.add_argument("--task", action="append", default=[], help="task to show (repeatable; default: all)")
     p.add_argument("--truth", default=None, help="JSON {pool key: domain}, to measure precision")
-    p.add_argument("--domain", default=None, help="the domain of --truth that counts as relevant")
+    p.add_argument("--domain", action="append", default=[], help="the domain of --truth that counts as relevant: "
+                   "DOMAIN for every task, or TASK=DOMAIN (repeatable)")
     p.add_argument("--samples", type=int, default=8, help="target images per contact sheet")
     p.add_argument("--top", type=int, default=8, help="retrieved images shown per target image")
     p.add_argument("--seed", type=int, default=0, help="which target images are sampled")
@@ -190,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--executor local) or on SLURM (--executor slurm). DDP uses gloo on CPU, NCCL on GPU.")
     p.add_argument("--data", required=True, help="training shards: brace pattern, directory or listing file")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, encoder.pt)")
-    p.add_argument("--method", choices=["simclr", "moco", "byol", "detcon"], default=None)
+    p.add_argument("--method", choices=["simclr", "moco", "byol", "detcon", "detcon_s", "detcon_b"], default=None,
+                   help="SSL method; detcon = detcon_s (masks are computed into the run directory if the data "
+                   "has none)")
+    p.add_argument("--preset", choices=["fast"], default=None,
+                   help="fast: every acceleration strategy of arXiv 2212.05611 (cyclic lr, progressive "
+                   "resolution and augmentation, hard positives); --config and flags still override it")
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0)
@@ -201,9 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qos", default=None)
     p.add_argument("--constraint", default=None)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per rank")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes per rank")
     p.add_argument("--config", default=None, help="YAML with PretrainConfig fields")
     p.add_argument("--target", default=None, help="evaluate on this target task when training ends")
+    p.add_argument("--finetune", action="store_true", help="with --target: also fully fine-tune the encoder on it")
 
     p = sub.add_parser("plan", help="estimate wall time, memory and storage of every stage for a pool",
                        description="Estimate, for each stage, the wall time and throughput, the index's memory "
@@ -311,15 +320,16 @@ def run(args: argparse.Namespace) -> object:
         from sept.training.launcher import launch_pretrain
 
         overrides = {k: v for k, v in dict(data=args.data, out=args.out, method=args.method, steps=args.steps,
-                                           batch_size=args.batch_size).items() if v is not None}
-        cfg = load_config(args.config, overrides)
+                                           batch_size=args.batch_size, lr=args.lr,
+                                           num_workers=args.num_workers).items() if v is not None}
+        cfg = load_config(args.config, overrides, preset=args.preset)
         summary = launch_pretrain(cfg, executor=args.executor, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                                   tasks_per_node=args.tasks_per_node, partition=args.partition, time_min=args.time,
                                   account=args.account, qos=args.qos, constraint=args.constraint)
         if args.target:
             from sept.training.evaluate import evaluate
 
-            summary = dict(summary, evaluation=evaluate(f"{args.out}/encoder.pt", args.target))
+            summary = dict(summary, evaluation=evaluate(f"{args.out}/encoder.pt", args.target, finetune=args.finetune))
         return summary
     if cmd == "plan":
         from sept.cluster.plan import PlanInputs, Profile, calibrate, estimate, format_plan

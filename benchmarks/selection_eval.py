@@ -76,3 +76,49 @@ def per_class_precision(selected_keys, truth: dict[str, str]) -> dict[str, float
     keys = list(selected_keys)
     classes = sorted(set(truth.values()))
     return {c: float(np.mean([truth[k] == c for k in keys])) if keys else 0.0 for c in classes}
+
+
+def grey_thumbnail(images: list[Image.Image], size: int = 16) -> np.ndarray:
+    """Mean-centred, L2-normalised grayscale pixels of a ``size`` x ``size`` thumbnail."""
+    x = np.stack([np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32).ravel() for im in images])
+    x -= x.mean(axis=1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def refinement_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarray, budget: int, *,
+                          seed: int = 0) -> dict[str, Selection]:
+    """Each selection rule of ``sept.index.query_refine`` / ``sept.index.strategies`` on the same
+    embeddings and budget; ids are row indices of ``xb``."""
+    from sept.index import query_refine as qr
+    from sept.index.strategies import choose, cluster_streams, fill, instance_streams, train_clusters
+
+    k = max(neighbours_needed(budget, len(xq), len(xb)), 4 * -(-budget // len(xq)))
+    D, I = search(xq, xb, k)
+    out: dict[str, Selection] = {}
+    out["per-instance round robin (sept default)"] = choose(D, I, budget)
+    out["class-balanced round robin"] = choose(D, I, budget, balance="class", query_class=query_labels)
+
+    protos, _ = qr.class_prototypes(xq, query_labels)
+    Dp, Ip = search(protos, xb, k)
+    out["instances + class prototypes as queries"] = choose(np.concatenate([D, Dp]), np.concatenate([I, Ip]), budget)
+    out["50% instances, 50% class prototypes"] = fill(qr.mix_streams(
+        [instance_streams(D, I), instance_streams(Dp, Ip)], [0.5, 0.5]), budget)
+
+    for top in (1, 3):
+        xe = qr.expand_queries(xq, xb[I[:, :top]], D[:, :top], alpha=3.0)
+        De, Ie = search(xe, xb, k)
+        out[f"query expansion (alpha-QE, top {top})"] = choose(De, Ie, budget)
+
+    Ds, _ = search(xb, xb, 11)
+    for kk in (5, 10):
+        kth = qr.kth_neighbour_similarity(Ds, kk)
+        Dr, Ir = qr.k_reciprocal_rerank(D, I, kth[I])
+        out[f"k-reciprocal re-rank (k={kk})"] = choose(Dr, Ir, budget)
+
+    centroids = train_clusters(xb, int(round(np.sqrt(len(xb)))), seed=seed)
+    pool = lambda: iter([(xb, np.arange(len(xb)))])  # noqa: E731
+    streams, _, _ = cluster_streams(centroids, xq, pool, budget)
+    out["pool clusters (cluster strategy)"] = fill(streams, budget)
+    out["50% instances, 50% pool clusters"] = fill(qr.mix_streams([instance_streams(D, I), streams], [0.5, 0.5]),
+                                                   budget)
+    return out

@@ -1,8 +1,10 @@
 """sept index: train the FAISS index once, then encode its shards in parallel as Ray tasks.
 
-Training reads a bounded random sample of the embeddings. Each index shard owns a contiguous
-range of pool shards and each encoding task reads only that range, writing its own group of
-the index store. A rerun with the same embeddings and spec resumes at the missing shards.
+Training reads a bounded random sample of the embeddings (chunk by chunk, never the pool). Each
+index shard owns a list of pool shards, and its encoding task reads only those, one batch of
+rows at a time, so a task's memory is its shard's codes plus one batch, never the pool. A rerun
+with the same embeddings and spec resumes at the missing shards; ``--add`` encodes only pool
+shards embedded since (new index shards, the trained quantizer reused), never a rebuild.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray
@@ -19,9 +22,9 @@ from tqdm import tqdm
 
 from sept.cluster.runtime import ray_session
 from sept.errors import SeptError
-from sept.index.codes import encode_shard, train_index
-from sept.index.embedding_store import EmbeddingStore
-from sept.index.spec import IndexSpec, choose_factory, make_index
+from sept.index.codes import ShardEncoder, train_index
+from sept.index.embedding_store import CHUNK_ROWS, EmbeddingStore
+from sept.index.spec import IndexSpec, choose_factory, format_bytes, index_bytes, make_index
 from sept.index.store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -33,56 +36,129 @@ class IndexConfig:
     out: str
     spec: IndexSpec = field(default_factory=IndexSpec)
     ray_address: str | None = None
+    memory_budget: int | None = None  # bytes the finished index may take in memory; guides the factory
+    add: bool = False  # encode only pool shards embedded since the index was built
+    allow_partial: bool = False  # index the complete shards of a store that has incomplete ones
+    batch_rows: int = CHUNK_ROWS  # embeddings rows an encoding task holds at once
 
 
-def embeddings_fingerprint(emb: EmbeddingStore) -> str:
-    """Identifies the embeddings an index was built from: encoder, pool listing, shard sizes."""
+def embeddings_fingerprint(emb: EmbeddingStore, shard_indices: list[int] | None = None) -> str:
+    """Identifies the embeddings an index was built from: encoder, and path and size of each indexed shard."""
+    counts = {i: emb.shard_count(i) for i in (emb.complete_shards() if shard_indices is None else shard_indices)}
+    return _fingerprint(emb.encoder.identity, emb.pool, counts)
+
+
+def _fingerprint(identity: str, pool: list[str], counts: dict[int, int]) -> str:
     h = hashlib.sha256()
-    h.update(emb.encoder.identity.encode())
-    for i, path in enumerate(emb.pool):
-        h.update(f"{i}:{path}:{emb.shard_count(i)}\n".encode())
+    h.update(identity.encode())
+    for i in sorted(counts):
+        h.update(f"{i}:{pool[i]}:{counts[i]}\n".encode())
     return h.hexdigest()[:16]
 
 
 @ray.remote(num_cpus=1)
-def encode_index_shard(embeddings: str, index_path: str, index_shard: int, pool_shards: list[int]) -> int:
+def encode_index_shard(embeddings: str, index_path: str, index_shard: int, pool_shards: list[int],
+                       batch_rows: int = CHUNK_ROWS) -> int:
     import faiss
 
     faiss.omp_set_num_threads(1)
     emb = EmbeddingStore(embeddings)
     store = IndexStore(index_path)
-    xs, idss = [], []
-    for _, x, ids in emb.iter_shards(pool_shards):
-        xs.append(x)
-        idss.append(ids)
-    x = np.concatenate(xs) if xs else np.zeros((0, emb.dim), np.float32)
-    ids = np.concatenate(idss) if idss else np.zeros(0, np.int64)
-    offsets, ids, codes = encode_shard(store.trained_index(), x, ids)
+    encoder = ShardEncoder(store.trained_index())
+    for x, ids in emb.iter_batches(pool_shards, batch_rows):
+        encoder.add(x, ids)
+    offsets, ids, codes = encoder.finish()
     store.write_shard(index_shard, offsets, ids, codes)
     return len(ids)
 
 
+def check_same_encoder(index_attrs: dict, emb: EmbeddingStore, index_path: str) -> None:
+    """Refuse embeddings from another encoder than the index's: their vectors are not comparable."""
+    theirs, ours = index_attrs["encoder"], emb.encoder
+    if ours.identity != theirs["identity"] or int(ours.dim) != int(index_attrs["dim"]):
+        raise SeptError(
+            f"embeddings {emb.path} come from encoder {ours.identity} ({ours.arch}, {ours.dim}-d), but index "
+            f"{index_path} was built from encoder {theirs['identity']} ({theirs['arch']}, {index_attrs['dim']}-d)"
+        )
+
+
 def build_index(cfg: IndexConfig) -> dict:
+    """Build (or resume, or with cfg.add grow) the index store at cfg.out. Returns a summary."""
     emb = EmbeddingStore.open(cfg.embeddings)
     missing = emb.missing_shards()
-    if missing:
+    if missing and not cfg.allow_partial:
         raise SeptError(
             f"{cfg.embeddings} has {len(missing)} incomplete shard(s), first {emb.pool[missing[0]]}; "
-            "rerun `sept embed` to finish them"
+            "rerun `sept embed` to finish them, or pass --allow-partial to index the complete ones"
         )
-    spec = cfg.spec
-    n, dim = emb.total_count(), emb.dim
+    counts = {i: emb.shard_count(i) for i in emb.complete_shards()}
+    n, dim = sum(counts.values()), emb.dim
     if n == 0:
         raise SeptError(f"{cfg.embeddings} holds no vectors")
-    if spec.factory:
-        factory, why = spec.factory, "given with --factory"
+    if missing:
+        log.warning("index: --allow-partial: leaving out %d incomplete shard(s) of %s", len(missing), cfg.embeddings)
+    exists = os.path.exists(os.path.join(cfg.out, "zarr.json"))
+    if cfg.add:
+        if not exists:
+            raise SeptError(f"--add needs an existing index at {cfg.out}; build it first without --add")
+        store, added = _grow(cfg, emb, counts)
     else:
-        factory, why = choose_factory(n, dim)
+        store, added = _open_or_create(cfg, emb, counts), None
+    _encode_missing(cfg, emb, store)
+    attrs = store.attrs
+    expected = sum(int(c) for c in attrs["indexed_counts"].values())
+    encoded = sum(int(store.read_shard(j)[1].shape[0]) for j in range(store.nshards))
+    if encoded != expected:
+        raise SeptError(f"index shards hold {encoded} vectors but the embeddings hold {expected}; rerun `sept index`")
+    store.update_attrs(complete=True, ntotal=expected)
+    summary = dict(factory=attrs["spec"]["factory"], reason=attrs["factory_reason"], ntotal=expected, dim=dim,
+                   shards=store.nshards, nprobe=attrs.get("nprobe"), path=store.path,
+                   left_out_incomplete=[emb.pool[i] for i in missing])
+    if added is not None:
+        summary["added"] = added
+    _write_json(os.path.join(store.path, "config.json"),
+                dict(config=dict(asdict(cfg), spec=attrs["spec"]), summary=summary))
+    return summary
+
+
+def _resolve_factory(cfg: IndexConfig, n: int, dim: int) -> tuple[str, str]:
+    spec = cfg.spec
+    if not spec.factory:
+        return choose_factory(n, dim, cfg.memory_budget, spec.train_size)
+    why = "given with --factory"
+    if cfg.memory_budget is not None:
+        try:
+            need = index_bytes(spec.factory, n, dim)
+        except (AttributeError, ValueError):  # a factory form the estimate does not know
+            need = None
+        if need is not None and need > cfg.memory_budget:
+            raise SeptError(f"--factory {spec.factory} needs about {format_bytes(need)} for {n} vectors, over "
+                            f"--memory-budget {format_bytes(cfg.memory_budget)}")
+    return spec.factory, why
+
+
+def _open_or_create(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int]) -> IndexStore:
+    spec = cfg.spec
+    n, dim = sum(counts.values()), emb.dim
     metric = spec.faiss_metric()
-    make_index(factory, dim, metric)  # fail fast on a bad factory string, before any work
-    nshards = max(1, min(spec.shards, len(emb.pool)))
-    assignment = [a.tolist() for a in np.array_split(np.arange(len(emb.pool)), nshards)]
-    fingerprint = embeddings_fingerprint(emb)
+    fingerprint = _fingerprint(emb.encoder.identity, emb.pool, counts)
+    if os.path.exists(os.path.join(cfg.out, "zarr.json")):
+        return _reopen(cfg, emb, counts, fingerprint)
+    if os.path.exists(cfg.out) and os.listdir(cfg.out):
+        raise SeptError(f"{cfg.out} exists and is not a sept index; choose another --out")
+    factory, why = _resolve_factory(cfg, n, dim)
+    index = make_index(factory, dim, metric)  # fails fast on a bad factory string, before any work
+    log.info("index: chose %s: %s", factory, why)
+    nshards = max(1, min(spec.shards, len(counts)))
+    assignment = [a.tolist() for a in np.array_split(np.array(sorted(counts)), nshards)]
+    if not index.is_trained:
+        sample = emb.sample(spec.train_size, seed=spec.seed)
+        if len(sample) < _min_train(index):
+            raise SeptError(f"factory {factory!r} needs at least {_min_train(index)} training vectors; "
+                            f"the embeddings hold {len(sample)}")
+        log.info("index: training %s on %d sampled vectors (seed %d)", factory, len(sample), spec.seed)
+        train_index(index, sample, seed=spec.seed)
+        del sample
     attrs = dict(
         spec=dict(spec.to_dict(), factory=factory, shards=nshards),
         factory_reason=why,
@@ -92,51 +168,85 @@ def build_index(cfg: IndexConfig) -> dict:
         embeddings=dict(path=emb.path, fingerprint=fingerprint),
         pool=emb.pool,
         assignment=assignment,
+        indexed_counts={str(i): c for i, c in counts.items()},
         ntotal=n,
         nprobe=spec.nprobe,
+        memory_budget=cfg.memory_budget,
     )
-    store = _open_or_create(cfg, attrs, factory, dim, metric, emb)
-    log.info("index: %s (%s); %d vectors of dim %d in %d shard(s)", factory, why, n, dim, nshards)
-    todo = [j for j in range(nshards) if not store.is_complete(j)]
-    if todo:
-        with ray_session(cfg.ray_address):
-            refs = {encode_index_shard.remote(emb.path, store.path, j, assignment[j]): j for j in todo}
-            with tqdm(total=len(todo), desc="index", unit="shard") as bar:
-                pending = list(refs)
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    ray.get(done[0])
-                    bar.update(1)
-    encoded = sum(int(store.read_shard(j)[1].shape[0]) for j in range(nshards))
-    if encoded != n:
-        raise SeptError(f"index shards hold {encoded} vectors but the embeddings hold {n}; rerun `sept index`")
-    store.update_attrs(complete=True)
-    summary = dict(factory=factory, reason=why, ntotal=n, dim=dim, shards=nshards, path=store.path)
-    with open(os.path.join(store.path, "config.json"), "w") as f:
-        json.dump(dict(config=dict(embeddings=cfg.embeddings, out=cfg.out, spec=attrs["spec"]), summary=summary), f, indent=2)
-    return summary
-
-
-def _open_or_create(cfg: IndexConfig, attrs: dict, factory: str, dim: int, metric: int, emb: EmbeddingStore) -> IndexStore:
-    if os.path.exists(os.path.join(cfg.out, "zarr.json")):
-        store = IndexStore.open(cfg.out)
-        old = store.attrs
-        if old["embeddings"]["fingerprint"] != attrs["embeddings"]["fingerprint"] or old["spec"] != attrs["spec"]:
-            raise SeptError(
-                f"{cfg.out} already holds an index of other embeddings or another spec; "
-                "choose another --out or delete it"
-            )
-        return store
-    if os.path.exists(cfg.out) and os.listdir(cfg.out):
-        raise SeptError(f"{cfg.out} exists and is not a sept index; choose another --out")
-    index = make_index(factory, dim, metric)
-    sample = emb.sample(cfg.spec.train_size, seed=cfg.spec.seed)
-    if not index.is_trained and len(sample) < _min_train(index):
-        raise SeptError(
-            f"factory {factory!r} needs at least {_min_train(index)} training vectors; the embeddings hold {len(sample)}"
-        )
-    train_index(index, sample, seed=cfg.spec.seed)
     return IndexStore.create(cfg.out, trained=index, attrs=attrs)
+
+
+def _reopen(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int], fingerprint: str) -> IndexStore:
+    """The existing index at cfg.out, to resume, if it was built from these embeddings with this spec."""
+    store = IndexStore.open(cfg.out)
+    old = store.attrs
+    check_same_encoder(old, emb, cfg.out)
+    if old["embeddings"]["fingerprint"] != fingerprint:
+        old_counts = {int(i): int(c) for i, c in old.get("indexed_counts", {}).items()}
+        if old_counts and all(i < len(emb.pool) and counts.get(i) == c and emb.pool[i] == old["pool"][i]
+                              for i, c in old_counts.items()):
+            new = len(set(counts) - set(old_counts))
+            raise SeptError(f"{cfg.out} indexes {len(old_counts)} shard(s) of these embeddings and {new} were "
+                            "embedded since: pass --add to encode only those, or choose another --out")
+        raise SeptError(f"{cfg.out} already holds an index of other embeddings; choose another --out or delete it")
+    spec = cfg.spec
+    given = dict(metric=spec.metric, **({"factory": spec.factory} if spec.factory else {}))
+    if any(old["spec"].get(key) != value for key, value in given.items()):
+        raise SeptError(f"{cfg.out} already holds an index with another spec ({old['spec']['factory']}, "
+                        f"metric {old['spec']['metric']}); choose another --out or delete it")
+    return store
+
+
+def _grow(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int]) -> tuple[IndexStore, int]:
+    """Assign the pool shards embedded since the index was built to new index shards."""
+    store = IndexStore.open(cfg.out)
+    attrs = store.attrs
+    check_same_encoder(attrs, emb, cfg.out)
+    old_counts = {int(i): int(c) for i, c in attrs["indexed_counts"].items()}
+    for i, c in sorted(old_counts.items()):
+        if i >= len(emb.pool) or emb.pool[i] != attrs["pool"][i]:
+            raise SeptError(f"{cfg.embeddings} does not list pool shard {attrs['pool'][i]} where index {cfg.out} "
+                            "has it; --add needs the same pool listing, grown at its end")
+        if counts.get(i) != c:
+            raise SeptError(f"pool shard {emb.pool[i]} holds {counts.get(i, 'no')} vectors in {cfg.embeddings} but "
+                            f"{c} in index {cfg.out}; rebuild the index")
+    new = sorted(set(counts) - set(old_counts))
+    if not new:
+        log.info("index --add: no pool shard was embedded since %s was built", cfg.out)
+        return store, 0
+    per = max(1, max(len(a) for a in attrs["assignment"]))
+    groups = [new[k : k + per] for k in range(0, len(new), per)]
+    all_counts = {**old_counts, **{i: counts[i] for i in new}}
+    # recorded before any encoding: a crash mid-add resumes with the same assignment
+    store.update_attrs(assignment=attrs["assignment"] + groups, indexed_counts={str(i): c for i, c in all_counts.items()},
+                       pool=emb.pool, complete=False, ntotal=sum(all_counts.values()),
+                       embeddings=dict(path=emb.path, fingerprint=_fingerprint(emb.encoder.identity, emb.pool,
+                                                                                all_counts)))
+    added = sum(counts[i] for i in new)
+    log.info("index --add: %d new pool shard(s), %d vectors, into %d new index shard(s)", len(new), added, len(groups))
+    return store, added
+
+
+def _encode_missing(cfg: IndexConfig, emb: EmbeddingStore, store: IndexStore) -> None:
+    assignment = store.attrs["assignment"]
+    todo = [j for j in range(len(assignment)) if not store.is_complete(j)]
+    if not todo:
+        return
+    with ray_session(cfg.ray_address):
+        refs = [encode_index_shard.remote(emb.path, store.path, j, assignment[j], cfg.batch_rows) for j in todo]
+        with tqdm(total=len(todo), desc="index", unit="shard", dynamic_ncols=True) as bar:
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done[0])
+                bar.update(1)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def _min_train(index) -> int:

@@ -36,6 +36,10 @@ from sept.index.store import IndexStore
 log = logging.getLogger(__name__)
 
 DEFAULT_QUERY_BATCH = 1024
+TIE_MARGIN = 8
+"""Extra neighbours each shard returns beyond k. faiss keeps an arbitrary member of a group of equal
+distances at its k-th place; with a few more, the merge can break such ties by id, so the result
+is the monolithic top-k with ties broken by id, whatever the sharding."""
 MAX_RESTARTS_PER_SEARCHER = 3
 _DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -81,11 +85,14 @@ class SearchStats:
 def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | None = None,
                  memory_per_searcher: int | str | None = None, batch_size: int = DEFAULT_QUERY_BATCH,
                  max_in_flight: int = 2, stats: SearchStats | None = None,
-                 on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 pool: SearcherPool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Global top-k (D, I) of every query over every index shard. Needs a Ray session.
 
     ``searchers`` defaults to one per index shard, at most the cluster's CPUs. ``on_batch(done,
-    total)`` is called after each (searcher, batch) answer is merged.
+    total)`` is called after each (searcher, batch) answer is merged. Pass a ``SearcherPool``
+    to keep searchers and their shards loaded from one call to the next (when one wave holds
+    every shard); it is then the caller's to close.
     """
     started = time.time()
     stats = stats if stats is not None else SearchStats()
@@ -112,10 +119,10 @@ def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | No
     batches = [ray.put(xq[a:b]) for a, b in zip(bounds, bounds[1:])]
     stats.batches = len(batches)
     tops = [TopK(b - a, k, metric=metric) for a, b in zip(bounds, bounds[1:])]
-    options = dict(scheduling_strategy="SPREAD")
-    if memory is not None:
-        options["memory"] = memory
-    pool = _SearcherPool(store.path, options, stats)
+    own_pool = pool is None
+    if own_pool:
+        pool = SearcherPool(store.path, memory)
+    pool.stats = stats
     total = sum(len(w) for w in plan.waves) * len(batches)
     done = 0
     log.info("search: %d queries in %d batches, k=%d, %d index shards on %d searchers in %d wave(s)",
@@ -130,7 +137,7 @@ def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | No
                     for s in range(len(groups)):
                         while todo[s] and sum(1 for v in inflight.values() if v[0] == s) < max_in_flight:
                             b = todo[s].popleft()
-                            inflight[pool.actors[s].search.remote(batches[b], k)] = (s, b)
+                            inflight[pool.actors[s].search.remote(batches[b], k + TIE_MARGIN)] = (s, b)
                     ready, _ = ray.wait(list(inflight), num_returns=1)
                     ref = ready[0]
                     s, b = inflight.pop(ref)
@@ -147,46 +154,70 @@ def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | No
                         pool.restart(s, groups[s])
                         continue
                     for _, D, I in answers:
-                        tops[b].add(D, I)
+                        tops[b].add(D, I)  # k + TIE_MARGIN columns in, the best k kept
                     done += 1
                     bar.update(1)
                     if on_batch is not None:
                         on_batch(done, total)
                 log.debug("search: wave %d of %d done", wave_number + 1, len(plan.waves))
     finally:
-        pool.close()
+        if own_pool:
+            pool.close()
     D = np.concatenate([t.D for t in tops])
     I = np.concatenate([t.I for t in tops])
     stats.seconds = time.time() - started
     return D, I
 
 
-class _SearcherPool:
-    """The searcher actors, one per slot of a wave; replaces a dead one on the same shards."""
+class SearcherPool:
+    """The searcher actors, one per slot of a wave; replaces a dead one on the same shards.
 
-    def __init__(self, index_path: str, options: dict, stats: SearchStats):
-        self.index_path, self.options, self.stats = index_path, options, stats
+    Kept across ``search_index`` calls, a pool whose searchers already hold a wave's shards does
+    not load them again.
+    """
+
+    def __init__(self, index_path: str, memory_per_searcher: int | str | None = None):
+        self.index_path = index_path
+        self.options = dict(scheduling_strategy="SPREAD")
+        memory = parse_size(memory_per_searcher)
+        if memory is not None:
+            self.options["memory"] = memory
+        self.stats = SearchStats()
         self.actors: list = []
+        self.loaded: list[list[int]] = []
+        self.pids: list[int] = []
         self.restarts: dict[int, int] = {}
+
+    def __enter__(self) -> "SearcherPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _new(self):
         return ShardSearcher.options(**self.options).remote(self.index_path)
 
     def load_wave(self, groups: list[list[int]]) -> None:
+        if groups == self.loaded and len(self.actors) == len(groups):
+            self.stats.searcher_pids = list(self.pids)
+            return
         while len(self.actors) < len(groups):
             self.actors.append(self._new())
         for extra in self.actors[len(groups):]:
             ray.kill(extra)
         self.actors = self.actors[:len(groups)]
         self.stats.searcher_pids = [0] * len(groups)
+        self.pids = [0] * len(groups)
         refs = [a.load.remote(g) for a, g in zip(self.actors, groups)]
         for s, ref in enumerate(refs):
             try:
                 self._loaded(s, ray.get(ref))
             except _DEATH:
                 self.restart(s, groups[s])
+        self.loaded = [list(g) for g in groups]
 
     def _loaded(self, s: int, info: dict) -> None:
+        self.pids[s] = info["pid"]
         self.stats.searcher_pids[s] = info["pid"]
         self.stats.nodes.add(info["node_id"])
 
@@ -213,7 +244,7 @@ class _SearcherPool:
                 ray.kill(actor)
             except Exception:
                 pass
-        self.actors = []
+        self.actors, self.loaded = [], []
 
 
 def _zarr_shape(path: str, name: str) -> tuple[int, ...]:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from sept.data.decode import BadSample, decode_image
@@ -104,6 +103,8 @@ def add_masks_to_shard(src: str, dst: str, pool, params: MaskParams = MaskParams
     image (computed by ``pool``, any object with ``imap``); returns the read's stats with the
     undecodable samples recorded as bad."""
     stats = ShardStats()
+    import webdataset as wds  # here, not at import: pool processes load this module and need none of it
+
     tmp = dst + ".tmp"
     with closing(iter_samples(src, stats)) as samples_iter:
         samples = list(samples_iter)
@@ -140,17 +141,32 @@ def add_masks(
     """Masked copies of ``shards`` in ``out_dir`` (``masked_shard_path``), in listing order.
 
     This caller writes the shards at indices ``rank, rank + world_size, ...`` that do not exist
-    yet, with ``workers`` processes; the others are left to the other ranks (wait for them
-    before reading). Returns every output path.
+    yet, with ``workers`` processes (0: in this process); the others are left to the other
+    ranks (wait for them before reading). Returns every output path.
     """
     os.makedirs(out_dir, exist_ok=True)
     outputs = [masked_shard_path(out_dir, i, s) for i, s in enumerate(shards)]
     todo = [i for i in range(rank, len(shards), world_size) if not os.path.exists(outputs[i])]
     if not todo:
         return outputs
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding threads or a process group
-    with context.Pool(max(1, workers)) as pool:
+    if workers < 1:
         for i in todo:
-            stats = add_masks_to_shard(shards[i], outputs[i], pool, params)
-            log.info("masks for %s: %d samples, %d without a mask", shards[i], stats.samples, stats.bad)
+            _report(shards[i], add_masks_to_shard(shards[i], outputs[i], _InProcess(), params))
+        return outputs
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding threads or a process group
+    with context.Pool(workers) as pool:
+        for i in todo:
+            _report(shards[i], add_masks_to_shard(shards[i], outputs[i], pool, params))
     return outputs
+
+
+class _InProcess:
+    """``imap`` in this process (``workers=0``: tiny data, where starting processes costs more)."""
+
+    @staticmethod
+    def imap(fn, jobs, chunksize: int = 1):
+        return map(fn, jobs)
+
+
+def _report(shard: str, stats: ShardStats) -> None:
+    log.info("masks for %s: %d samples, %d without a mask", shard, stats.samples, stats.bad)

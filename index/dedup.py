@@ -38,12 +38,13 @@ class NearDuplicateFilter:
     vectors (cost grows with budget x accepted x dim; the option is off unless asked for).
     """
 
-    def __init__(self, vectors: dict[int, np.ndarray], threshold: float):
+    def __init__(self, vectors: dict[int, np.ndarray], threshold: float, *, dim: int | None = None):
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"near-duplicate threshold is a cosine similarity in [-1, 1], got {threshold}")
         self.threshold = float(threshold)
         self.vectors = vectors
-        dim = len(next(iter(vectors.values()))) if vectors else 1
+        if dim is None:
+            dim = len(next(iter(vectors.values()))) if vectors else 1
         self.index = faiss.IndexFlatIP(dim)
         self.accepted: list[int] = []
         self.duplicates: dict[int, int] = {}  # dropped id -> the accepted id it duplicates
@@ -66,16 +67,21 @@ class NearDuplicateFilter:
         self.accepted.append(pid)
 
 
-def leaked_ids(S: np.ndarray, I: np.ndarray, threshold: float) -> tuple[set[int], bool]:
+def leaked_ids(S: np.ndarray, I: np.ndarray, threshold: float) -> tuple[dict[int, tuple[int, float]], bool]:
     """Pool ids at least ``threshold`` similar to some held-out image, from each image's top-k.
 
-    S, I: (n_heldout, k) similarities and ids, best first. The second value says whether the
-    answer may be incomplete: some image's k-th neighbour is still above the threshold, so more
-    may lie beyond k (search again with a larger k).
+    S, I: (n_heldout, k) similarities and ids, best first. Returns {pool id: (held-out row, similarity)}
+    with the most similar held-out image of each, and whether the answer may be incomplete: some
+    image's k-th neighbour is still above the threshold, so more may lie beyond k (search again
+    with a larger k).
     """
     if S.size == 0:
-        return set(), False
+        return {}, False
     close = (S >= threshold) & (I >= 0)
-    leaked = {int(i) for i in I[close]}
+    leaked: dict[int, tuple[int, float]] = {}
+    for h, r in zip(*np.nonzero(close)):
+        pid, sim = int(I[h, r]), float(S[h, r])
+        if pid not in leaked or sim > leaked[pid][1]:
+            leaked[pid] = (int(h), sim)
     incomplete = bool(np.any(close[:, -1]))
     return leaked, incomplete

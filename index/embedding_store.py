@@ -1,6 +1,6 @@
 """The embeddings store: one Zarr v3 group holding, per pool shard, float16 vectors and int64 ids.
 
-Layout (documented in the README)::
+Layout (docs/zarr-layout.md)::
 
     EMB.zarr/
       zarr.json                 attrs: kind="sept-embeddings", dim, encoder (identity, arch, image_size),
@@ -256,23 +256,34 @@ class EmbeddingStore:
 
         Only the chunks holding sampled rows are read, never a whole pool in memory.
         """
-        counts = {i: self.shard_count(i) for i in self.complete_shards()}
+        return self.sample_with_ids(n, seed=seed)[0]
+
+    def sample_with_ids(self, n: int, *, seed: int = 0, shard_indices: list[int] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, ids) of up to n rows drawn uniformly without replacement from the given
+        complete shards (default: all), in store order; one chunk in memory at a time."""
+        shard_indices = self.complete_shards() if shard_indices is None else list(shard_indices)
+        counts = {i: self.shard_count(i) for i in shard_indices}
         total = sum(counts.values())
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(total, size=min(n, total), replace=False))
-        out, start = [], 0
+        xs, idss, start = [], [], 0
         for i, count in counts.items():
             local = chosen[(chosen >= start) & (chosen < start + count)] - start
-            if len(local):
-                group = zarr.open_group(self._shard_dir(i), mode="r")
-                vectors = group["vectors"]
-                rows = vectors.chunks[0]
-                for c in np.unique(local // rows):  # one chunk in memory at a time
-                    in_chunk = local[(local >= c * rows) & (local < (c + 1) * rows)]
-                    block = np.asarray(vectors[c * rows : min(count, (c + 1) * rows)], dtype=np.float32)
-                    out.append(block[in_chunk - c * rows])
             start += count
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+            if not len(local):
+                continue
+            group = zarr.open_group(self._shard_dir(i), mode="r")
+            vectors, ids = group["vectors"], group["ids"]
+            rows = vectors.chunks[0]
+            for c in np.unique(local // rows):
+                in_chunk = local[(local >= c * rows) & (local < (c + 1) * rows)] - c * rows
+                stop = min(count, (c + 1) * rows)
+                xs.append(np.asarray(vectors[c * rows : stop], dtype=np.float32)[in_chunk])
+                idss.append(np.asarray(ids[c * rows : stop])[in_chunk])
+        if not xs:
+            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(xs), np.concatenate(idss)
 
 
 def _fsync_tree(root: str) -> None:

@@ -7,8 +7,10 @@ for one metric is the classic bug.
 Equal scores are ordered by id (smaller first). faiss itself leaves the order of ties to the
 order it happened to scan vectors in; breaking them by id makes the merge independent of how
 shards were grouped onto searchers, of the order results arrived in, and of restarts, so the
-same index and queries always give the same bytes. Without ties the merged result equals a
-monolithic index over the same codes: same ids, distances and order.
+same index and queries always give the same bytes. The merged result equals a monolithic index
+over the same codes: same ids, distances and order, ties broken by id. (When a group of equal
+distances straddles the k-th place, faiss keeps an arbitrary member of it; asking every shard,
+and the monolithic reference, for a few more than k before cutting makes the choice the id's.)
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ round-robin consumes, each on its own so the select stage can put each behind a 
 * ``k_reciprocal_rerank``: candidates a query would also be a k-nearest neighbour of come first
   (the reciprocity test of Qin et al. 2011 / Zhong et al. 2017, done with one number per
   candidate: its similarity to its k-th nearest pool neighbour);
-* ``mixed_fill``: a budget shared between groups of queries (e.g. instances and prototypes),
-  each group filled round-robin in turn, without duplicates.
+* ``mix_streams``: a budget shared between strategies (e.g. per-instance and cluster streams of
+  ``sept.index.strategies``) in given fractions.
 
 Vectors are L2-normalised float32 rows and scores are inner products (cosine similarity);
 ids < 0 in search results are padding, as faiss returns them.
@@ -21,11 +21,12 @@ ids < 0 in search results are padding, as faiss returns them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
-from sept.index.budget import Selection, fill_budget
+from sept.index.strategies import Stream
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -117,42 +118,21 @@ def kth_neighbour_similarity(D_self: np.ndarray, k: int) -> np.ndarray:
     return D_self[:, k]
 
 
-def mixed_fill(
-    groups: Sequence[tuple[np.ndarray, np.ndarray]], fractions: Sequence[float], budget: int
-) -> Selection:
-    """One selection from several groups of search results (D, I): group g fills
-    ``round(fractions[g] * budget)`` new ids round-robin over its own queries, in group order;
-    the last group also fills whatever the others left unfilled. Ids chosen by an earlier group
-    are not chosen again; ``retrieved_by`` names the rows (numbered over the groups stacked in
-    order) of the group that chose each id."""
+def mix_streams(groups: Sequence[Sequence[Stream]], fractions: Sequence[float]) -> list[Stream]:
+    """The streams of several strategies as one list for ``sept.index.strategies.fill``, weighted
+    so that group g takes ``fractions[g]`` of the budget (fractions are normalised to sum to 1;
+    within a group the streams keep their relative weights). ``fill`` deduplicates across groups
+    and hands a group's unused share to the others when it runs out."""
     if len(groups) != len(fractions) or not groups:
         raise ValueError("one fraction per group, at least one group")
     fractions = np.asarray(fractions, dtype=np.float64)
     if np.any(fractions < 0) or fractions.sum() <= 0:
         raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions.tolist()}")
     fractions = fractions / fractions.sum()
-    ids: list[int] = []
-    scores: list[float] = []
-    retrieved: list[list[int]] = []
-    position: dict[int, int] = {}
-    row_offset = 0
-    for g, (D, I) in enumerate(groups):
-        D = np.asarray(D, dtype=np.float32)
-        I = np.asarray(I, dtype=np.int64)
-        share = budget - len(ids) if g == len(groups) - 1 else int(round(fractions[g] * budget))
-        share = min(share, budget - len(ids))
-        taken = set(position)
-        # Ids already chosen are padding for this group, so its round-robin moves past them.
-        masked = np.where(np.isin(I, list(taken)), -1, I) if taken else I
-        part = fill_budget(D, masked, max(share, 0)) if share > 0 else Selection(np.zeros(0, np.int64), np.zeros(0, np.float32), [])
-        for pid, score, rows in zip(part.ids.tolist(), part.scores.tolist(), part.retrieved_by):
-            position[pid] = len(ids)
-            ids.append(pid)
-            scores.append(score)
-            retrieved.append([row_offset + r for r in rows])
-        row_offset += I.shape[0]
-    return Selection(
-        ids=np.asarray(ids, dtype=np.int64),
-        scores=np.asarray(scores, dtype=np.float32),
-        retrieved_by=[sorted(r) for r in retrieved],
-    )
+    mixed: list[Stream] = []
+    for group, fraction in zip(groups, fractions):
+        total = float(sum(st.weight for st in group))
+        if fraction == 0 or total <= 0:
+            continue
+        mixed += [dataclasses.replace(st, weight=st.weight * fraction / total) for st in group]
+    return mixed

@@ -1,21 +1,23 @@
 """The index store: a trained FAISS index and its shards' inverted lists, in one Zarr v3 group.
 
-Layout (documented in the README)::
+Layout (docs/zarr-layout.md)::
 
     INDEX.zarr/
-      zarr.json            attrs: kind="sept-index", spec (IndexSpec), dim, encoder, embeddings
-                           (path and fingerprint), code_size, nlist, assignment (pool shards per
-                           index shard), ntotal, complete
+      zarr.json            attrs: kind="sept-index", spec (IndexSpec, factory resolved), factory_reason,
+                           dim, metric, encoder, embeddings (path and fingerprint), pool, assignment
+                           (pool shards per index shard), indexed_counts (vectors per pool shard),
+                           ntotal, nprobe (chosen by `sept index eval`), memory_budget, complete
       trained              uint8: faiss.serialize_index of the trained, empty index
       shards/
         00000/             one group per complete index shard
           offsets          (nlist + 1,) int64: list l holds rows offsets[l]:offsets[l+1]
           ids              (n,) int64 global sample ids
           codes            (n, code_size) uint8, exactly as faiss stores them
+      config.json          the resolved config and summary of the last `sept index`
+      eval.json            the last `sept index eval` table
 
 A non-IVF index (Flat, PQ, ...) is stored as a single list of its standalone codes. A shard
-loads into faiss without re-encoding, and without reading the other shards.
-"""
+loads into faiss without re-encoding, and without reading the other shards."""
 
 from __future__ import annotations
 

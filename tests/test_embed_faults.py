@@ -210,6 +210,15 @@ def test_failing_shard_is_named_and_bad_samples_are_counted_and_budgeted(ray_clu
     assert (summary["bad_samples"], summary["vectors"], summary["samples"]) == (5, 20 + 3 + 3, 31)
 
 
+def test_gpu_requested_on_a_cpu_cluster_is_an_error(ray_cluster, encoder_path, tmp_path):
+    pool = _good_pool(tmp_path, shards=1, per_shard=2)
+    proc = ray_cluster.run_sept("embed", "--pool", pool[0], "--encoder", encoder_path, "--out",
+                                str(tmp_path / "emb.zarr"), "--num-gpus-per-worker", "1", check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "--num-gpus-per-worker 1" in errors[0] and "0 GPU" in errors[0]
+
+
 # ---- the second node of a two-node cluster, killed mid-run ---------------------------------
 
 class OwnTwoNodeCluster(RayCluster):
@@ -218,6 +227,7 @@ class OwnTwoNodeCluster(RayCluster):
     def __init__(self):
         self.tag = uuid.uuid4().hex
         self.temp_dir = tempfile.mkdtemp(prefix="sept-rk-", dir="/tmp")
+        self.spill_dir = os.path.join(self.temp_dir, "spill")
         env = dict(os.environ)
         env["RAY_AUTH_TOKEN"] = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16)
         super().__init__(address=f"{NODE_IP}:{_free_port()}", env=env)
@@ -232,8 +242,13 @@ class OwnTwoNodeCluster(RayCluster):
     def start(self) -> None:
         common = ["--num-cpus=2", "--disable-usage-stats", f"--node-ip-address={NODE_IP}"]
         port = self.address.rsplit(":", 1)[1]
+        # a 512 MiB object store, spilling to a directory of its own: vectors never go through Ray,
+        # so nothing may ever be spilled there
+        spill = json.dumps({"type": "filesystem", "params": {"directory_path": self.spill_dir}})
         subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={self.temp_dir}",
-                        "--include-dashboard=false", f"--ray-client-server-port={_free_port()}", *common],
+                        "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
+                        f"--object-store-memory={512 * 1024**2}",
+                        "--system-config", json.dumps({"object_spilling_config": spill}), *common],
                        env=self.node_env("head"), check=True, capture_output=True, timeout=180)
         subprocess.run([RAY, "start", f"--address={self.address}", *common], env=self.node_env("worker"),
                        check=True, capture_output=True, timeout=180)
@@ -299,5 +314,7 @@ def test_killed_node_costs_only_its_shards_in_flight(doomed_cluster, encoder_pat
     assert summary["complete"] == len(pool)
     _assert_every_sample_embedded_once(out, pool)
     _assert_reembedding_matches(out, encoder_path, pool, n=3)
+    spilled = [f for _, _, files in os.walk(doomed_cluster.spill_dir) for f in files]
+    assert not spilled, f"objects spilled from the 512 MiB object store: {spilled[:5]}"
 
 

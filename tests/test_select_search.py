@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 
-from sept.cluster.search import SearchStats, search_index
+from sept.cluster.search import TIE_MARGIN, SearchStats, search_index
 from sept.index.codes import encode_shard, index_from_codes, train_index
 from sept.index.merge import canonical_order
 from sept.index.spec import METRICS
@@ -49,6 +49,12 @@ def make_index_store(path: str, factory: str, metric: str, nshards: int = 4, n: 
     return store, mono, x
 
 
+def reference(mono, xq, k, metric):
+    """The monolithic top-k with ties broken by id (a few extra neighbours make the cut the id's)."""
+    D, I = canonical_order(*mono.search(xq, k + TIE_MARGIN), metric=metric)
+    return D[:, :k], I[:, :k]
+
+
 @pytest.fixture(scope="module")
 def ray_driver(ray_cluster):
     ray.init(address=ray_cluster.address, logging_level="ERROR")
@@ -62,7 +68,7 @@ def test_sharded_search_equals_monolithic_in_waves(ray_driver, tmp_path, factory
     store, mono, x = make_index_store(str(tmp_path / "index.zarr"), factory, metric)
     xq = x[::50] + 0.01
     k = 20
-    Dm, Im = canonical_order(*mono.search(xq, k), metric=metric)
+    Dm, Im = reference(mono, xq, k, metric)
     # one wave, four searchers: spread over both nodes
     stats4 = SearchStats()
     D4, I4 = search_index(store.path, xq, k, batch_size=32, stats=stats4)
@@ -99,6 +105,6 @@ def test_killed_searcher_is_restarted_and_its_queries_redone(ray_driver, tmp_pat
     D, I = search_index(store.path, xq, k, batch_size=10, stats=stats, on_batch=kill_one)
     assert killed and stats.restarts >= 1
     assert stats.searcher_pids[1] != killed[0], "a new searcher process took over the shards"
-    Dm, Im = canonical_order(*mono.search(xq, k), metric="ip")
+    Dm, Im = reference(mono, xq, k, "ip")
     np.testing.assert_array_equal(I, Im)
     np.testing.assert_array_equal(D, Dm)

@@ -94,8 +94,9 @@ def test_leakage_guard_excludes_and_counts_and_still_fills_the_budget():
     held_out_S = np.array([[0.99, 0.97, 0.5]], dtype=np.float32)
     held_out_I = np.array([[0, 1001, 3]])
     leaked, incomplete = leaked_ids(held_out_S, held_out_I, 0.95)
-    assert leaked == {0, 1001} and not incomplete
-    c = choose(S, I, 6, excluded=leaked)
+    assert set(leaked) == {0, 1001} and not incomplete
+    assert leaked[1001] == (0, np.float32(0.97))
+    c = choose(S, I, 6, excluded=set(leaked))
     assert not ({0, 1001} & set(c.ids.tolist()))
     assert len(c) == 6 and c.leaked_skipped == 2
     assert leaked_ids(np.array([[0.99, 0.98]]), np.array([[5, 6]]), 0.95)[1], "k-th still close: look further"

@@ -82,3 +82,20 @@ def test_class_mismatch_and_empty_splits_are_errors(digits_folder, encoder_path)
     mismatch = TargetTask(name="t", classes=good.classes, train=good.train, val=val_missing_class)
     with pytest.raises(SeptError, match=r"classes differ between train and val \(only in train: digit3\)"):
         evaluate(bundle, mismatch)
+
+
+def test_full_finetuning_trains_every_weight_and_leaves_the_encoder_alone(digits_folder, encoder_path):
+    bundle = load_encoder(encoder_path, device="cpu")
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    result = evaluate(bundle, digits_folder, finetune=True, finetune_epochs=8)
+    assert result["finetune_epochs"] == 8
+    assert 0.6 < result["finetune"] <= 1.0  # four classes: chance is 0.25
+    assert all(torch.equal(before[k], v) for k, v in bundle.model.state_dict().items())
+    assert "finetune" not in evaluate(bundle, digits_folder)
+
+
+def test_a_checkpoint_that_is_not_an_encoder_is_an_error(digits_folder, tmp_path):
+    path = tmp_path / "optimizer.pt"
+    torch.save({"step": 3, "lr": 0.1}, path)
+    with pytest.raises(SeptError, match=f"not an encoder checkpoint: {path}"):
+        evaluate(str(path), digits_folder)

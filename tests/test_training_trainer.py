@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from sept.errors import SeptError
+from sept.training.acceleration import AccelerationPlan
 from sept.training.bootstrap import bootstrap, sample_pool
 from sept.training.config import load_config
 from sept.training.encoder import load_encoder
@@ -52,6 +53,11 @@ def _metric_steps(run_dir):
         return [int(row["step"]) for row in csv.DictReader(f)]
 
 
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
 def test_train_writes_the_run_directory(pool, tmp_path, method):
     summary = train(_cfg(pool, tmp_path / "run", method=method))
@@ -81,6 +87,60 @@ def test_resume_restores_step_model_and_metrics(pool, tmp_path):
     assert _metric_steps(str(run)) == [1, 2, 4, 5, 6]
     assert load_encoder(str(run / "encoder.pt"), device="cpu").identity != finished
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_fast_preset_follows_its_plan_and_extends_by_more_cycles(pool, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, dict(data=pool, out=str(run), steps=6, cycle_steps=3, batch_size=8, image_size=16, width=8,
+                                 log_every=1, checkpoint_every=3, sample_log=True), preset="fast")
+    summary = train(cfg)
+    plan = AccelerationPlan.from_config(cfg)
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["image_size"]) for r in rows] == [plan.image_size_at(s) for s in range(6)] == [8, 12, 16] * 2
+    assert [float(r["lr"]) for r in rows] == pytest.approx([plan.lr(s) for s in range(6)], rel=1e-5)
+    assert summary["final_image_size"] == 16 and summary["epoch"] == 1  # 5 batches per epoch
+    # Per-rank throughput and data wait: in the summary and one row per rank and log step.
+    rank_rows = _rows(run / "rank_metrics.csv")
+    assert [(int(r["step"]), int(r["rank"])) for r in rank_rows] == [(s, 0) for s in range(1, 7)]
+    assert all(float(r["imgs_per_s"]) > 0 and float(r["data_wait_s"]) >= 0 for r in rank_rows)
+    assert summary["ranks"][0]["images_per_s"] > 0 and summary["ranks"][0]["data_wait_s"] > 0
+    assert all(0 <= float(r["max_data_wait_frac"]) <= 1 for r in rows)
+
+    longer = train(load_config(None, {**dict(data=pool, out=str(run), steps=9, cycle_steps=3, batch_size=8,
+                                               image_size=16, width=8, log_every=1, checkpoint_every=3,
+                                               sample_log=True)}, preset="fast"))
+    assert longer["resumed_from_step"] == 6 and [a["start_step"] for a in longer["attempts"]] == [0, 6]
+    rows = _rows(run / "metrics.csv")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([plan.lr(s) for s in range(9)], rel=1e-5)
+    epochs = {}
+    for r in _rows(run / "samples-rank0.csv"):
+        epochs.setdefault(int(r["epoch"]), []).extend(r["ids"].split())
+    assert sorted(epochs) == [0, 1] and len(epochs[0]) == len(set(epochs[0])) == 40
+    assert len(epochs[1]) == len(set(epochs[1])) == 32
+
+
+def test_bad_samples_end_the_epoch_early_without_repeats(tmp_path):
+    pool = str(tmp_path / "pool")
+    make_pool(tmp_path / "pool", [16])
+    with open(os.path.join(pool, "00000.tar"), "r+b") as f:  # corrupt the first JPEG's bytes in place
+        data = f.read()
+        start = data.index(b"\xff\xd8\xff")
+        f.seek(start + 100)
+        f.write(b"\x00" * 200)
+    summary = train(_cfg(pool, tmp_path / "run", steps=5, batch_size=4, sample_log=True))
+    assert summary["steps"] == 5 and summary["ranks"][0]["bad_samples"] >= 1
+    epochs = {}
+    for r in _rows(tmp_path / "run" / "samples-rank0.csv"):
+        epochs.setdefault(int(r["epoch"]), []).extend(r["ids"].split())
+    assert len(epochs[0]) == 12  # 16 samples, one bad: the fourth batch cannot fill
+    assert all(len(ids) == len(set(ids)) for ids in epochs.values())
+
+
+def test_a_requested_gpu_that_is_missing_is_an_error(pool, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SeptError, match=r"needs GPU 0, but 0 GPU\(s\) are visible"):
+        train(_cfg(pool, tmp_path / "run", device="cuda"))
 
 
 def test_checkpoint_of_another_config_is_refused(pool, tmp_path):

@@ -5,13 +5,24 @@ choice of shards: at least ``min_shards`` of them, more until ``sample_size`` sa
 seen, so the cost is bounded by the subset's size, not the pool's. The sampled images are
 copied into one local WebDataset shard and trained on in this process (world size 1) with the
 ordinary trainer; the encoder is written with ``save_encoder``.
+
+The encoder exists to retrieve, so the defaults (``BOOTSTRAP_DEFAULTS``) were chosen by
+selection precision, not by loss, and the schedule is sized to the subset
+(``bootstrap_steps``). Given a labelled ``target``, the bootstrap also scores the backbone's
+kNN retrieval precision on the target's images as it trains (the untrained weights included)
+and keeps the best-scoring weights, not the last (``sept.training.retrieval_metrics``).
 """
 
 from __future__ import annotations
 
+import copy
+import csv
 import logging
 import os
 from typing import Any
+
+import torch
+import yaml
 
 import numpy as np
 import webdataset as wds
@@ -20,17 +31,43 @@ from sept.data.samples import ShardStats, image_member, iter_samples
 from sept.data.shards import list_shards
 from sept.errors import SeptError
 from sept.training.config import PretrainConfig, load_config
+from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
+from sept.training.retrieval_metrics import RetrievalProbe
 from sept.training.trainer import CHECKPOINT_FILENAME, train
 
 log = logging.getLogger(__name__)
 
 SUBSET_FILENAME = "bootstrap-subset.tar"
-BOOTSTRAP_STEPS = 500
-"""Optimizer steps of a bootstrap unless the caller or its config file says otherwise."""
-BOOTSTRAP_DEFAULTS = {"steps": BOOTSTRAP_STEPS, "optimizer": "adamw", "lr": 2e-3}
-"""Measured on the demo corpus (round-robin selection precision at a 10% budget, 150 steps):
-SGD at lr 0.05 retrieved worse than a random-init network (0.40 vs 0.59), AdamW at 2e-3 better (0.64)."""
+RETRIEVAL_LOG_FILENAME = "retrieval.csv"
+BOOTSTRAP_EPOCHS = 10
+"""Passes over the subset the default schedule makes (``bootstrap_steps``)."""
+BOOTSTRAP_MIN_STEPS = 100
+BOOTSTRAP_MAX_STEPS = 2000
+BOOTSTRAP_DEFAULTS = {"optimizer": "adamw", "lr": 2e-3}
+"""Bootstrap settings over ``PretrainConfig``'s defaults, chosen by round-robin selection precision
+at a 10% budget (demo corpus and the icon benchmark, benchmarks/RESULTS.md). On the demo corpus
+SGD at lr 0.05 retrieved worse than an untrained network (0.40 vs 0.59 at 150 steps), AdamW at
+2e-3 better (0.64)."""
+EVAL_POINTS = 10
+"""How many times a bootstrap with a labelled target scores its backbone (plus the untrained one)."""
 _RESERVED_KEYS = ("data", "out", "num_samples")
+
+
+def bootstrap_steps(
+    num_images: int,
+    batch_size: int,
+    *,
+    epochs: float | None = None,
+    min_steps: int | None = None,
+    max_steps: int | None = None,
+) -> int:
+    """The default schedule: ``epochs`` passes over a subset of ``num_images``, in [min_steps, max_steps]
+    (defaults: ``BOOTSTRAP_EPOCHS``, ``BOOTSTRAP_MIN_STEPS``, ``BOOTSTRAP_MAX_STEPS``)."""
+    epochs = BOOTSTRAP_EPOCHS if epochs is None else epochs
+    min_steps = BOOTSTRAP_MIN_STEPS if min_steps is None else min_steps
+    max_steps = BOOTSTRAP_MAX_STEPS if max_steps is None else max_steps
+    per_epoch = max(1, num_images // max(1, batch_size))
+    return int(min(max_steps, max(min_steps, round(epochs * per_epoch))))
 
 
 def sample_pool(
@@ -72,6 +109,61 @@ def _write_subset(items: list[tuple[int, str, str, bytes]], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _config_file_keys(config: str | None) -> set[str]:
+    if config is None:
+        return set()
+    try:
+        with open(config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return set()  # load_config reports it, naming the file
+    return set(loaded) if isinstance(loaded, dict) else set()
+
+
+def target_probe(target: Any, *, image_size: int, k: int = 5) -> RetrievalProbe | None:
+    """A ``RetrievalProbe`` of a target task's labelled images (train and val), or None when they
+    cannot measure retrieval (fewer than two classes, or no class with two images)."""
+    from sept.data.targets import TargetTask, load_target
+
+    task = target if isinstance(target, TargetTask) else load_target(str(target))
+    refs = task.train + task.val
+    labels = np.asarray([label for _, label in refs])
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=np.int64)
+    if np.count_nonzero(counts) < 2 or counts.max() < 2:
+        log.warning("target %s has too few labelled images to score retrieval; keeping the last weights", task.name)
+        return None
+    images = task.load_images("train") + task.load_images("val")
+    return RetrievalProbe.from_images(images, labels, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, k=k)
+
+
+class _BestWeights:
+    """Scores the backbone every ``every`` steps and at ``last``; holds the best-scoring weights
+    (on CPU). Equal scores keep the later weights: they have seen more data."""
+
+    def __init__(self, probe: RetrievalProbe, every: int, last: int):
+        self.probe, self.every, self.last = probe, max(1, every), last
+        self.scores: list[tuple[int, float]] = []
+        self.best_step, self.best_score, self.best_state = -1, -np.inf, None
+
+    def __call__(self, step: int, backbone: torch.nn.Module) -> None:
+        if step % self.every and step != self.last:
+            return
+        score = self.probe.score(backbone)
+        self.scores.append((step, score))
+        log.info("bootstrap step %d: target kNN retrieval precision %.4f", step, score)
+        if score >= self.best_score:
+            self.best_step, self.best_score = step, score
+            self.best_state = {k: v.detach().to("cpu").clone() for k, v in backbone.state_dict().items()}
+
+    def write_log(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "knn_precision", "kept"])
+            writer.writerows([s, f"{v:.6f}", int(s == self.best_step)] for s, v in self.scores)
+        os.replace(tmp, path)
+
+
 def bootstrap(
     pool_spec: str,
     out_path: str,
@@ -82,25 +174,39 @@ def bootstrap(
     config: str | None = None,
     min_shards: int = 16,
     work_dir: str | None = None,
+    target: Any = None,
+    eval_every: int | None = None,
     **overrides: Any,
 ) -> str:
     """Trains a retrieval encoder on a random ``sample_size`` subset of the pool; returns ``out_path``.
 
-    Training settings are ``PretrainConfig`` fields: ``BOOTSTRAP_STEPS`` steps, then the YAML
+    Training settings are ``PretrainConfig`` fields: ``BOOTSTRAP_DEFAULTS``, then the YAML
     ``config`` file, then ``steps``, ``seed`` (also the subset's seed) and ``overrides``
-    (method, arch, image_size, batch_size, lr, ...), each where given. ``data``, ``out`` and ``num_samples`` are set here, not by the caller.
+    (method, arch, image_size, batch_size, lr, ...), each where given. Without a step count from
+    any of them the schedule is ``bootstrap_steps`` of the subset. ``data``, ``out`` and
+    ``num_samples`` are set here, not by the caller.
+
+    ``target`` (a target task directory or ``TargetTask``) turns on checkpoint choice: every
+    ``eval_every`` steps (default: ``EVAL_POINTS`` times per run) and before the first step, the
+    backbone's leave-one-out kNN precision on the target's labelled images is measured, and the
+    encoder written is the best-scoring one; the scores go to ``work_dir/retrieval.csv`` and the
+    encoder's provenance.
+
     The run's files (config, metrics, summary) stay in ``work_dir`` (default
     ``OUT_PATH.bootstrap/``); the subset shard and the checkpoint are removed once the encoder
     is written.
     """
     if sample_size < 1:
         raise SeptError(f"bootstrap sample size must be at least 1, got {sample_size}")
+    if eval_every is not None and eval_every < 1:
+        raise SeptError(f"bootstrap eval_every must be at least 1, got {eval_every}")
     out_path = os.path.abspath(out_path)
     work_dir = os.path.abspath(work_dir or out_path + ".bootstrap")
     for reserved in _RESERVED_KEYS:
         if reserved in overrides:
             raise SeptError(f"bootstrap sets config key {reserved!r} itself; do not override it")
     overrides = {**overrides, "steps": steps, "seed": seed}
+    steps_given = steps is not None or "steps" in _config_file_keys(config)
 
     def resolve(fixed: dict[str, Any]):
         return load_config(config, {**overrides, **fixed}, base=BOOTSTRAP_DEFAULTS)
@@ -110,6 +216,7 @@ def bootstrap(
         from_file = load_config(config)
         if from_file.data or from_file.num_samples is not None or from_file.out != PretrainConfig.out:
             log.warning("bootstrap ignores data, out and num_samples of %s: it trains on its own pool subset", config)
+    probe = target_probe(target, image_size=cfg.image_size) if target is not None else None
 
     shards = list_shards(pool_spec)
     items, scanned, seen = sample_pool(shards, sample_size, seed=cfg.seed, min_shards=min_shards)
@@ -124,21 +231,37 @@ def bootstrap(
     subset = os.path.join(work_dir, SUBSET_FILENAME)
     _write_subset(items, subset)
 
-    cfg = resolve({"out": work_dir, "data": subset, "num_samples": len(items)})
-    train(
-        cfg,
-        distributed_run=False,
-        encoder_path=out_path,
-        encoder_extra={
-            "stage": "bootstrap",
-            "data": str(pool_spec),  # the subset shard is temporary; the pool is the provenance
-            "sample_size": len(items),
-            "shards_scanned": scanned,
-            "samples_seen": seen,
-        },
-    )
+    fixed: dict[str, Any] = {"out": work_dir, "data": subset, "num_samples": len(items)}
+    if not steps_given:
+        fixed["steps"] = bootstrap_steps(len(items), cfg.batch_size)
+    cfg = resolve(fixed)
+    log.info("bootstrap: %d steps of %s, batch %d, on %d images", cfg.steps, cfg.method, cfg.batch_size, len(items))
+    extra: dict[str, Any] = {
+        "stage": "bootstrap",
+        "data": str(pool_spec),  # the subset shard is temporary; the pool is the provenance
+        "sample_size": len(items),
+        "shards_scanned": scanned,
+        "samples_seen": seen,
+    }
+    keeper = None
+    if probe is not None:
+        keeper = _BestWeights(probe, eval_every or max(1, cfg.steps // EVAL_POINTS), cfg.steps)
+        torch.manual_seed(cfg.seed)  # the trainer's own initial weights, so they compete too
+        untrained, _ = build_backbone(cfg.arch, width=cfg.width)
+        keeper(0, untrained)
+    summary = train(cfg, distributed_run=False, encoder_path=out_path, encoder_extra=extra, step_callback=keeper)
+    if keeper is not None and "interrupted" not in summary:
+        keeper.write_log(os.path.join(work_dir, RETRIEVAL_LOG_FILENAME))
+        log.info("bootstrap keeps the weights of step %d (target kNN precision %.4f, last %.4f)",
+                 keeper.best_step, keeper.best_score, keeper.scores[-1][1])
+        written = load_encoder(out_path, device="cpu")  # the trainer's provenance, kept
+        backbone, _ = build_backbone(cfg.arch, width=cfg.width)
+        backbone.load_state_dict(keeper.best_state)
+        save_encoder(
+            out_path, backbone, arch=cfg.arch, image_size=cfg.image_size, mean=written.mean, std=written.std,
+            extra={**written.extra, "steps": keeper.best_step, "trained_steps": summary.get("steps", cfg.steps),
+                   "retrieval_scores": [[s, round(v, 6)] for s, v in keeper.scores]})
     for leftover in (subset, os.path.join(work_dir, CHECKPOINT_FILENAME)):
         if os.path.exists(leftover):
             os.unlink(leftover)
     return out_path
-

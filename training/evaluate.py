@@ -1,9 +1,10 @@
-"""Frozen-encoder evaluation on a labelled target task: linear probe and weighted kNN accuracy.
+"""Encoder evaluation on a labelled target task: linear probe and weighted kNN accuracy on frozen
+features, and optionally full fine-tuning (``sept.training.finetune``).
 
 Features are the encoder's L2-normalised embeddings (``EncoderBundle.embed``). The linear probe
 is scikit-learn's logistic regression fitted on the train split (its C chosen on a held-out part
 of train); the kNN classifier is the temperature-weighted cosine vote of Wu et al. (2018) used
-by DINO, k=20, T=0.07. Both report accuracy on the val split.
+by DINO, k=20, T=0.07. All report accuracy on the val split.
 """
 
 from __future__ import annotations
@@ -130,18 +131,23 @@ def evaluate(
     C: float | None = None,
     batch_size: int = 256,
     device: str = "auto",
+    finetune: bool = False,
+    finetune_epochs: int = 10,
 ) -> dict[str, Any]:
     """Linear-probe and kNN accuracy of a frozen encoder (file or bundle) on a target task
     (directory or ``TargetTask``), both on the val split; ``C`` fixes the probe's regularisation
-    (default: chosen on train). Raises ``SeptError`` for an empty split
-    or classes that differ between train and val."""
+    (default: chosen on train). With ``finetune``, also the val accuracy after fine-tuning the
+    whole encoder for ``finetune_epochs`` epochs on train (``finetune`` in the result). Raises
+    ``SeptError`` for a checkpoint that is not an encoder, an empty split or classes that differ
+    between train and val."""
     bundle = encoder if isinstance(encoder, EncoderBundle) else load_encoder(encoder, device=device)
     task = target if isinstance(target, TargetTask) else load_target(target)
     _check_task(task)
     train_labels = np.asarray(task.labels("train"), dtype=np.int64)
     val_labels = np.asarray(task.labels("val"), dtype=np.int64)
-    train_features = bundle.embed_images(task.load_images("train"), batch_size=batch_size)
-    val_features = bundle.embed_images(task.load_images("val"), batch_size=batch_size)
+    train_images, val_images = task.load_images("train"), task.load_images("val")
+    train_features = bundle.embed_images(train_images, batch_size=batch_size)
+    val_features = bundle.embed_images(val_images, batch_size=batch_size)
     probe_accuracy, probe_c = linear_probe_accuracy(train_features, train_labels, val_features, val_labels, C=C)
     result = {
         "target": task.name,
@@ -156,5 +162,11 @@ def evaluate(
         "knn_k": min(k, len(train_labels)),
         "knn_temperature": temperature,
     }
+    if finetune:
+        from sept.training.finetune import finetune_accuracy
+
+        tuned = finetune_accuracy(bundle, train_images, train_labels, val_images, val_labels, epochs=finetune_epochs)
+        result["finetune"] = tuned["accuracy"]
+        result["finetune_epochs"] = tuned["epochs"]
     log.info("%s on %s: linear probe %.4f, kNN %.4f", bundle.identity, task.name, result["linear_probe"], result["knn"])
     return result

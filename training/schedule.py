@@ -53,31 +53,33 @@ def cyclic_learning_rate(
 
 
 def progressive_stage(step: int, *, period: int, stages: int) -> int:
-    """The stage (0 .. stages-1) of 0-based ``step`` within its period of ``period`` steps: the
-    period is cut into ``stages`` equal parts, so every period ends in the last stage."""
+    """The stage of 0-based ``step`` within its period of ``period`` steps: the period is cut into
+    ``min(stages, period)`` equal parts, numbered from 0, so every period ends in its last stage."""
     if period < 1 or stages < 1:
         raise ValueError(f"period and stages must be at least 1, got {period} and {stages}")
+    parts = min(stages, period)
     t = int(step) % int(period)
-    return min(stages - 1, t * stages // period)
+    return min(parts - 1, t * parts // period)
 
 
-def stage_fraction(stage: int, stages: int) -> float:
-    """0 for the first stage, 1 for the last (1 when there is only one stage)."""
-    return 1.0 if stages <= 1 else stage / (stages - 1)
+def progressive_fraction(step: int, *, period: int, stages: int) -> float:
+    """How far ``step``'s stage is through its period: 0 in the first stage, 1 in the last."""
+    parts = min(stages, period)
+    return 1.0 if parts <= 1 else progressive_stage(step, period=period, stages=stages) / (parts - 1)
 
 
 def progressive_image_size(step: int, *, period: int, stages: int, min_size: int, max_size: int, multiple: int = 4) -> int:
     """The image side for ``step``: ``min_size`` in a period's first stage rising linearly to
     ``max_size`` in its last, rounded down to a multiple of ``multiple`` (never below it)."""
-    fraction = stage_fraction(progressive_stage(step, period=period, stages=stages), stages)
-    size = min_size + (max_size - min_size) * fraction
+    fraction = progressive_fraction(step, period=period, stages=stages)
     if fraction >= 1.0:
         return int(max_size)
+    size = min_size + (max_size - min_size) * fraction
     return max(int(multiple), int(size) // multiple * multiple)
 
 
 def progressive_strength(step: int, *, period: int, stages: int, min_strength: float) -> float:
     """The augmentation magnitude (1 = the configured augmentations) for ``step``: ``min_strength``
     in a period's first stage rising linearly to 1 in its last, in step with the image size."""
-    fraction = stage_fraction(progressive_stage(step, period=period, stages=stages), stages)
+    fraction = progressive_fraction(step, period=period, stages=stages)
     return float(min_strength + (1.0 - min_strength) * fraction)

@@ -62,6 +62,8 @@ CHECKPOINT_FILENAME = "checkpoint.pt"
 SUMMARY_FILENAME = "summary.json"
 ENCODER_FILENAME = "encoder.pt"
 MASKED_SHARDS_DIRNAME = "masked-shards"
+_MASKS_PER_PROCESS_START = 1000
+"""Below this many images a rank segments them in its own process (a process pool starts in seconds)."""
 
 
 def _device(cfg: PretrainConfig, info: distributed.DistInfo) -> torch.device:
@@ -81,7 +83,13 @@ def _device(cfg: PretrainConfig, info: distributed.DistInfo) -> torch.device:
 
 
 def _share_cpu_threads() -> None:
-    # Ranks on one node would each start one thread per core and fight over them.
+    """Compute threads of a CPU rank: SLURM's CPUs per task where set, else this node's cores
+    shared among its ranks (ranks that each start a thread per core fight over them, and gloo
+    collectives then wait on descheduled threads)."""
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm_cpus and slurm_cpus.isdigit():
+        torch.set_num_threads(max(1, int(slurm_cpus)))
+        return
     ranks_here = distributed.get_local_world_size()
     if ranks_here > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -164,6 +172,9 @@ def _prepare_masks(cfg: PretrainConfig, shards: list[str], run_dir: str, info: d
         return shards
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, cores // max(1, distributed.get_local_world_size()))
+    mine = sum(count_shard_samples(s) for s in shards[info.rank :: info.world_size])
+    if mine < _MASKS_PER_PROCESS_START:
+        workers = 0  # starting processes would cost more than segmenting these few images here
     out_dir = os.path.join(run_dir, MASKED_SHARDS_DIRNAME)
     log.info("rank %d computing Felzenszwalb masks for its share of %d shards into %s", info.rank, len(shards), out_dir)
     masked = add_masks(shards, out_dir, workers=workers, rank=info.rank, world_size=info.world_size)

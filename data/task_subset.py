@@ -1,0 +1,145 @@
+"""One task's subset of a selection's shared shards: its manifest, its shards checked, its samples read.
+
+``sept select`` writes, per task, ``SEL/tasks/TASK/manifest.jsonl`` (one row per selected sample:
+key, id, shard, source shard and position, sample digest, score, and who retrieved it) and
+``SEL/tasks/TASK/shards.json`` (every shared shard the task uses, with its size and sha256).
+Many tasks share the shards in ``SEL/shards/``; this module reads back one task's samples only.
+A shard that is missing, or whose size or hash differs from what the selection recorded, is a
+``SeptError`` naming the shard and the manifest: the subset is never read silently wrong.
+
+For the trainer: ``open_task_data("SEL/tasks/TASK")`` (or the manifest's path) gives the shard
+list and, per shard, the keys to keep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from sept.data.samples import PoolSample, ShardStats, iter_samples
+from sept.errors import SeptError
+
+TASKS_DIR = "tasks"
+SHARDS_DIR = "shards"
+MANIFEST = "manifest.jsonl"
+SHARDS_FILE = "shards.json"
+VERIFY_MODES = ("hash", "size", "none")
+
+
+def task_dir(selection_dir: str, task: str) -> str:
+    return os.path.join(os.path.abspath(selection_dir), TASKS_DIR, task)
+
+
+def list_tasks(selection_dir: str) -> list[str]:
+    """Tasks with a manifest in the selection, sorted by name."""
+    root = os.path.join(os.path.abspath(selection_dir), TASKS_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(t for t in os.listdir(root) if os.path.isfile(os.path.join(root, t, MANIFEST)))
+
+
+def read_manifest(selection_dir: str, task: str) -> list[dict]:
+    path = os.path.join(task_dir(selection_dir, task), MANIFEST)
+    if not os.path.isfile(path):
+        known = list_tasks(selection_dir)
+        raise SeptError(f"no manifest for task {task!r} in {selection_dir} (tasks there: {', '.join(known) or 'none'})")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class TaskSubset:
+    task: str
+    selection_dir: str
+    rows: list[dict]
+    shards: list[str]
+    """Absolute paths of the shared shards holding the task's samples, sorted."""
+    keys: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Shard path -> keys of the task's samples in that shard."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_task_subset(selection_dir: str, task: str, *, verify: str = "hash") -> TaskSubset:
+    """The task's rows and shards, each shard checked against the selection's record.
+
+    ``verify``: "hash" checks size and sha256 (reads every shard once), "size" only the size,
+    "none" nothing. Raises ``SeptError`` for a missing or changed shard.
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    rows = read_manifest(selection_dir, task)
+    folder = task_dir(selection_dir, task)
+    manifest_path = os.path.join(folder, MANIFEST)
+    shards_path = os.path.join(folder, SHARDS_FILE)
+    if not os.path.isfile(shards_path):
+        raise SeptError(f"task {task!r}: {shards_path} is missing; rerun `sept select` to write it")
+    with open(shards_path) as f:
+        recorded: dict[str, dict] = json.load(f)
+    shard_root = os.path.join(os.path.abspath(selection_dir), SHARDS_DIR)
+    keys: dict[str, set[str]] = {}
+    for row in rows:
+        if row["shard"] not in recorded:
+            raise SeptError(f"task {task!r}: {manifest_path} names shard {row['shard']} that {shards_path} does not record")
+        keys.setdefault(os.path.join(shard_root, row["shard"]), set()).add(row["key"])
+    for path in sorted(keys):
+        check_shard(path, recorded[os.path.basename(path)], verify=verify, named_by=manifest_path)
+    return TaskSubset(task=task, selection_dir=os.path.abspath(selection_dir), rows=rows, shards=sorted(keys),
+                      keys={p: frozenset(k) for p, k in keys.items()})
+
+
+def check_shard(path: str, record: dict, *, verify: str = "hash", named_by: str = "") -> None:
+    """Raise ``SeptError`` if the shard at ``path`` is missing or differs from ``record`` (size, sha256)."""
+    if verify == "none":
+        return
+    where = f" (named by {named_by})" if named_by else ""
+    if not os.path.isfile(path):
+        raise SeptError(f"shared shard {path} is missing{where}")
+    size = os.path.getsize(path)
+    if size != record["size"]:
+        raise SeptError(f"shared shard {path} changed since selection: {size} bytes, recorded {record['size']}{where}")
+    if verify == "hash":
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        if h.hexdigest() != record["sha256"]:
+            raise SeptError(f"shared shard {path} changed since selection: its sha256 differs from the record{where}")
+
+
+def iter_task_samples(subset: TaskSubset, stats: ShardStats | None = None) -> Iterator[PoolSample]:
+    """The task's samples, exactly as stored, shard by shard (each shard read once, in sorted order)."""
+    for path in subset.shards:
+        wanted = subset.keys[path]
+        found = 0
+        with closing(iter_samples(path, stats)) as samples:
+            for sample in samples:
+                if sample.key in wanted:
+                    found += 1
+                    yield sample
+        if found != len(wanted):
+            raise SeptError(f"shared shard {path} holds {found} of the {len(wanted)} samples task "
+                            f"{subset.task!r} expects there")
+
+
+def open_task_data(path: str, *, verify: str = "size") -> TaskSubset:
+    """A task subset from its folder (``SEL/tasks/TASK``) or its manifest's path: the trainer's entry point."""
+    path = os.path.abspath(path)
+    if os.path.basename(path) == MANIFEST:
+        path = os.path.dirname(path)
+    task = os.path.basename(path)
+    tasks_root = os.path.dirname(path)
+    if os.path.basename(tasks_root) != TASKS_DIR:
+        raise SeptError(f"{path} is not a task folder of a selection (SEL/{TASKS_DIR}/TASK)")
+    return load_task_subset(os.path.dirname(tasks_root), task, verify=verify)
+
+
+def is_task_data(path: str) -> bool:
+    """Whether ``path`` names a task subset (its folder or manifest) rather than shards."""
+    path = os.path.abspath(path)
+    return os.path.basename(path) == MANIFEST or os.path.isfile(os.path.join(path, MANIFEST))

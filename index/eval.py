@@ -1,0 +1,172 @@
+"""sept index eval: recall and speed of an index against exact search, over a sweep of nprobe.
+
+Queries are held out by leaving one out: a random sample of the indexed vectors, each removed
+from its own results, in the exact and the approximate search alike. Exact search streams the
+stored (float16) vectors batch by batch, so it needs no more memory than one batch. The
+approximate search is the index exactly as `sept select` uses it: every shard searched, the
+per-shard top-k merged. recall@k is the mean overlap of the approximate and exact top-k,
+|approx_k ∩ exact_k| / k. The chosen nprobe, the smallest reaching the target recall@10, is
+stored with the index; `sept select` uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import faiss
+import numpy as np
+
+from sept.errors import SeptError
+from sept.index.embedding_store import EmbeddingStore
+from sept.index.merge import merge_topk
+from sept.index.store import IndexStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    index: str
+    embeddings: str
+    queries: int = 1000
+    k: int = 10
+    nprobes: list[int] = field(default_factory=list)  # empty: powers of two up to min(nlist, 256)
+    target_recall: float = 0.95  # recall@10 the chosen nprobe must reach
+    seed: int = 0
+    out: str = ""  # the JSON table; "" means INDEX/eval.json
+    batch_rows: int = 65536
+
+
+def exact_knn(xq: np.ndarray, batches, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of xq over (vectors, ids) batches; memory is one batch plus the (nq, k) heap."""
+    heap = faiss.ResultHeap(len(xq), k, keep_max=(metric == "ip"))
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    for xb, ids in batches:
+        D, I = faiss.knn(xq, np.ascontiguousarray(xb, dtype=np.float32), min(k, len(xb)), faiss_metric)
+        D = np.ascontiguousarray(D, dtype=np.float32)
+        I = np.where(I >= 0, ids[np.maximum(I, 0)], -1).astype(np.int64)
+        if D.shape[1] < k:  # a batch smaller than k: pad with results that always lose
+            pad = k - D.shape[1]
+            D = np.hstack([D, np.full((len(xq), pad), -np.inf if metric == "ip" else np.inf, np.float32)])
+            I = np.hstack([I, np.full((len(xq), pad), -1, np.int64)])
+        heap.add_result(D, I)
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def drop_self(I: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """Each row of I without the query's own id, cut to k (leave-one-out)."""
+    out = np.full((len(I), k), -1, np.int64)
+    for row, (ids, own) in enumerate(zip(I, query_ids)):
+        kept = ids[ids != own][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def recall_at(I_approx: np.ndarray, I_exact: np.ndarray, k: int) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k over the queries."""
+    hits = [len(np.intersect1d(a[:k][a[:k] >= 0], e[:k][e[:k] >= 0])) for a, e in zip(I_approx, I_exact)]
+    return float(np.mean(hits) / k) if hits else 0.0
+
+
+def _check_embeddings(store: IndexStore, emb: EmbeddingStore, index_path: str, emb_path: str) -> list[int]:
+    """The pool shards the index holds, after checking emb holds them unchanged, from the same encoder."""
+    attrs = store.attrs
+    if emb.encoder.identity != attrs["encoder"]["identity"] or emb.dim != int(attrs["dim"]):
+        raise SeptError(
+            f"embeddings {emb_path} come from encoder {emb.encoder.identity} ({emb.dim}-d), but index {index_path} "
+            f"was built from encoder {attrs['encoder']['identity']} ({attrs['dim']}-d)"
+        )
+    counts = {int(i): int(c) for i, c in attrs.get("indexed_counts", {}).items()}
+    for i, count in counts.items():
+        if i >= len(emb.pool) or emb.pool[i] != attrs["pool"][i] or not emb.is_complete(i) or emb.shard_count(i) != count:
+            raise SeptError(
+                f"embeddings {emb_path} do not hold the vectors index {index_path} was built from "
+                f"(pool shard {attrs['pool'][i]} differs or is missing)"
+            )
+    return sorted(counts)
+
+
+def evaluate_index(cfg: EvalConfig) -> dict:
+    """Sweep nprobe, measure recall@1/@k and QPS against exact search, store the chosen nprobe."""
+    store = IndexStore.open(cfg.index)
+    attrs = store.attrs
+    if not attrs.get("complete"):
+        raise SeptError(f"index {cfg.index} is incomplete; rerun `sept index` to finish it")
+    emb = EmbeddingStore.open(cfg.embeddings)
+    shards = _check_embeddings(store, emb, cfg.index, cfg.embeddings)
+    if cfg.queries < 1 or cfg.k < 1:
+        raise SeptError(f"--queries and --k must be positive, got {cfg.queries} and {cfg.k}")
+    metric = attrs["metric"]
+    xq, qids = emb.sample_with_ids(cfg.queries, seed=cfg.seed, shard_indices=shards)
+    nq, k = len(xq), cfg.k
+
+    t0 = time.perf_counter()
+    _, I_exact = exact_knn(xq, emb.iter_batches(shards, cfg.batch_rows), k + 1, metric)
+    exact_s = time.perf_counter() - t0
+    I_exact = drop_self(I_exact, qids, k)
+
+    indexes = [store.load_shard(j) for j in range(store.nshards)]
+    ivf = faiss.try_extract_index_ivf(indexes[0])
+    nlist = int(ivf.nlist) if ivf is not None else 0
+    sweep = sorted(set(cfg.nprobes)) if cfg.nprobes else [p for p in (2**i for i in range(20)) if p <= min(nlist, 256)]
+    if ivf is None:
+        sweep = [0]  # not an IVF index: one row, nothing to probe
+    elif any(p < 1 or p > nlist for p in sweep):
+        raise SeptError(f"nprobe values must lie in [1, {nlist}] for index {cfg.index}; got {sweep}")
+    rows = []
+    for nprobe in sweep:
+        if nprobe:
+            for index in indexes:
+                faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        t0 = time.perf_counter()
+        D, I = merge_topk([index.search(xq, k + 1) for index in indexes], k + 1, metric=metric)
+        seconds = time.perf_counter() - t0
+        I = drop_self(I, qids, k)
+        rows.append(dict(nprobe=nprobe or None, recall_at_1=recall_at(I, I_exact, 1),
+                         recall_at_k=recall_at(I, I_exact, k), qps=nq / seconds if seconds > 0 else float("inf")))
+    chosen, rule = _choose(rows, cfg.target_recall, k)
+    result = dict(index=store.path, embeddings=emb.path, factory=attrs["spec"]["factory"], ntotal=int(attrs["ntotal"]),
+                  queries=nq, k=k, metric=metric, threads=faiss.omp_get_max_threads(),
+                  exact=dict(qps=nq / exact_s if exact_s > 0 else float("inf"), seconds=exact_s),
+                  rows=rows, target_recall=cfg.target_recall, chosen_nprobe=chosen, rule=rule,
+                  config=asdict(cfg))
+    out = cfg.out or os.path.join(store.path, "eval.json")
+    tmp = f"{out}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, out)
+    result["json"] = out
+    if chosen is not None:
+        store.update_attrs(nprobe=chosen, nprobe_reason=rule, eval=out)
+    log.info("index eval: %s", rule)
+    return result
+
+
+def _choose(rows: list[dict], target: float, k: int) -> tuple[int | None, str]:
+    if rows[0]["nprobe"] is None:
+        return None, "not an IVF index: there is no nprobe to choose"
+    for row in rows:
+        if row["recall_at_k"] >= target:
+            return row["nprobe"], f"nprobe {row['nprobe']}: the smallest reaching recall@{k} >= {target}"
+    best = max(rows, key=lambda r: (r["recall_at_k"], -r["nprobe"]))
+    return best["nprobe"], (f"nprobe {best['nprobe']}: no nprobe reached recall@{k} >= {target}; "
+                            f"this one gave the best, {best['recall_at_k']:.3f}")
+
+
+def format_eval_table(result: dict) -> str:
+    k = result["k"]
+    lines = [f"index {result['index']} ({result['factory']}, {result['ntotal']} vectors): "
+             f"{result['queries']} held-out queries, {result['threads']} thread(s)",
+             f"{'nprobe':>8} {'recall@1':>9} {f'recall@{k}':>10} {'QPS':>10}"]
+    for row in result["rows"]:
+        nprobe = "-" if row["nprobe"] is None else str(row["nprobe"])
+        lines.append(f"{nprobe:>8} {row['recall_at_1']:>9.3f} {row['recall_at_k']:>10.3f} {row['qps']:>10.0f}")
+    lines.append(f"{'exact':>8} {1.0:>9.3f} {1.0:>10.3f} {result['exact']['qps']:>10.0f}")
+    lines.append(f"chosen: {result['rule']}; table written to {result['json']}")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""sept index on the two-node Ray cluster: build, resume, --add (never a rebuild), eval, bad input.
+
+Embeddings are synthetic clustered vectors written straight into an embeddings store, so these
+tests exercise indexing alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import ray
+from conftest import run_sept
+
+from sept.cluster.index_build import IndexConfig, build_index
+from sept.data.identity import make_ids
+from sept.errors import SeptError
+from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
+from sept.index.eval import EvalConfig, evaluate_index, exact_knn
+from sept.index.merge import merge_topk
+from sept.index.spec import IndexSpec
+from sept.index.store import IndexStore
+
+pytestmark = pytest.mark.integration
+
+DIM, PER_SHARD = 16, 400
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_cluster):
+    ray.init(address=ray_cluster.address, logging_level="ERROR")
+    yield ray_cluster
+    ray.shutdown()
+
+
+def _vectors(shard: int, n: int = PER_SHARD, seed: int = 0) -> np.ndarray:
+    centers = np.random.default_rng(seed).normal(size=(12, DIM))
+    rng = np.random.default_rng(1000 * seed + shard)
+    x = centers[rng.integers(len(centers), size=n)] + 0.35 * rng.normal(size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _store(path: str, shards: list[int], pool_len: int, *, identity: str = "enc-a", seed: int = 0) -> EmbeddingStore:
+    store = EmbeddingStore.create_or_open(path, encoder=EncoderIdentity(identity, "resnet18_small", DIM, 32),
+                                          pool=[f"/pool/shard-{i}.tar" for i in range(pool_len)])
+    for i in shards:
+        if not store.is_complete(i):
+            store.write_shard(i, _vectors(i, seed=seed), make_ids(i, range(PER_SHARD)))
+    return store
+
+
+def _tree_digest(path: str) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            h.update(name.encode())
+            h.update(open(os.path.join(root, name), "rb").read())
+    return h.hexdigest()
+
+
+def _search_all(index_path: str, xq: np.ndarray, k: int, nprobe: int):
+    store = IndexStore.open(index_path)
+    results = []
+    for j in range(store.nshards):
+        index = store.load_shard(j)
+        index.nprobe = nprobe
+        results.append(index.search(xq, k))
+    return merge_topk(results, k, metric="ip")
+
+
+def test_partial_build_then_add_encodes_only_the_new_vectors(ray_driver, tmp_path):
+    emb_path, index_path = str(tmp_path / "emb.zarr"), str(tmp_path / "index.zarr")
+    _store(emb_path, shards=[0, 1, 2, 3], pool_len=6)
+    spec = IndexSpec(factory="IVF16,Flat", shards=2, train_size=1000)
+    with pytest.raises(SeptError, match=r"2 incomplete shard\(s\), first /pool/shard-4.tar.*--allow-partial"):
+        build_index(IndexConfig(emb_path, index_path, spec))
+    summary = build_index(IndexConfig(emb_path, index_path, spec, allow_partial=True))
+    assert summary["ntotal"] == 4 * PER_SHARD and summary["shards"] == 2
+    assert summary["left_out_incomplete"] == ["/pool/shard-4.tar", "/pool/shard-5.tar"]
+    store = IndexStore.open(index_path)
+    trained = _tree_digest(os.path.join(index_path, "trained"))
+    old_shards = [_tree_digest(os.path.join(index_path, "shards", f"{j:05d}")) for j in range(2)]
+
+    _store(emb_path, shards=[4, 5], pool_len=7)  # the pool grew by one shard, which is not embedded yet
+    with pytest.raises(SeptError, match="pass --add"):
+        build_index(IndexConfig(emb_path, index_path, spec, allow_partial=True))
+    summary = build_index(IndexConfig(emb_path, index_path, spec, add=True, allow_partial=True))
+    assert summary["added"] == 2 * PER_SHARD and summary["ntotal"] == 6 * PER_SHARD
+    assert store.nshards == 3  # new vectors went into a new index shard...
+    assert _tree_digest(os.path.join(index_path, "trained")) == trained  # ...with the quantizer as trained
+    assert [_tree_digest(os.path.join(index_path, "shards", f"{j:05d}")) for j in range(2)] == old_shards
+    again = build_index(IndexConfig(emb_path, index_path, spec, add=True, allow_partial=True))
+    assert again["added"] == 0 and again["ntotal"] == 6 * PER_SHARD
+
+    # IVF,Flat probing every list is exact: the grown index answers like brute force over all 6 shards
+    x, ids = EmbeddingStore.open(emb_path).read_all()
+    xq = x[::97]
+    D, I = _search_all(index_path, xq, 5, nprobe=16)
+    De, Ie = exact_knn(xq, [(x, ids)], 5, "ip")
+    np.testing.assert_array_equal(I, Ie)
+    np.testing.assert_allclose(D, De, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_sweeps_nprobe_and_stores_the_choice(ray_driver, tmp_path):
+    emb_path, index_path = str(tmp_path / "emb.zarr"), str(tmp_path / "index.zarr")
+    _store(emb_path, shards=range(4), pool_len=4)
+    build_index(IndexConfig(emb_path, index_path, IndexSpec(factory="IVF32,Flat", shards=2, train_size=1600)))
+    result = evaluate_index(EvalConfig(index_path, emb_path, queries=200, nprobes=[1, 2, 8, 32], target_recall=0.9))
+    recalls = [row["recall_at_k"] for row in result["rows"]]
+    assert [row["nprobe"] for row in result["rows"]] == [1, 2, 8, 32]
+    assert recalls == sorted(recalls) and recalls[-1] == 1.0 and recalls[0] < 1.0  # all lists probed: exact
+    assert all(row["qps"] > 0 for row in result["rows"])
+    chosen = result["chosen_nprobe"]
+    assert chosen == min(r["nprobe"] for r in result["rows"] if r["recall_at_k"] >= 0.9)
+    assert IndexStore.open(index_path).attrs["nprobe"] == chosen
+    with open(os.path.join(index_path, "eval.json")) as f:
+        assert json.load(f)["rows"] == result["rows"]
+
+    # the same through the command line: a table with one row per nprobe and the exact baseline
+    proc = run_sept("index", "eval", "--index", index_path, "--embeddings", emb_path, "--queries", "100",
+                    "--nprobe-sweep", "1,32", "--out", str(tmp_path / "t.json"))
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["nprobe", "recall@1", "recall@10", "QPS"]
+    assert [line.split()[0] for line in lines[2:5]] == ["1", "32", "exact"]
+    assert os.path.exists(tmp_path / "t.json")
+
+
+def test_leave_one_out_exact_search_matches_numpy():
+    x = _vectors(0, 300)
+    ids = np.arange(300, dtype=np.int64) * 7
+    batches = [(x[a : a + 64], ids[a : a + 64]) for a in range(0, 300, 64)]  # a last batch smaller than k
+    D, I = exact_knn(x[:20], batches, 70, "ip")
+    order = np.argsort(-(x[:20] @ x.T), axis=1, kind="stable")[:, :70]
+    np.testing.assert_array_equal(I, ids[order])
+
+
+def test_bad_input_is_refused_with_a_clear_error(ray_driver, tmp_path):
+    emb_path = str(tmp_path / "emb.zarr")
+    _store(emb_path, shards=[0, 1], pool_len=2)
+    with pytest.raises(SeptError, match="faiss rejects factory string 'IVF0,PQ7'"):
+        build_index(IndexConfig(emb_path, str(tmp_path / "a.zarr"), IndexSpec(factory="IVF0,PQ7")))
+    with pytest.raises(SeptError, match="too small for any index"):
+        build_index(IndexConfig(emb_path, str(tmp_path / "b.zarr"), memory_budget=1000))
+    with pytest.raises(SeptError, match="--add needs an existing index"):
+        build_index(IndexConfig(emb_path, str(tmp_path / "c.zarr"), add=True))
+    index_path = str(tmp_path / "index.zarr")
+    build_index(IndexConfig(emb_path, index_path, IndexSpec(factory="Flat", shards=1)))
+    other = str(tmp_path / "other.zarr")
+    _store(other, shards=[0, 1], pool_len=2, identity="enc-b")
+    for add in (False, True):
+        with pytest.raises(SeptError, match=r"come from encoder enc-b .* built from encoder enc-a"):
+            build_index(IndexConfig(other, index_path, IndexSpec(factory="Flat", shards=1), add=add))
+    with pytest.raises(SeptError, match="come from encoder enc-b"):
+        evaluate_index(EvalConfig(index_path, other))
+    same_encoder = str(tmp_path / "same.zarr")
+    _store(same_encoder, shards=[0], pool_len=2)
+    with pytest.raises(SeptError, match="other embeddings"):
+        build_index(IndexConfig(same_encoder, index_path, IndexSpec(factory="Flat", shards=1), allow_partial=True))
