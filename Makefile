@@ -25,7 +25,7 @@ clusters-down:
 
 # The Ray test cluster is started and stopped by the tests themselves (tests/conftest.py).
 test: install clusters-up
-	$(VENV)/bin/python -m pytest -q --timeout=900 tests; status=$$?; \
+	$(VENV)/bin/python -m pytest -q --timeout=1800 tests; status=$$?; \
 	  bash slurm/dev-cluster.sh down; exit $$status
 
 clean:

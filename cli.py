@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "of the target's train split and report accuracy on its val split.")
     p.add_argument("--encoder", required=True, help="sept encoder checkpoint or torchvision state dict")
     p.add_argument("--target", required=True, help="target task: ImageFolder dir with train/ and val/")
+    p.add_argument("--finetune", action="store_true", help="also fully fine-tune the encoder on the target")
     return parser
 
 
@@ -349,7 +350,7 @@ def run(args: argparse.Namespace) -> object:
     if cmd == "evaluate":
         from sept.training.evaluate import evaluate
 
-        return evaluate(args.encoder, args.target)
+        return evaluate(args.encoder, args.target, finetune=args.finetune)
     raise AssertionError(cmd)
 
 

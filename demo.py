@@ -46,8 +46,15 @@ def run_demo(workdir: str, *, executor: str = "local", ray_address: str | None =
         bootstrap_samples=cfg.bootstrap_samples, bootstrap_steps=cfg.bootstrap_steps,
         pretrain_steps=cfg.pretrain_steps, batch_size=cfg.batch_size, executor=executor, ray_address=ray_address,
         truth=corpus.truth_path, truth_label=corpus.target_domain))
+    from sept.data.report import ReportConfig, write_report
+
+    for frac in results["fractions"]:
+        selection = os.path.join(workdir, "experiment", f"selection-{frac}")
+        write_report(ReportConfig(selection=selection, out=os.path.join(workdir, "report"), truth=corpus.truth_path,
+                                  domain=corpus.target_domain))
     print()
     print(f"sept demo on {cfg.pool_size} pool images, target: {corpus.target_domain} "
           f"({time.time() - t0:.0f} s; everything is in {workdir})")
     print(format_results(results))
+    print(f"selection report: {os.path.join(workdir, 'report', 'index.html')}")
     return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def two_node_cluster(cpus_per_node: int = 2, port: int = 6395):
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def synthetic_vectors(n: int, d: int, seed: int = 0, clusters: int = 256) -> np.ndarray:

@@ -107,6 +107,10 @@ def main() -> None:
         end_to_end=dict(seconds=round(e2e_s, 2), budget=args.budget, k=k, heldout=args.heldout,
                         selected=len(choice), leaked=len(leaked)))
     print(json.dumps(result, indent=2))
+    if not args.workdir:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

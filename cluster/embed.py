@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -103,6 +103,8 @@ def embed_pool(cfg: EmbedConfig) -> dict:
     """
     from sept.training.encoder import load_encoder
 
+    # Ray workers may run in another working directory: hand them absolute paths.
+    cfg = replace(cfg, encoder=os.path.abspath(cfg.encoder), out=os.path.abspath(cfg.out))
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise SeptError(f"--max-bad-fraction must lie in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.workers < 1 or cfg.batch_size < 1:

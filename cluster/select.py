@@ -220,7 +220,7 @@ def _effective_queries(t: _Task, balance: str) -> int:
 
 def _choose_tasks(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list[_Task], n_clusters: int,
                   out: str) -> dict[str, dict]:
-    ntotal, metric = int(attrs["ntotal"]), attrs["metric"]
+    ntotal = int(attrs["ntotal"])
     search_based = cfg.strategy != "cluster"
     k = {t.spec.name: neighbours_needed(t.spec.budget, _effective_queries(t, cfg.balance), ntotal) if search_based else 0
          for t in tasks}
@@ -235,7 +235,9 @@ def _choose_tasks(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list
         return _search_and_choose(cfg, store, attrs, tasks, n_clusters, out, k, k_leak, centroids, pool)
 
 
-def _search_and_choose(cfg, store, attrs, tasks, n_clusters, out, k, k_leak, centroids, pool) -> dict[str, dict]:
+def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list[_Task], n_clusters: int,
+                       out: str, k: dict[str, int], k_leak: dict[str, int], centroids: np.ndarray | None,
+                       pool: SearcherPool) -> dict[str, dict]:
     """Search for every task still to do, choose; tasks that need more neighbours go round again."""
     ntotal, metric = int(attrs["ntotal"]), attrs["metric"]
     search_based = cfg.strategy != "cluster"

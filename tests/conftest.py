@@ -29,11 +29,11 @@ class RayCluster:
     address: str
     env: dict  # environment for drivers: carries the auth token
 
-    def run_sept(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    def run_sept(self, *args: str, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
         return run_sept(*args, "--ray-address", self.address, env=self.env, check=check, timeout=timeout)
 
 
-def run_sept(*args: str, env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_sept(*args: str, env: dict | None = None, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
     proc = subprocess.run([os.path.join(VENV_BIN, "sept"), *args], env=env or os.environ.copy(), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -42,10 +42,17 @@ def run_sept(*args: str, env: dict | None = None, check: bool = True, timeout: i
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return port if port < 10000 else 6390  # Ray's worker ports start at 10002
+    """A free port below Ray's worker-port range (which starts at 10002), so runs don't collide."""
+    import random
+
+    for port in random.Random(os.getpid()).sample(range(6300, 9900), 200):
+        with socket.socket() as s:
+            try:
+                s.bind((NODE_IP, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for the Ray test cluster")
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +60,7 @@ def ray_cluster():
     """A real two-node Ray cluster (head + one worker node) with token auth, stopped afterwards."""
     env = dict(os.environ)
     temp_dir = tempfile.mkdtemp(prefix="sept-ray-", dir="/tmp")  # short: unix socket paths are limited
-    port = 6390
+    port = _free_port()
     common = ["--num-cpus=2", "--disable-usage-stats", f"--node-ip-address={NODE_IP}"]
     subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
                     "--resources", '{"sept_head": 1}', *common], env=env, check=True, capture_output=True, timeout=120)

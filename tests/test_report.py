@@ -4,7 +4,6 @@ all its images, in headless Chromium; precision per class computed from the trut
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil

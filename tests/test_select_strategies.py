@@ -2,7 +2,6 @@
 similarity threshold, dedup with best score and every retriever, near-duplicates, leakage guard."""
 
 import numpy as np
-import pytest
 
 from sept.index.dedup import NearDuplicateFilter, leaked_ids, normalize, to_similarity
 from sept.index.strategies import choose, choose_by_clusters, instance_streams, train_clusters

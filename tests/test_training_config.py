@@ -65,7 +65,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_fast_preset_turns_every_strategy_on_below_yaml_and_overrides(tmp_path):
     cfg = load_config(None, {"steps": 90}, preset="fast")
     assert (cfg.lr_schedule, cfg.progressive, cfg.hard_positives) == ("cyclic", True, True)
-    assert cfg.cycle_steps == 30 and cfg.min_image_size == 16  # derived once, then saved
+    assert cfg.cycle_steps == 30 and cfg.min_image_size == 24  # derived once, then saved
     path = tmp_path / "run.yaml"
     path.write_text("hard_positives: false\n")
     cfg = load_config(path, {"progressive": "false"}, preset="fast")

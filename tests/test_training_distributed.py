@@ -46,6 +46,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
                 "grad2": local2.grad,
                 "keys_shape": tuple(keys1.shape),
                 "check": check.item(),
+                "flags": distributed.all_reduce_max_flags([rank, 1 - rank, 0]),
                 "objects": distributed.gather_objects({"rank": rank}),
                 "main": distributed.is_main_process(),
             },
@@ -68,6 +69,7 @@ def test_gathered_negatives_match_the_full_batch(tmp_path):
     assert [r["main"] for r in results] == [True, False]
     assert all(r["keys_shape"] == (WORLD * ROWS, 6) for r in results)
     assert all(r["check"] == 3.0 for r in results)
+    assert all(r["flags"] == [1, 1, 0] for r in results)  # the stop/ran-out vote of the trainer
     assert results[1]["objects"] == [{"rank": 0}, {"rank": 1}]
     assert torch.allclose(sum(r["loss"] for r in results) / WORLD, full.detach(), atol=1e-6)
     # DDP averages gradients over ranks: rank r's gradient / world is the full batch's for its rows.
@@ -88,4 +90,5 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     assert distributed.all_reduce_sum(torch.tensor([1.0])).item() == 1.0
     assert distributed.gather_objects("x") == ["x"]
     assert distributed.broadcast_object(5) == 5
+    assert distributed.all_reduce_max_flags([2, 0]) == [2, 0]
     assert distributed.node_info()["hostname"] == socket.gethostname()

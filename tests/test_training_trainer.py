@@ -96,7 +96,7 @@ def test_fast_preset_follows_its_plan_and_extends_by_more_cycles(pool, tmp_path)
     summary = train(cfg)
     plan = AccelerationPlan.from_config(cfg)
     rows = _rows(run / "metrics.csv")
-    assert [int(r["image_size"]) for r in rows] == [plan.image_size_at(s) for s in range(6)] == [8, 12, 16] * 2
+    assert [int(r["image_size"]) for r in rows] == [plan.image_size_at(s) for s in range(6)] == [12, 12, 16] * 2
     assert [float(r["lr"]) for r in rows] == pytest.approx([plan.lr(s) for s in range(6)], rel=1e-5)
     assert summary["final_image_size"] == 16 and summary["epoch"] == 1  # 5 batches per epoch
     # Per-rank throughput and data wait: in the summary and one row per rank and log step.

@@ -41,6 +41,11 @@ three strategies, not from its code, and these choices are sept's:
   model on candidate views; flips and colour changes do not count towards difficulty;
 * the schedules are defined per optimizer step, not per epoch, so they behave the same whatever
   the data size and survive mid-epoch preemption.
+
+Measured here (``benchmarks/RESULTS.md``, "Pre-training"): on the demo corpus, at 120 steps of a
+small CPU model, the preset does not reach plain SimCLR's accuracy in fewer steps; each
+strategy alone costs some accuracy at equal steps, while the progressive schedule cuts the
+time per step. The paper's 2.7x was measured on long ImageNet-scale runs.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ The encoder exists to retrieve, so the defaults (``BOOTSTRAP_DEFAULTS``) were ch
 selection precision, not by loss, and the schedule is sized to the subset
 (``bootstrap_steps``). Given a labelled ``target``, the bootstrap also scores the backbone's
 kNN retrieval precision on the target's images as it trains (the untrained weights included)
-and keeps the best-scoring weights, not the last (``sept.training.retrieval_metrics``).
+and keeps the weights that retrieve best, not the last (``sept.training.retrieval_metrics``;
+an earlier checkpoint must win by more than the probe's noise, ``checkpoint_to_keep``).
 """
 
 from __future__ import annotations
@@ -136,14 +137,25 @@ def target_probe(target: Any, *, image_size: int, k: int = 5) -> RetrievalProbe 
     return RetrievalProbe.from_images(images, labels, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, k=k)
 
 
+def checkpoint_to_keep(scores: list[tuple[int, float]], probe_size: int) -> int:
+    """The step to keep of (step, score) pairs in training order: the latest whose score is within
+    one standard error, sqrt(p(1-p)/n) at the best score p with n probe images, of the best score.
+    A small probe is noisy: an earlier checkpoint must beat a later one by more than that."""
+    best = max(v for _, v in scores)
+    margin = float(np.sqrt(best * (1.0 - best) / max(1, probe_size)))
+    return [s for s, v in scores if v >= best - margin][-1]
+
+
 class _BestWeights:
-    """Scores the backbone every ``every`` steps and at ``last``; holds the best-scoring weights
-    (on CPU). Equal scores keep the later weights: they have seen more data."""
+    """Scores the backbone every ``every`` steps and at ``last`` and keeps the weights to write.
+
+    The weights kept are those of ``checkpoint_to_keep``. Only checkpoints that score higher
+    than every later one can ever be kept, so only those are held (on CPU)."""
 
     def __init__(self, probe: RetrievalProbe, every: int, last: int):
         self.probe, self.every, self.last = probe, max(1, every), last
         self.scores: list[tuple[int, float]] = []
-        self.best_step, self.best_score, self.best_state = -1, -np.inf, None
+        self._candidates: list[tuple[int, float, dict]] = []  # scores strictly decreasing
 
     def __call__(self, step: int, backbone: torch.nn.Module) -> None:
         if step % self.every and step != self.last:
@@ -151,16 +163,23 @@ class _BestWeights:
         score = self.probe.score(backbone)
         self.scores.append((step, score))
         log.info("bootstrap step %d: target kNN retrieval precision %.4f", step, score)
-        if score >= self.best_score:
-            self.best_step, self.best_score = step, score
-            self.best_state = {k: v.detach().to("cpu").clone() for k, v in backbone.state_dict().items()}
+        while self._candidates and self._candidates[-1][1] <= score:
+            self._candidates.pop()
+        state = {k: v.detach().to("cpu").clone() for k, v in backbone.state_dict().items()}
+        self._candidates.append((step, score, state))
+
+    def kept(self) -> tuple[int, float, dict]:
+        """(step, score, weights) of the checkpoint to write (``checkpoint_to_keep``)."""
+        step = checkpoint_to_keep([(s, v) for s, v, _ in self._candidates], len(self.probe.labels))
+        return next(c for c in self._candidates if c[0] == step)
 
     def write_log(self, path: str) -> None:
+        kept_step = self.kept()[0]
         tmp = path + ".tmp"
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["step", "knn_precision", "kept"])
-            writer.writerows([s, f"{v:.6f}", int(s == self.best_step)] for s, v in self.scores)
+            writer.writerows([s, f"{v:.6f}", int(s == kept_step)] for s, v in self.scores)
         os.replace(tmp, path)
 
 
@@ -189,7 +208,8 @@ def bootstrap(
     ``target`` (a target task directory or ``TargetTask``) turns on checkpoint choice: every
     ``eval_every`` steps (default: ``EVAL_POINTS`` times per run) and before the first step, the
     backbone's leave-one-out kNN precision on the target's labelled images is measured, and the
-    encoder written is the best-scoring one; the scores go to ``work_dir/retrieval.csv`` and the
+    encoder written is the one ``checkpoint_to_keep`` picks (the best, unless a later one is
+    within the probe's noise of it); the scores go to ``work_dir/retrieval.csv`` and the
     encoder's provenance.
 
     The run's files (config, metrics, summary) stay in ``work_dir`` (default
@@ -252,14 +272,15 @@ def bootstrap(
     summary = train(cfg, distributed_run=False, encoder_path=out_path, encoder_extra=extra, step_callback=keeper)
     if keeper is not None and "interrupted" not in summary:
         keeper.write_log(os.path.join(work_dir, RETRIEVAL_LOG_FILENAME))
-        log.info("bootstrap keeps the weights of step %d (target kNN precision %.4f, last %.4f)",
-                 keeper.best_step, keeper.best_score, keeper.scores[-1][1])
+        kept_step, kept_score, kept_state = keeper.kept()
+        log.info("bootstrap keeps the weights of step %d (target kNN precision %.4f; best %.4f, last %.4f)",
+                 kept_step, kept_score, max(v for _, v in keeper.scores), keeper.scores[-1][1])
         written = load_encoder(out_path, device="cpu")  # the trainer's provenance, kept
         backbone, _ = build_backbone(cfg.arch, width=cfg.width)
-        backbone.load_state_dict(keeper.best_state)
+        backbone.load_state_dict(kept_state)
         save_encoder(
             out_path, backbone, arch=cfg.arch, image_size=cfg.image_size, mean=written.mean, std=written.std,
-            extra={**written.extra, "steps": keeper.best_step, "trained_steps": summary.get("steps", cfg.steps),
+            extra={**written.extra, "steps": kept_step, "trained_steps": summary.get("steps", cfg.steps),
                    "retrieval_scores": [[s, round(v, 6)] for s, v in keeper.scores]})
     for leftover in (subset, os.path.join(work_dir, CHECKPOINT_FILENAME)):
         if os.path.exists(leftover):

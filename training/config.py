@@ -27,7 +27,8 @@ class PretrainConfig:
     data: str = ""
     """Shard spec of the training data (see ``sept.data.shards.list_shards``)."""
     out: str = "runs/pretrain"
-    """Run directory: config.yaml, checkpoint.pt, metrics.csv, summary.json, encoder.pt."""
+    """Run directory: config.yaml, checkpoint.pt, metrics.csv, rank_metrics.csv, summary.json,
+    encoder.pt (see ``sept.training.trainer``)."""
     method: str = "simclr"
     """simclr | moco | byol | detcon_s | detcon_b (``detcon`` is read as detcon_s)."""
     arch: str = "resnet18_small"
@@ -51,6 +52,8 @@ class PretrainConfig:
     """EMA momentum of MoCo's key encoder / BYOL's and DetCon-B's target (BYOL: the base of its cosine schedule)."""
     color_jitter: float = 0.5
     """Colour-jitter strength s of the augmentations (0 disables jitter)."""
+    crop_min_scale: float = 0.2
+    """Smallest area share of the image a random-resized crop keeps (1 keeps the whole image)."""
     lr_schedule: str = "cosine"
     """cosine (warm-up, then cosine decay over ``steps``) | cyclic (the extendable cyclic schedule
     of arXiv 2212.05611, see ``sept.training.acceleration``)."""
@@ -64,14 +67,14 @@ class PretrainConfig:
     progressive: bool = False
     """Progressive image resolution and augmentation magnitude within each cycle (arXiv 2212.05611)."""
     min_image_size: int | None = None
-    """Image side of the first progressive stage (None: half of ``image_size``, at least 8)."""
-    min_strength: float = 0.25
+    """Image side of the first progressive stage (None: three quarters of ``image_size``, at least 8)."""
+    min_strength: float = 0.5
     """Augmentation magnitude of the first progressive stage (the last is 1)."""
     progressive_stages: int = 4
     """Stages per cycle of the progressive schedules."""
     hard_positives: bool = False
     """Hard positive mining by augmentation difficulty (arXiv 2212.05611)."""
-    positive_candidates: int = 4
+    positive_candidates: int = 2
     """Candidate crop pairs per image of which hard positive mining keeps the hardest."""
     num_masks: int = 16
     """DetCon: segments pooled per image."""
@@ -179,6 +182,8 @@ def _validate(cfg: PretrainConfig, source: str) -> None:
         raise SeptError(f"config key 'optimizer' in {source} must be one of {', '.join(_OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.lr <= 0 or cfg.temperature <= 0 or cfg.weight_decay < 0:
         raise SeptError(f"config in {source}: lr and temperature must be positive, weight_decay non-negative")
+    if not 0.0 < cfg.crop_min_scale <= 1.0:
+        raise SeptError(f"config key 'crop_min_scale' in {source} must lie in (0, 1], got {cfg.crop_min_scale}")
     if not 0.0 <= cfg.momentum < 1.0:
         raise SeptError(f"config key 'momentum' in {source} must lie in [0, 1), got {cfg.momentum}")
     for key, allowed in (("lr_schedule", _LR_SCHEDULES), ("device", _DEVICES)):
@@ -254,7 +259,7 @@ def _resolve(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.lr_schedule == "cyclic" and cfg.cycle_steps is None:
         changes["cycle_steps"] = max(1, cfg.steps // 3)
     if cfg.progressive and cfg.min_image_size is None:
-        changes["min_image_size"] = min(cfg.image_size, max(8, cfg.image_size // 2))
+        changes["min_image_size"] = min(cfg.image_size, max(8, cfg.image_size * 3 // 4))
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 

@@ -52,8 +52,8 @@ def get_world_size() -> int:
 
 
 def get_local_rank() -> int:
-    """This process's rank within its node (picks its GPU)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+    """This process's rank within its node (picks its GPU): LOCAL_RANK, else SLURM_LOCALID."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
 def get_local_world_size() -> int:
@@ -100,8 +100,10 @@ def init_distributed() -> DistInfo:
 
 
 def destroy_distributed() -> None:
+    global _CONTROL_GROUP
     if is_initialized():
         dist.destroy_process_group()
+    _CONTROL_GROUP = None
 
 
 def barrier() -> None:
@@ -154,6 +156,28 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+_CONTROL_GROUP = None
+
+
+def all_reduce_max_flags(values: list[int]) -> list[int]:
+    """Element-wise max of small integer flags over all ranks (``values`` itself alone).
+
+    Runs on CPU over a gloo group even when training uses NCCL, so reading the result does not
+    wait for the GPU to finish the step in flight (a per-step control message must not stall
+    the device pipeline)."""
+    global _CONTROL_GROUP
+    if not is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    group = None
+    if dist.get_backend() != "gloo":
+        if _CONTROL_GROUP is None:
+            _CONTROL_GROUP = dist.new_group(backend="gloo")
+        group = _CONTROL_GROUP
+    flags = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in flags]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

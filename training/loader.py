@@ -87,6 +87,15 @@ class TrainBatch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def pin_memory(self) -> TrainBatch:
+        """This batch with its tensors in page-locked memory (DataLoader calls it with
+        ``pin_memory=True``), so copies to the GPU can overlap compute."""
+        for name in ("view1", "view2", "ids", "mask1", "mask2", "mask_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.pin_memory())
+        return self
+
 
 @dataclass
 class EpochState:

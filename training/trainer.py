@@ -257,7 +257,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
     plan = AccelerationPlan.from_config(cfg)
     stream = PretrainStream(
         shards,
-        augment=ViewAugment(cfg.image_size, cfg.color_jitter),
+        augment=ViewAugment(cfg.image_size, cfg.color_jitter, min_scale=cfg.crop_min_scale),
         batch_size=cfg.batch_size,
         rank=rank,
         world_size=world,
@@ -358,10 +358,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
             waited = time.perf_counter()
             batch = next(batches, None)
             window.wait += time.perf_counter() - waited
-            flags = torch.tensor([stop.code, 0 if batch is not None else 1], dtype=torch.int64, device=collective_device)
-            if world > 1:
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            stop_code, ran_out = int(flags[0]), bool(flags[1])
+            stop_code, ran_out = distributed.all_reduce_max_flags([stop.code, 0 if batch is not None else 1])
             if stop_code:
                 interrupted = signal_of_code(stop_code)
                 log.warning("rank %d stops at step %d on %s", rank, step, interrupted.name)
