@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clusters-up clusters-down clean
+.PHONY: install demo test browser clusters-up clusters-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,15 @@ demo: install
 clusters-up:
 	bash slurm/dev-cluster.sh up
 
+# headless Chromium renders the selection report in tests/test_report.py
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 clusters-down:
 	bash slurm/dev-cluster.sh down
 
 # The Ray test cluster is started and stopped by the tests themselves (tests/conftest.py).
-test: install clusters-up
+test: install browser clusters-up
 	$(VENV)/bin/python -m pytest -q --timeout=1800 tests; status=$$?; \
 	  bash slurm/dev-cluster.sh down; exit $$status
 
