@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--config", default=None, help="YAML with PretrainConfig fields to override")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", default=None, help="a labelled target task: score retrieval on it while "
+                   "training and keep the best weights (the untrained ones included), not the last")
 
     p = sub.add_parser("embed", help="embed every pool shard into a Zarr store with Ray actors",
                        description="Ray actors, each holding the encoder once, embed the pool shards into a "
@@ -262,7 +264,7 @@ def run(args: argparse.Namespace) -> object:
         from sept.training.bootstrap import bootstrap
 
         kwargs = {k: v for k, v in dict(sample_size=args.sample_size, steps=args.steps).items() if v is not None}
-        return bootstrap(args.pool, args.out, config=args.config, seed=args.seed, **kwargs)
+        return bootstrap(args.pool, args.out, config=args.config, seed=args.seed, target=args.target, **kwargs)
     if cmd == "embed":
         from sept.cluster.embed import EmbedConfig, embed_pool
 

@@ -30,6 +30,16 @@ GIB = 1024**3
 BIN = os.path.dirname(sys.executable)
 
 
+def clustered(rows: int, dim: int, *, sample_seed: int, centre_seed: int = 0) -> np.ndarray:
+    """rows L2-normalised vectors around 1000 Gaussian centres (fixed by centre_seed), noise 0.6."""
+    centres = np.random.default_rng(centre_seed).normal(size=(1000, dim)).astype(np.float32)
+    rng = np.random.default_rng(sample_seed)
+    x = centres[rng.integers(len(centres), size=rows)]
+    x += 0.6 * rng.standard_normal((rows, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
 def make_embeddings(path: str, n: int, dim: int, shard_rows: int, seed: int = 0) -> None:
     from sept.data.identity import make_ids
     from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
@@ -41,16 +51,12 @@ def make_embeddings(path: str, n: int, dim: int, shard_rows: int, seed: int = 0)
     if os.path.exists(marker) and json.load(open(marker)) == params:
         return
     store = EmbeddingStore.create_or_open(path, encoder=EncoderIdentity("synthetic", "synthetic", dim, 0), pool=pool)
-    centres = np.random.default_rng(seed).normal(size=(1000, dim)).astype(np.float32)
     for s in range(shards):
         if store.is_complete(s):
             continue
         rows = min(shard_rows, n - s * shard_rows)
-        rng = np.random.default_rng(seed + 1 + s)
-        x = centres[rng.integers(len(centres), size=rows)]
-        x += 0.6 * rng.standard_normal((rows, dim), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        store.write_shard(s, x, make_ids(s, np.arange(rows)))
+        store.write_shard(s, clustered(rows, dim, sample_seed=seed + 1 + s, centre_seed=seed),
+                          make_ids(s, np.arange(rows)))
     with open(marker, "w") as f:
         json.dump(params, f)
 

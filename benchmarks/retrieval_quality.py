@@ -64,7 +64,7 @@ def _random_resnet18(images, queries, seed: int, size: int, workdir: str):
 
 
 def run(workdir: str, *, budget_fraction: float = 0.1, seed: int = 0, random_seeds: int = 3,
-        ray_address: str | None = None) -> dict:
+        ray_address: str | None = None, bootstrap_steps: int | None = None) -> dict:
     from sept.cluster.embed import EmbedConfig, embed_pool
     from sept.cluster.index_build import IndexConfig, build_index
     from sept.cluster.runtime import ray_session
@@ -99,7 +99,7 @@ def run(workdir: str, *, budget_fraction: float = 0.1, seed: int = 0, random_see
     # --- sept's pipeline, stage by stage, with its defaults ---------------------------------
     encoder_path = os.path.join(workdir, "encoder.pt")
     if not os.path.exists(encoder_path):
-        bootstrap(corpus.pool_spec, encoder_path, seed=seed, target=corpus.target_dir)
+        bootstrap(corpus.pool_spec, encoder_path, seed=seed, target=corpus.target_dir, steps=bootstrap_steps)
     lap("bootstrap")
     emb_path = os.path.join(workdir, "embeddings.zarr")
     index_path = os.path.join(workdir, "index.zarr")
@@ -197,10 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--bootstrap-steps", type=int, default=None,
+                        help="override sept's default schedule (for a quick smoke run only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(args.workdir, budget_fraction=args.budget_fraction, seed=args.seed, random_seeds=args.random_seeds,
-        ray_address=args.ray_address)
+        ray_address=args.ray_address, bootstrap_steps=args.bootstrap_steps)
 
 
 if __name__ == "__main__":
