@@ -153,10 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=None, help="pool samples to select per task")
     p.add_argument("--out", required=True, help="selection directory to write (shared by its tasks)")
     p.add_argument("--strategy", choices=["instance", "topk", "cluster"], default="instance",
-                   help="instance: SEPT's equal share per target image (default); topk: global top scores; "
-                   "cluster: k-means on the pool, keep the clusters the target falls into")
-    p.add_argument("--balance", choices=["instance", "class"], default="instance",
-                   help="split the budget evenly over target images (default) or over classes")
+                   help="instance: SEPT's per-instance search, each target image's nearest neighbours in "
+                   "turn (default); topk: the top scores only; cluster: k-means on the pool, keep the "
+                   "clusters the target falls into")
+    p.add_argument("--balance", choices=["instance", "class"], default="class",
+                   help="split the budget evenly over classes (default), each class's share over its "
+                   "images, or over target images regardless of class")
+    p.add_argument("--topk-share", type=float, default=0.5,
+                   help="with --strategy instance, the fraction of the budget filled by the top scores "
+                   "(per class with --balance class), the rest by the round robin over target images "
+                   "(default: %(default)s; 0 is SEPT's pure per-instance search). The defaults were chosen "
+                   "by benchmarks/retrieval_quality.py")
     p.add_argument("--min-similarity", type=float, default=None, help="never select below this cosine similarity")
     p.add_argument("--near-dup-threshold", type=float, default=None,
                    help="keep one of pool images at least this similar to each other (default: off)")
@@ -191,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised DDP pre-training launched with submitit",
                        description="Launch self-supervised pre-training with submitit: on this machine "
                        "(--executor local) or on SLURM (--executor slurm). DDP uses gloo on CPU, NCCL on GPU.")
-    p.add_argument("--data", required=True, help="training shards: brace pattern, directory or listing file")
+    p.add_argument("--data", required=True, help="training shards: brace pattern, directory or listing file; "
+                   "or a task of a selection (SEL/tasks/TASK): only its samples of the shared shards are read")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, encoder.pt)")
     p.add_argument("--method", choices=["simclr", "moco", "byol", "detcon", "detcon_s", "detcon_b"], default=None,
                    help="SSL method; detcon = detcon_s (masks are computed into the run directory if the data "
@@ -308,7 +316,7 @@ def run(args: argparse.Namespace) -> object:
 
         return select(SelectConfig(index=args.index, encoder=args.encoder, target=args.target, budget=args.budget,
                                    out=args.out, task=args.task, tasks_file=args.tasks, strategy=args.strategy,
-                                   balance=args.balance, min_similarity=args.min_similarity,
+                                   balance=args.balance, topk_share=args.topk_share, min_similarity=args.min_similarity,
                                    near_dup_threshold=args.near_dup_threshold, leakage_guard=args.leakage_guard,
                                    leakage_threshold=args.leakage_threshold, clusters=args.clusters, seed=args.seed,
                                    ray_address=args.ray_address, searchers=args.searchers,

@@ -162,8 +162,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     encoder = cfg.encoder or os.path.join(out, "encoder.pt")
     t = time.time()
     if not os.path.exists(encoder):
+        # With the target, the bootstrap keeps the weights that retrieve its classes best.
         bootstrap(cfg.pool, encoder, sample_size=cfg.bootstrap_samples, steps=cfg.bootstrap_steps, seed=0,
-                  batch_size=cfg.batch_size)
+                  batch_size=cfg.batch_size, target=cfg.target)
     timings["bootstrap"] = time.time() - t
     emb, index = os.path.join(out, "embeddings.zarr"), os.path.join(out, "index.zarr")
     truth = json.load(open(cfg.truth)) if cfg.truth else None

@@ -90,12 +90,12 @@ def refinement_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarr
     """Each selection rule of ``sept.index.query_refine`` / ``sept.index.strategies`` on the same
     embeddings and budget; ids are row indices of ``xb``."""
     from sept.index import query_refine as qr
-    from sept.index.strategies import choose, cluster_streams, fill, instance_streams, train_clusters
+    from sept.index.strategies import choose, cluster_streams, fill, instance_streams, topk_streams, train_clusters
 
     k = max(neighbours_needed(budget, len(xq), len(xb)), 4 * -(-budget // len(xq)))
     D, I = search(xq, xb, k)
     out: dict[str, Selection] = {}
-    out["per-instance round robin (sept default)"] = choose(D, I, budget)
+    out["per-instance round robin (--topk-share 0)"] = choose(D, I, budget)
     out["class-balanced round robin"] = choose(D, I, budget, balance="class", query_class=query_labels)
 
     protos, _ = qr.class_prototypes(xq, query_labels)
@@ -121,4 +121,36 @@ def refinement_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarr
     out["pool clusters (cluster strategy)"] = fill(streams, budget)
     out["50% instances, 50% pool clusters"] = fill(qr.mix_streams([instance_streams(D, I), streams], [0.5, 0.5]),
                                                    budget)
+    out["global top-k (topk strategy)"] = choose(D, I, budget, strategy="topk")
+    out["50% instances, 50% global top-k"] = fill(qr.mix_streams([instance_streams(D, I), topk_streams(D, I)],
+                                                                 [0.5, 0.5]), budget)
     return out
+
+
+DEFAULT_RULE = "sept default (class-balanced: half round robin, half top-k)"
+RULES = (DEFAULT_RULE, "round robin", "class-balanced", "global top-k")
+
+
+def centred(xb: np.ndarray, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides minus the pool's mean feature, normalised again (what a centred encoder does)."""
+    mu = xb.mean(axis=0)
+
+    def norm(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    return norm(norm(xb) - mu), norm(norm(xq) - mu)
+
+
+def rule_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarray, budget: int) -> dict[str, Selection]:
+    """The selection rules of ``RULES`` (sept's default, per-instance round robin, class-balanced
+    round robin, global top-k) on the same features; ids are row indices of ``xb``."""
+    from sept.cluster.select import SelectConfig
+    from sept.index.strategies import choose
+
+    k = max(neighbours_needed(budget, len(xq), len(xb)), min(len(xb), budget))
+    D, I = search(xq, xb, k)
+    return {DEFAULT_RULE: choose(D, I, budget, balance=SelectConfig.balance, query_class=query_labels,
+                                 topk_share=SelectConfig.topk_share),
+            "round robin": choose(D, I, budget),
+            "class-balanced": choose(D, I, budget, balance="class", query_class=query_labels),
+            "global top-k": choose(D, I, budget, strategy="topk")}

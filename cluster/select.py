@@ -52,7 +52,9 @@ class SelectConfig:
     task: str | list[str] = ""
     tasks_file: str | None = None
     strategy: str = "instance"
-    balance: str = "instance"
+    # The defaults below were chosen by benchmarks/retrieval_quality.py (see index/strategies.py).
+    balance: str = "class"
+    topk_share: float = 0.5  # of the instance strategy's budget
     min_similarity: float | None = None
     near_dup_threshold: float | None = None
     leakage_guard: bool = True
@@ -106,6 +108,8 @@ def _check_options(cfg: SelectConfig) -> None:
                         ("--leakage-threshold", cfg.leakage_threshold)):
         if value is not None and not -1.0 <= value <= 1.0:
             raise SeptError(f"{name} {value} is not a cosine similarity in [-1, 1]")
+    if not 0.0 <= cfg.topk_share <= 1.0:
+        raise SeptError(f"--topk-share {cfg.topk_share} is not a fraction in [0, 1]")
     if cfg.clusters is not None and cfg.clusters < 1:
         raise SeptError(f"--clusters must be at least 1, got {cfg.clusters}")
     if not cfg.out:
@@ -185,6 +189,7 @@ def select(cfg: SelectConfig) -> dict:
 def _task_config(cfg: SelectConfig, spec: TaskSpec, n_clusters: int) -> dict:
     """What decides a task's selection (and nothing that only decides how it is computed)."""
     return dict(target=spec.target, budget=spec.budget, strategy=cfg.strategy, balance=cfg.balance,
+                topk_share=cfg.topk_share if cfg.strategy == "instance" else None,
                 min_similarity=cfg.min_similarity, near_dup_threshold=cfg.near_dup_threshold,
                 leakage_guard=cfg.leakage_guard, leakage_threshold=cfg.leakage_threshold if cfg.leakage_guard else None,
                 clusters=n_clusters if cfg.strategy == "cluster" else None,
@@ -285,7 +290,7 @@ def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks:
                 near_dup = _near_dup_filter(cfg, attrs, Iq)
                 choice = choose(Sq, Iq, t.spec.budget, strategy=cfg.strategy, balance=cfg.balance,
                                 query_class=t.query_class, min_similarity=cfg.min_similarity, excluded=set(leaked),
-                                near_dup=near_dup)
+                                near_dup=near_dup, topk_share=cfg.topk_share if cfg.strategy == "instance" else 0.0)
                 if choice.needs_more_neighbours and k[name] < ntotal:
                     k[name] = min(ntotal, 2 * k[name])
                     log.info("select: task %s needs more neighbours per target image; searching again with k=%d",
@@ -372,7 +377,8 @@ def _write_choice(cfg: SelectConfig, out: str, t: _Task, choice: Choice, neighbo
         share = t.spec.budget * images / max(1, images.sum())
     summary = dict(
         task=t.spec.name, budget=t.spec.budget, selected=len(choice), queries=len(names), strategy=cfg.strategy,
-        balance=cfg.balance, min_similarity=cfg.min_similarity,
+        balance=cfg.balance, topk_share=cfg.topk_share if cfg.strategy == "instance" else None,
+        min_similarity=cfg.min_similarity,
         scores=dict(min=float(choice.scores.min()) if len(choice) else None,
                     max=float(choice.scores.max()) if len(choice) else None,
                     mean=float(choice.scores.mean()) if len(choice) else None),

@@ -12,8 +12,8 @@ round-robin consumes, each on its own so the select stage can put each behind a 
 * ``k_reciprocal_rerank``: candidates a query would also be a k-nearest neighbour of come first
   (the reciprocity test of Qin et al. 2011 / Zhong et al. 2017, done with one number per
   candidate: its similarity to its k-th nearest pool neighbour);
-* ``mix_streams``: a budget shared between strategies (e.g. per-instance and cluster streams of
-  ``sept.index.strategies``) in given fractions.
+* ``mix_streams`` (defined in ``sept.index.strategies``, which uses it for ``--topk-share``): a
+  budget shared between strategies (e.g. per-instance and cluster streams) in given fractions.
 
 Vectors are L2-normalised float32 rows and scores are inner products (cosine similarity);
 ids < 0 in search results are padding, as faiss returns them.
@@ -21,12 +21,11 @@ ids < 0 in search results are padding, as faiss returns them.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
 
-from sept.index.strategies import Stream
+from sept.index.strategies import Stream, mix_streams  # noqa: F401 (re-exported)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -116,23 +115,3 @@ def kth_neighbour_similarity(D_self: np.ndarray, k: int) -> np.ndarray:
     if not 1 <= k < D_self.shape[1]:
         raise ValueError(f"k must lie in [1, {D_self.shape[1] - 1}] for {D_self.shape[1]} neighbours, got {k}")
     return D_self[:, k]
-
-
-def mix_streams(groups: Sequence[Sequence[Stream]], fractions: Sequence[float]) -> list[Stream]:
-    """The streams of several strategies as one list for ``sept.index.strategies.fill``, weighted
-    so that group g takes ``fractions[g]`` of the budget (fractions are normalised to sum to 1;
-    within a group the streams keep their relative weights). ``fill`` deduplicates across groups
-    and hands a group's unused share to the others when it runs out."""
-    if len(groups) != len(fractions) or not groups:
-        raise ValueError("one fraction per group, at least one group")
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if np.any(fractions < 0) or fractions.sum() <= 0:
-        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions.tolist()}")
-    fractions = fractions / fractions.sum()
-    mixed: list[Stream] = []
-    for group, fraction in zip(groups, fractions):
-        total = float(sum(st.weight for st in group))
-        if fraction == 0 or total <= 0:
-            continue
-        mixed += [dataclasses.replace(st, weight=st.weight * fraction / total) for st in group]
-    return mixed

@@ -9,6 +9,13 @@ turn, always from the one that is furthest below its weighted share, until the b
   target image gets an equal share. With ``balance="class"`` there is one stream per class of
   equal weight, so each class gets an equal share, split evenly over its images.
 * ``topk``: one stream of all (image, neighbour) pairs by similarity: the global top scores.
+  With ``balance="class"``, one such stream per class, of equal weight.
+* ``instance`` with ``topk_share`` s: the two above, the top scores taking a share s of the
+  budget (``mix_streams``). ``select``'s default, class balance with a half share, was chosen by
+  measurement (benchmarks/RESULTS.md, "Retrieval quality"): a global top-k alone collapses when a
+  few target images sit among many similar off-target pool images (a hand-made edge encoder
+  selected 0.28 digits where the round robin selected 0.65), while class-balanced top scores
+  were never worse than the round robin on the four encoders measured and 0.1 better on two.
 * ``cluster``: k-means on the pool's embeddings; the clusters the target images fall into are
   kept, one stream each, weighted by how many target images fell in, members ordered by their
   similarity to those images (DINOv2's curation by retrieval of clusters).
@@ -21,9 +28,10 @@ total (ties broken by id, then stream index), so a choice is a pure function of 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -92,19 +100,10 @@ def _bound(S: np.ndarray, valid: np.ndarray, rows) -> float:
 def instance_streams(S: np.ndarray, I: np.ndarray, query_class: np.ndarray | None = None, *,
                      balance: str = "instance", min_similarity: float | None = None) -> list[Stream]:
     """Per-instance streams: rank-major over a group's queries; one group, or one per class."""
-    if balance not in BALANCES:
-        raise ValueError(f"unknown balance {balance!r}; expected one of {BALANCES}")
     nq, k = I.shape
     valid = _valid(S, I, min_similarity)
-    if balance == "class":
-        if query_class is None:
-            raise ValueError("balance='class' needs the class of every query")
-        query_class = np.asarray(query_class)
-        groups = [(str(c), np.flatnonzero(query_class == c)) for c in np.unique(query_class)]
-    else:
-        groups = [("all", np.arange(nq))]
     streams = []
-    for name, rows in groups:
+    for name, rows in _groups(nq, query_class, balance):
         rank_major_valid = valid[rows].T.ravel()
         streams.append(Stream(
             ids=I[rows].T.ravel()[rank_major_valid].astype(np.int64),
@@ -114,19 +113,57 @@ def instance_streams(S: np.ndarray, I: np.ndarray, query_class: np.ndarray | Non
     return streams
 
 
-def topk_streams(S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> list[Stream]:
-    """One stream of every distinct neighbour by its best similarity, best first (ties by id)."""
+def _groups(nq: int, query_class: np.ndarray | None, balance: str) -> list[tuple[str, np.ndarray]]:
+    """Query rows sharing one stream: all of them, or one group per class."""
+    if balance not in BALANCES:
+        raise ValueError(f"unknown balance {balance!r}; expected one of {BALANCES}")
+    if balance == "class":
+        if query_class is None:
+            raise ValueError("balance='class' needs the class of every query")
+        query_class = np.asarray(query_class)
+        return [(str(c), np.flatnonzero(query_class == c)) for c in np.unique(query_class)]
+    return [("all", np.arange(nq))]
+
+
+def topk_streams(S: np.ndarray, I: np.ndarray, query_class: np.ndarray | None = None, *, balance: str = "instance",
+                 min_similarity: float | None = None) -> list[Stream]:
+    """Every distinct neighbour by its best similarity, best first (ties by id): one stream, or
+    with ``balance="class"`` one stream of equal weight per class (its images' neighbours only)."""
     nq, k = I.shape
     valid = _valid(S, I, min_similarity)
-    ids = I[valid].astype(np.int64)
-    scores = S[valid].astype(np.float32)
-    queries = np.repeat(np.arange(nq), k).reshape(nq, k)[valid].astype(np.int64)
-    order = np.lexsort((queries, ids, -scores))
-    ids, scores, queries = ids[order], scores[order], queries[order]
-    _, first = np.unique(ids, return_index=True)  # the first occurrence is the best
-    keep = np.sort(first)
-    return [Stream(ids=ids[keep], scores=scores[keep], queries=queries[keep], bound=_bound(S, valid, np.arange(nq)),
-                   sorted_by_score=True, name="topk")]
+    streams = []
+    for name, rows in _groups(nq, query_class, balance):
+        v = valid[rows]
+        ids = I[rows][v].astype(np.int64)
+        scores = S[rows][v].astype(np.float32)
+        queries = np.repeat(rows, k).reshape(len(rows), k)[v].astype(np.int64)
+        order = np.lexsort((queries, ids, -scores))
+        ids, scores, queries = ids[order], scores[order], queries[order]
+        _, first = np.unique(ids, return_index=True)  # the first occurrence is the best
+        keep = np.sort(first)
+        streams.append(Stream(ids=ids[keep], scores=scores[keep], queries=queries[keep], bound=_bound(S, valid, rows),
+                              sorted_by_score=True, name="topk" if balance == "instance" else f"topk:{name}"))
+    return streams
+
+
+def mix_streams(groups: Sequence[Sequence[Stream]], fractions: Sequence[float]) -> list[Stream]:
+    """The streams of several strategies as one list for ``sept.index.strategies.fill``, weighted
+    so that group g takes ``fractions[g]`` of the budget (fractions are normalised to sum to 1;
+    within a group the streams keep their relative weights). ``fill`` deduplicates across groups
+    and hands a group's unused share to the others when it runs out."""
+    if len(groups) != len(fractions) or not groups:
+        raise ValueError("one fraction per group, at least one group")
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if np.any(fractions < 0) or fractions.sum() <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {fractions.tolist()}")
+    fractions = fractions / fractions.sum()
+    mixed: list[Stream] = []
+    for group, fraction in zip(groups, fractions):
+        total = float(sum(st.weight for st in group))
+        if fraction == 0 or total <= 0:
+            continue
+        mixed += [dataclasses.replace(st, weight=st.weight * fraction / total) for st in group]
+    return mixed
 
 
 # ---- filling the budget ------------------------------------------------------------------------
@@ -221,12 +258,23 @@ def query_neighbours(choice: Choice, S: np.ndarray | None, I: np.ndarray | None,
 
 def choose(S: np.ndarray, I: np.ndarray, budget: int, *, strategy: str = "instance", balance: str = "instance",
            query_class: np.ndarray | None = None, min_similarity: float | None = None,
-           excluded: set[int] | frozenset = frozenset(), near_dup: NearDuplicateFilter | None = None) -> Choice:
-    """The search-based strategies end to end: streams, fill, retrievers."""
+           excluded: set[int] | frozenset = frozenset(), near_dup: NearDuplicateFilter | None = None,
+           topk_share: float = 0.0) -> Choice:
+    """The search-based strategies end to end: streams, fill, retrievers.
+
+    ``topk_share`` (instance strategy only) gives that fraction of the budget to the top scores
+    and the rest to the per-instance round robin: the round robin keeps every target image
+    represented, the top scores add the samples the target is surest of. ``balance`` applies to
+    both: with "class", every class gets an equal share of each."""
+    if not 0.0 <= topk_share <= 1.0:
+        raise ValueError(f"topk_share must lie in [0, 1], got {topk_share}")
     if strategy == "instance":
         streams = instance_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
+        if topk_share > 0:
+            top = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
+            streams = mix_streams([streams, top], [1.0 - topk_share, topk_share])
     elif strategy == "topk":
-        streams = topk_streams(S, I, min_similarity=min_similarity)
+        streams = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
     else:
         raise ValueError(f"strategy {strategy!r} is not search-based; expected 'instance' or 'topk'")
     choice = fill(streams, budget, excluded=excluded, near_dup=near_dup)

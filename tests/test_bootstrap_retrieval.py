@@ -65,13 +65,13 @@ def test_default_schedule_is_sized_to_the_subset():
 
 
 def test_checkpoint_to_keep_prefers_later_steps_within_the_probe_noise():
-    # 100 probe images at best 0.5: the standard error is 0.05.
-    assert checkpoint_to_keep([(0, 0.30), (10, 0.50), (20, 0.46)], 100) == 20
-    assert checkpoint_to_keep([(0, 0.30), (10, 0.50), (20, 0.44)], 100) == 10
-    assert checkpoint_to_keep([(0, 0.60), (10, 0.50), (20, 0.40)], 100) == 0
+    # 100 probe images at best 0.5: two standard errors are 0.1.
+    assert checkpoint_to_keep([(0, 0.30), (10, 0.50), (20, 0.41)], 100) == 20
+    assert checkpoint_to_keep([(0, 0.30), (10, 0.50), (20, 0.39)], 100) == 10
+    assert checkpoint_to_keep([(0, 0.70), (10, 0.50), (20, 0.40)], 100) == 0
     assert checkpoint_to_keep([(0, 0.4), (10, 0.4)], 10) == 10  # ties: the later
-    # A tiny probe cannot overrule training: 10 images at 0.6 give a margin of 0.155.
-    assert checkpoint_to_keep([(0, 0.60), (10, 0.50)], 10) == 10
+    # A tiny probe cannot overrule training: 10 images at 0.6 give a margin of 0.31.
+    assert checkpoint_to_keep([(0, 0.60), (10, 0.30)], 10) == 10
     assert checkpoint_to_keep([(0, 1.0), (10, 0.9)], 10) == 0  # a perfect score has no noise
 
 
@@ -111,3 +111,23 @@ def test_bootstrap_sizes_its_schedule_when_nobody_gives_steps(pool, tmp_path, mo
     bootstrap(pool, out, sample_size=16, batch_size=8, image_size=16, width=4, min_shards=2)
     summary = json.load(open(out + ".bootstrap/summary.json"))
     assert summary["steps"] == bootstrap_steps(16, 8) == 4
+
+
+def test_bootstrap_centres_the_features_on_its_subset(pool, tmp_path):
+    from sept.data.shards import list_shards
+    from sept.training.bootstrap import feature_center, sample_pool
+    from sept.training.encoder import EncoderBundle
+
+    out = str(tmp_path / "enc.pt")
+    bootstrap(pool, out, sample_size=16, steps=2, batch_size=8, image_size=16, width=4, min_shards=2, seed=5)
+    bundle = load_encoder(out, device="cpu")
+    assert bundle.center is not None and bundle.extra["center_of"] == 16
+    items, _, _ = sample_pool(list_shards(pool), 16, seed=5, min_shards=2)
+    raw = EncoderBundle(model=bundle.model, arch=bundle.arch, image_size=16, mean=bundle.mean, std=bundle.std,
+                        dim=bundle.dim, identity="", device=torch.device("cpu"))
+    np.testing.assert_allclose(bundle.center.numpy(), feature_center(raw, items), rtol=1e-5, atol=1e-6)
+    # Off: no centre.
+    plain = str(tmp_path / "plain.pt")
+    bootstrap(pool, plain, sample_size=16, steps=2, batch_size=8, image_size=16, width=4, min_shards=2, seed=5,
+              center_features=False)
+    assert load_encoder(plain, device="cpu").center is None

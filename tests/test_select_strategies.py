@@ -2,6 +2,7 @@
 similarity threshold, dedup with best score and every retriever, near-duplicates, leakage guard."""
 
 import numpy as np
+import pytest
 
 from sept.index.dedup import NearDuplicateFilter, leaked_ids, normalize, to_similarity
 from sept.index.strategies import choose, choose_by_clusters, instance_streams, train_clusters
@@ -151,3 +152,36 @@ def test_instance_streams_are_rank_major():
     S, I = _disjoint(nq=2, k=3)
     (stream,) = instance_streams(S, I)
     assert stream.ids.tolist() == [0, 1000, 1, 1001, 2, 1002]
+
+
+def test_topk_share_gives_the_global_best_scores_their_share_and_the_rest_to_every_image():
+    S, I = _disjoint()  # query 0's neighbours score highest, then query 1's...
+    c = choose(S, I, 12, topk_share=0.5)
+    per_image = np.bincount(c.chosen_by, minlength=4)
+    # Half the budget by round robin (at least one from every image's best), half by top score,
+    # which all comes from query 0's list.
+    assert per_image.min() >= 1 and per_image[0] >= 6
+    assert sorted(c.ids[c.chosen_by == 0].tolist()) == I[0, :per_image[0]].tolist()
+    assert c.taken == [6, 6]
+    assert len(set(c.ids.tolist())) == 12
+    # The two ends: 0 is the round robin, 1 the global top-k.
+    assert choose(S, I, 12, topk_share=0.0).ids.tolist() == choose(S, I, 12).ids.tolist()
+    assert sorted(choose(S, I, 8, topk_share=1.0).ids.tolist()) == sorted(choose(S, I, 8, strategy="topk").ids.tolist())
+    with pytest.raises(ValueError, match="topk_share"):
+        choose(S, I, 12, topk_share=1.5)
+
+
+def test_class_balanced_topk_gives_each_class_its_share_of_its_own_best_scores():
+    S, I = _disjoint(nq=4)  # query 0's neighbours score highest
+    cls = np.array([0, 0, 0, 1])
+    glob = choose(S, I, 8, strategy="topk")
+    assert set(glob.chosen_by.tolist()) == {0}  # one image's neighbours take everything
+    by_class = choose(S, I, 8, strategy="topk", balance="class", query_class=cls)
+    assert np.bincount(cls[by_class.chosen_by]).tolist() == [4, 4]
+    assert sorted(by_class.ids[cls[by_class.chosen_by] == 0].tolist()) == I[0, :4].tolist()
+    assert sorted(by_class.ids[cls[by_class.chosen_by] == 1].tolist()) == I[3, :4].tolist()
+    # The default mix: half by each class's round robin, half by its top scores.
+    mixed = choose(S, I, 12, balance="class", query_class=cls, topk_share=0.5)
+    assert np.bincount(cls[mixed.chosen_by]).tolist() == [6, 6]
+    # Class 0's round robin reaches each of its three images once, its top scores go to image 0.
+    assert np.bincount(mixed.chosen_by, minlength=4).tolist() == [4, 1, 1, 6]

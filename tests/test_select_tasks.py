@@ -377,3 +377,43 @@ def test_bad_input_gets_one_clear_line(world, tmp_path, capsys):
                        "--out", world["sel"])
     assert world["sel"] in line and "budget" in line
     assert not os.path.exists(out), "nothing is written for bad input"
+
+
+def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path):
+    """`sept pretrain --data SEL/tasks/TASK`: two ranks split exactly the task's samples, and a
+    short training run on the task folder reads nothing but them."""
+    import csv
+
+    from sept.data.identity import make_ids
+    from sept.training.augment import ViewAugment
+    from sept.training.config import load_config
+    from sept.training.loader import PretrainStream
+    from sept.training.trainer import train
+
+    sel = world["sel"]
+    folder = os.path.join(sel, "tasks", "gradients")
+    subset = open_task_data(folder)
+    wanted = {r["key"] for r in _manifest(sel, "gradients")}
+    other = {r["key"] for r in _manifest(sel, "digits")} - wanted
+    assert other, "the other task adds samples to the shared shards that this task must not read"
+    keys = [subset.keys[s] for s in subset.shards]
+    seen = []
+    for rank in range(2):
+        stream = PretrainStream(subset.shards, augment=ViewAugment(16), batch_size=4, rank=rank, world_size=2, keys=keys)
+        assert stream.num_samples == BUDGET and stream.batches_per_epoch == BUDGET // 2 // 4
+        seen.append([k for batch in stream.epoch(0) for k in batch.keys])
+    assert len(seen[0]) == len(seen[1]) == BUDGET // 2
+    assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) <= wanted
+    assert len(set(seen[0]) | set(seen[1])) == BUDGET
+
+    cfg = load_config(None, dict(data=folder, out=str(tmp_path / "run"), steps=3, batch_size=8, image_size=16,
+                                 width=4, sample_log=True, log_every=1))
+    train(cfg, distributed_run=False)
+    with open(tmp_path / "run" / "samples-rank0.csv") as f:
+        logged = {int(i) for row in csv.DictReader(f) for i in row["ids"].split()}
+    # Ids are the samples' places in the shared shards (listing index, position), never the pool's.
+    shared_ids = set()
+    for index, shard in enumerate(subset.shards):
+        positions = [s.position for s in iter_samples(shard) if s.key in subset.keys[shard]]
+        shared_ids.update(int(i) for i in make_ids(index, positions))
+    assert len(logged) == 24 and logged <= shared_ids

@@ -25,7 +25,9 @@ class PretrainConfig:
     """A self-supervised pre-training run. ``batch_size`` is per rank."""
 
     data: str = ""
-    """Shard spec of the training data (see ``sept.data.shards.list_shards``)."""
+    """Shard spec of the training data (see ``sept.data.shards.list_shards``), or one task's folder
+    (or manifest) in a selection, ``SEL/tasks/TASK``: then only that task's samples of the shared
+    shards are read (``sept.data.task_subset``)."""
     out: str = "runs/pretrain"
     """Run directory: config.yaml, checkpoint.pt, metrics.csv, rank_metrics.csv, summary.json,
     encoder.pt (see ``sept.training.trainer``)."""

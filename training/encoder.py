@@ -125,11 +125,14 @@ def save_encoder(
     mean: Sequence[float],
     std: Sequence[float],
     extra: dict | None = None,
+    center: Sequence[float] | np.ndarray | torch.Tensor | None = None,
 ) -> str:
     """Writes ``backbone`` (weights on CPU) and how to preprocess for it to ``path`` atomically.
 
     ``extra`` is free-form provenance (method, steps, data...) and must be JSON-serialisable, so
-    that the file stays loadable with ``weights_only=True``. Returns ``path``.
+    that the file stays loadable with ``weights_only=True``. ``center`` (dim values, optional) is
+    the mean L2-normalised feature of the images the encoder will search among: ``embed``
+    subtracts it and normalises again (see ``EncoderBundle.embed``). Returns ``path``.
     """
     if arch not in ARCHS:
         raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)})")
@@ -143,6 +146,7 @@ def save_encoder(
         raise ValueError("mean and std must have 3 values (RGB)")
     state_dict = {k: v.detach().to("cpu").clone() for k, v in _unwrap(backbone).state_dict().items()}
     _, dim = _backbone_for_state_dict(arch, state_dict)
+    center_tensor = _center_tensor(center, dim)
     payload = {
         "sept_encoder": {
             "arch": arch,
@@ -154,22 +158,46 @@ def save_encoder(
             "extra": extra,
         }
     }
+    if center_tensor is not None:
+        payload["sept_encoder"]["center"] = center_tensor
     atomic_torch_save(payload, path)
     log.info("saved %s encoder (dim %d, %d px) to %s", arch, dim, image_size, path)
     return path
 
 
+def _center_tensor(center: Sequence[float] | np.ndarray | torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    if center is None:
+        return None
+    tensor = torch.as_tensor(np.asarray(center, dtype=np.float32)).reshape(-1).clone()
+    if tensor.numel() != dim:
+        raise ValueError(f"center has {tensor.numel()} values but the encoder gives {dim}-d features")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("center holds non-finite values")
+    return tensor
+
+
 def weights_identity(
-    state_dict: Mapping[str, torch.Tensor], *, arch: str, image_size: int, mean: Sequence[float], std: Sequence[float]
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    arch: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    center: torch.Tensor | None = None,
 ) -> str:
-    """First 16 hex chars of a sha256 over the weights (names, dtypes, shapes, bytes) and the
-    preprocessing: the same weights fed differently-sized or -normalised images embed differently."""
+    """First 16 hex chars of a sha256 over the weights (names, dtypes, shapes, bytes), the
+    preprocessing and the feature centre, if any: the same weights fed differently-sized or
+    -normalised images, or centred differently, embed differently. Without a centre the identity
+    is what it was before centres existed."""
     h = hashlib.sha256()
     h.update(json.dumps([arch, int(image_size), [float(x) for x in mean], [float(x) for x in std]]).encode())
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if center is not None:
+        h.update(b"center|")
+        h.update(center.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -192,6 +220,8 @@ class EncoderBundle:
     identity: str
     device: torch.device
     extra: dict = field(default_factory=dict)
+    center: torch.Tensor | None = None
+    """Mean normalised feature subtracted by ``embed`` (None: no centring)."""
 
     def __post_init__(self) -> None:
         self._transform = v2.Compose(
@@ -212,6 +242,9 @@ class EncoderBundle:
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """L2-normalised features (B, dim) float32 of a preprocessed batch [B, 3, H, W].
 
+        With a ``center``, the normalised features minus the centre, normalised again: a small
+        network's features share one large common direction (cosines of 0.99 between unrelated
+        images), and cosine similarity after removing it ranks by what tells images apart.
         On CUDA the model runs channels-last under bfloat16 autocast; on CPU in float32.
         """
         self.model.eval()
@@ -224,6 +257,8 @@ class EncoderBundle:
             else:
                 features = self.model(x.float())
             features = F.normalize(features.float(), dim=1)
+            if self.center is not None:
+                features = F.normalize(features - self.center.to(features.device), dim=1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 256) -> np.ndarray:
@@ -244,10 +279,12 @@ def _bundle(
     std: Sequence[float],
     device: str | torch.device,
     extra: dict,
+    center: Any = None,
 ) -> EncoderBundle:
     model, dim = _backbone_for_state_dict(arch, state_dict)
     model.load_state_dict(state_dict, strict=True)
-    identity = weights_identity(state_dict, arch=arch, image_size=image_size, mean=mean, std=std)
+    center = _center_tensor(center, dim)
+    identity = weights_identity(state_dict, arch=arch, image_size=image_size, mean=mean, std=std, center=center)
     dev = _resolve_device(device)
     model = model.to(dev).eval()
     if dev.type == "cuda":
@@ -262,6 +299,7 @@ def _bundle(
         identity=identity,
         device=dev,
         extra=dict(extra),
+        center=center.to(dev) if center is not None else None,
     )
 
 
@@ -302,6 +340,7 @@ def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundl
                 std=meta["std"],
                 device=device,
                 extra=meta.get("extra") or {},
+                center=meta.get("center"),
             )
         except (RuntimeError, ValueError) as err:
             reason = str(err).strip().splitlines()[0]

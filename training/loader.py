@@ -221,6 +221,7 @@ class PretrainStream:
         plan: AccelerationPlan | None = None,
         num_masks: int = 0,
         pin_memory: bool = False,
+        keys: Sequence[frozenset[str] | None] | None = None,
     ):
         if not shards:
             raise SeptError("no training shards given")
@@ -228,6 +229,10 @@ class PretrainStream:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         if shard_counts is not None and len(shard_counts) != len(shards):
             raise ValueError(f"{len(shard_counts)} shard counts for {len(shards)} shards")
+        if keys is not None and len(keys) != len(shards):
+            raise ValueError(f"{len(keys)} key sets for {len(shards)} shards")
+        self.keys = None if keys is None else [None if k is None else frozenset(k) for k in keys]
+        """Per shard, the keys to read (a task's subset of shared shards); None reads every sample."""
         self.shards = list(shards)
         self.augment = augment
         self.batch_size = int(batch_size)
@@ -239,6 +244,8 @@ class PretrainStream:
         self.plan = plan
         self.num_masks = int(num_masks)
         self.pin_memory = pin_memory
+        if shard_counts is None and self.keys is not None and all(k is not None for k in self.keys):
+            shard_counts = [len(k) for k in self.keys]
         self._counts = None if shard_counts is None else [int(c) for c in shard_counts]
         self.images_read = 0
         """Images this rank put into consumed batches."""
@@ -301,11 +308,17 @@ class PretrainStream:
                 if offset >= stop:
                     return
                 continue
+            wanted = None if self.keys is None else self.keys[shard_index]
             with closing(iter_samples(self.shards[shard_index], ShardStats())) as samples:
+                # With a key set, positions count the wanted samples only; ids keep the real position.
+                rank_in_shard = -1
                 for sample in samples:
-                    if sample.position >= hi:
+                    if wanted is not None and sample.key not in wanted:
+                        continue
+                    rank_in_shard = sample.position if wanted is None else rank_in_shard + 1
+                    if rank_in_shard >= hi:
                         break
-                    if sample.position >= lo:
+                    if rank_in_shard >= lo:
                         yield int(shard_index), sample
             if offset >= stop:
                 return

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sept.data.shards import list_shards
+from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
 from sept.training import distributed
 from sept.training.acceleration import AccelerationPlan
@@ -251,7 +252,14 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
     if is_main:
         save_resolved_config(cfg, run_dir)
 
-    shards = list_shards(cfg.data)
+    keys = None
+    if is_task_data(cfg.data):  # one task's subset of a selection's shared shards
+        subset = open_task_data(cfg.data)
+        shards, keys = list(subset.shards), [subset.keys[s] for s in subset.shards]
+        log.info("task %s: %d samples in %d shared shards of %s", subset.task, len(subset), len(shards),
+                 subset.selection_dir)
+    else:
+        shards = list_shards(cfg.data)
     if needs_masks(cfg.method):
         shards = _prepare_masks(cfg, shards, run_dir, info)
     plan = AccelerationPlan.from_config(cfg)
@@ -262,7 +270,8 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
         rank=rank,
         world_size=world,
         seed=cfg.seed,
-        shard_counts=_shard_counts(cfg, shards, is_main),
+        shard_counts=[len(k) for k in keys] if keys is not None else _shard_counts(cfg, shards, is_main),
+        keys=keys,
         max_samples=cfg.max_samples,
         num_workers=cfg.num_workers,
         plan=plan,
