@@ -1,8 +1,10 @@
 """The encoder checkpoint contract shared by every stage: build, save, load and run a backbone.
 
 An encoder file is ``{"sept_encoder": {"arch", "image_size", "mean", "std", "dim", "state_dict",
-"extra"}}`` written by ``save_encoder``. ``load_encoder`` also accepts a plain torchvision ResNet
-state dict (its arch found by strict loading, its ``fc`` head dropped). Loading always uses
+"extra"}}`` written by ``save_encoder``; ``arch`` is sept's small ResNet, a torchvision ResNet or
+``timm/NAME`` (any timm model, when timm is installed). ``load_encoder`` also accepts a plain
+torchvision ResNet state dict (its arch found by strict loading, its ``fc`` head dropped); other
+state dicts are wrapped once by ``sept import-encoder`` (``sept.training.encoder_import``). Loading always uses
 ``torch.load(weights_only=True)``: an encoder file never runs code.
 
 ``EncoderBundle`` is what the embed, select and evaluate stages hold: the backbone, how to
@@ -43,6 +45,12 @@ SMALL_RESNET_WIDTH = 16
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 ARCHS = ("resnet18_small",) + TORCHVISION_ARCHS
+TIMM_PREFIX = "timm/"
+"""``timm/NAME``: any timm model, features pooled, no classifier (``sept.training.encoder_import``)."""
+
+
+def is_known_arch(arch: str) -> bool:
+    return arch in ARCHS or (isinstance(arch, str) and arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX))
 
 _TORCHVISION_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 _TORCHVISION_IMAGE_SIZE = 224
@@ -95,7 +103,23 @@ def build_backbone(arch: str, *, width: int | None = None) -> tuple[nn.Module, i
         model = getattr(torchvision.models, arch)(weights=None)
         model.fc = nn.Identity()
         return model, _TORCHVISION_DIMS[arch]
-    raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)})")
+    if arch.startswith(TIMM_PREFIX):
+        if width is not None:
+            raise SeptError(f"width applies to resnet18_small only, not to {arch}")
+        return _timm_backbone(arch[len(TIMM_PREFIX):])
+    raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)}, or timm/NAME)")
+
+
+def _timm_backbone(name: str) -> tuple[nn.Module, int]:
+    try:
+        import timm
+    except ImportError:
+        raise SeptError(f"encoder arch timm/{name} needs timm: pip install 'sept[timm]'") from None
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as err:
+        raise SeptError(f"unknown timm model {name!r}: {str(err).strip().splitlines()[0]}") from None
+    return model, int(model.num_features)
 
 
 def _backbone_for_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, int]:
@@ -134,8 +158,8 @@ def save_encoder(
     the mean L2-normalised feature of the images the encoder will search among: ``embed``
     subtracts it and normalises again (see ``EncoderBundle.embed``). Returns ``path``.
     """
-    if arch not in ARCHS:
-        raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)})")
+    if not is_known_arch(arch):
+        raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)}, or timm/NAME)")
     extra = dict(extra or {})
     try:
         extra = json.loads(json.dumps(extra))
@@ -329,7 +353,7 @@ def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundl
         missing = [k for k in _CONTRACT_KEYS if not isinstance(meta, Mapping) or k not in meta]
         if missing:
             raise SeptError(f"not an encoder checkpoint: {path} (sept_encoder lacks {', '.join(missing)})")
-        if meta["arch"] not in ARCHS:
+        if not is_known_arch(meta["arch"]):
             raise SeptError(f"not an encoder checkpoint: {path} (unknown arch {meta['arch']!r})")
         try:
             bundle = _bundle(

@@ -1,0 +1,76 @@
+"""Bringing your own checkpoint: timm and torchvision state dicts imported into sept encoder files."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sept.errors import SeptError
+from sept.training.encoder import load_encoder
+from sept.training.encoder_import import import_encoder
+
+timm = pytest.importorskip("timm")
+torch.set_num_threads(1)
+
+
+def _images(n=3, size=40):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def timm_model():
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", pretrained=False, num_classes=7).eval()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_timm_state_dict_with_its_head_and_a_wrapper_prefix_embeds_like_the_model(timm_model, tmp_path, suffix):
+    weights = str(tmp_path / f"w{suffix}")
+    wrapped = {f"module.{k}": v.clone() for k, v in timm_model.state_dict().items()}
+    if suffix == ".pth":
+        torch.save({"state_dict": wrapped, "epoch": 3}, weights)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in wrapped.items()}, weights)
+    out = import_encoder(weights, "timm/resnet10t", str(tmp_path / "enc.pt"), image_size=32)
+    bundle = load_encoder(out, device="cpu")
+    assert bundle.arch == "timm/resnet10t" and bundle.dim == timm_model.num_features and bundle.image_size == 32
+    assert bundle.extra["dropped_keys"] == ["fc.bias", "fc.weight"]
+    assert tuple(bundle.mean) == tuple(timm_model.pretrained_cfg["mean"])
+    images = _images()
+    got = bundle.embed_images(images)
+    batch = torch.stack([bundle.preprocess(im) for im in images])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(timm_model.forward_head(timm_model.forward_features(batch),
+                                                                     pre_logits=True), dim=1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_that_do_not_fit_the_arch_name_the_file(timm_model, tmp_path):
+    weights = str(tmp_path / "w.pth")
+    torch.save(timm_model.state_dict(), weights)
+    with pytest.raises(SeptError, match=r"w\.pth does not fit timm/resnet18: size mismatch"):
+        import_encoder(weights, "timm/resnet18", str(tmp_path / "enc.pt"))
+    prefixed = str(tmp_path / "net.pth")
+    torch.save({f"net.{k}": v for k, v in timm_model.state_dict().items()}, prefixed)
+    with pytest.raises(SeptError, match=r"net\.pth does not fit timm/resnet10t: .* missing .*--strip-prefix"):
+        import_encoder(prefixed, "timm/resnet10t", str(tmp_path / "enc.pt"))
+    assert load_encoder(import_encoder(prefixed, "timm/resnet10t", str(tmp_path / "enc.pt"), prefixes=("net.",)),
+                        device="cpu").dim == timm_model.num_features
+    with pytest.raises(SeptError, match="unknown timm model"):
+        import_encoder(weights, "timm/no_such_model_xyz", str(tmp_path / "enc.pt"))
+    (tmp_path / "junk.pth").write_bytes(b"not torch")
+    with pytest.raises(SeptError, match=r"cannot read weights .*junk\.pth"):
+        import_encoder(str(tmp_path / "junk.pth"), "timm/resnet10t", str(tmp_path / "enc.pt"))
+
+
+def test_a_torchvision_resnet_imports_too(tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    weights = str(tmp_path / "r18.pth")
+    torch.save(model.state_dict(), weights)
+    bundle = load_encoder(import_encoder(weights, "resnet18", str(tmp_path / "enc.pt")), device="cpu")
+    assert bundle.dim == 512 and bundle.image_size == 224 and bundle.extra["dropped_keys"] == ["fc.bias", "fc.weight"]
