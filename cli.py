@@ -19,8 +19,10 @@ The pipeline, stage by stage:
   sept index     --embeddings emb.zarr --out index.zarr --shards 4
   sept select    --index index.zarr --encoder enc.pt --target mytask/ --budget 100000 --out sel/
   sept report    --selection sel/ --out sel/report
-  sept pretrain  --data sel/shards --out run/ --executor slurm --nodes 2 --gpus-per-node 8
+  sept pretrain  --data sel/tasks/mytask --out run/ --executor slurm --nodes 2 --gpus-per-node 8
   sept evaluate  --encoder run/encoder.pt --target mytask/
+Bring your own retrieval encoder instead of bootstrapping one:
+  sept import-encoder --weights dino_vits16.safetensors --arch timm/vit_small_patch16_224 --out enc.pt
 or all of it on a generated demo corpus:  sept demo
 A pool is a brace pattern, a directory of .tar shards or a text file listing shards.
 A target task is an ImageFolder directory: train/CLASS/*.jpg and val/CLASS/*.jpg.
@@ -64,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--bootstrap-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--method", default="simclr")
+    p.add_argument("--method", choices=["simclr", "moco", "byol", "detcon", "detcon_s", "detcon_b"], default="simclr",
+                   help="the self-supervised method every arm pre-trains with (default: %(default)s)")
+    p.add_argument("--preset", choices=["fast"], default=None,
+                   help="fast: the acceleration strategies of arXiv 2212.05611 for every arm")
     p.add_argument("--truth", default=None, help="JSON {pool key: label} to report selection precision")
     p.add_argument("--truth-label", default=None, help="the label in --truth that the target belongs to")
     _add_ray(p)
@@ -81,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", default=None, help="a labelled target task: score retrieval on it while "
                    "training and keep the best weights (the untrained ones included), not the last")
+
+    p = sub.add_parser("import-encoder", help="wrap your own checkpoint (timm or torchvision ResNet) as a sept encoder",
+                       description="A strong pre-trained checkpoint is the recommended retrieval encoder at scale. "
+                       "This reads a local state dict (.pth/.pt or .safetensors; nothing is downloaded), strips "
+                       "wrapper prefixes, drops the classifier head, checks every backbone weight is present, and "
+                       "writes ENCODER.pt with the model's preprocessing, for --encoder of embed and select.")
+    p.add_argument("--weights", required=True, help="the state dict file")
+    p.add_argument("--arch", required=True, help="timm/NAME for any timm model (needs timm: pip install "
+                   "'sept[timm]'), or resnet18|resnet34|resnet50 for torchvision")
+    p.add_argument("--out", required=True, help="sept encoder file to write")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: what timm records for "
+                   "the model, else 224)")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="RGB mean (default: the model's, else ImageNet)")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="RGB std (default: the model's, else ImageNet)")
+    p.add_argument("--strip-prefix", action="append", default=None,
+                   help="key prefix to remove, repeatable (default: module. model. backbone. encoder.)")
 
     p = sub.add_parser("embed", help="embed every pool shard into a Zarr store with Ray actors",
                        description="Ray actors, each holding the encoder once, embed the pool shards into a "
@@ -230,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "searchers, and the storage of embeddings and selected shards. Throughputs come from "
                        "a profile file: measure this machine's with --calibrate, or bring your cluster's.",
                        epilog="example: sept plan --images 1000000000 --dim 256 --gpus 64 --nodes 8 "
-                       "--profile benchmarks/profiles/a100.json")
+                       "--memory-per-node 512 --profile benchmarks/profiles/example-a100-node.json")
     p.add_argument("--images", type=int, help="pool size")
     p.add_argument("--dim", type=int, default=256, help="embedding dimension (default: %(default)s)")
     p.add_argument("--gpus", type=int, help="GPUs in all (CPU nodes for a CPU profile)")
@@ -264,7 +285,7 @@ def run(args: argparse.Namespace) -> object:
         results = run_experiment(ExperimentConfig(
             pool=args.pool, target=args.target, out=args.out, budget_fractions=args.budget_fraction, seeds=args.seeds,
             arms=args.arms, encoder=args.encoder, pretrain_steps=args.pretrain_steps,
-            bootstrap_steps=args.bootstrap_steps, batch_size=args.batch_size, method=args.method,
+            bootstrap_steps=args.bootstrap_steps, batch_size=args.batch_size, method=args.method, preset=args.preset,
             ray_address=args.ray_address, truth=args.truth, truth_label=args.truth_label))
         print(format_results(results))
         return None
@@ -273,6 +294,13 @@ def run(args: argparse.Namespace) -> object:
 
         kwargs = {k: v for k, v in dict(sample_size=args.sample_size, steps=args.steps).items() if v is not None}
         return bootstrap(args.pool, args.out, config=args.config, seed=args.seed, target=args.target, **kwargs)
+    if cmd == "import-encoder":
+        from sept.training.encoder_import import DEFAULT_PREFIXES, import_encoder
+
+        out = import_encoder(args.weights, args.arch, args.out, image_size=args.image_size, mean=args.mean,
+                             std=args.std, prefixes=tuple(args.strip_prefix or DEFAULT_PREFIXES))
+        print(f"sept import-encoder: wrote {out}", file=sys.stderr)
+        return None
     if cmd == "embed":
         from sept.cluster.embed import EmbedConfig, embed_pool
 
@@ -368,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # which SIMD build faiss found is noise to a user, every command
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         result = run(args)
     except SeptError as exc:

@@ -1,4 +1,5 @@
-"""sept experiment on a tiny corpus with one seed: all three arms and the floor, a valid PNG."""
+"""sept experiment on a tiny corpus with one seed: all three arms and the floor, a valid PNG; the
+arms pre-train with the demo's method and preset (DetCon, fast)."""
 
 import json
 
@@ -17,7 +18,8 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
     out = tmp_path / "exp"
     run_sept("experiment", "--pool", corpus.pool_spec, "--target", corpus.target_dir, "--out", str(out),
              "--seeds", "1", "--budget-fraction", "0.25", "--pretrain-steps", "4", "--bootstrap-steps", "4",
-             "--batch-size", "16", "--truth", corpus.truth_path, "--truth-label", corpus.target_domain)
+             "--batch-size", "16", "--truth", corpus.truth_path, "--truth-label", corpus.target_domain,
+             "--method", "detcon", "--preset", "fast")
     results = json.load(open(out / "results.json"))
     arms = results["fractions"]["0.25"]["arms"]
     assert set(arms) == {"selected", "random", "full"}
@@ -31,3 +33,7 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
     with Image.open(out / "results.png") as img:
         img.verify()
     assert "no pre-training" in (out / "results.md").read_text()
+    import yaml
+
+    ran = yaml.safe_load(open(out / "runs" / "selected-0.25-s0" / "config.yaml"))
+    assert ran["method"] == "detcon_s" and ran["lr_schedule"] == "cyclic" and ran["progressive"] and ran["hard_positives"]
