@@ -229,18 +229,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def _cell(values: list[float]) -> str:
+    """Mean ± sample standard deviation; one seed has no spread to show."""
+    mean, std = _mean_std(values)
+    return f"{mean:.1%} ± {std:.1%}" if len(values) > 1 else f"{mean:.1%}"
+
+
 def format_results(results: dict) -> str:
     lines = ["| budget | arm | images | linear probe | kNN |", "|---|---|---|---|---|"]
-    floor_lp = _mean_std([r["linear_probe"] for r in results["floor"]])
-    floor_knn = _mean_std([r["knn"] for r in results["floor"]])
     for frac, entry in results["fractions"].items():
         for arm, runs in entry["arms"].items():
-            lp = _mean_std([r["linear_probe"] for r in runs])
-            knn = _mean_std([r["knn"] for r in runs])
-            lines.append(f"| {frac} | {arm} | {runs[0]['images']} | {lp[0]:.1%} ± {lp[1]:.1%} | "
-                         f"{knn[0]:.1%} ± {knn[1]:.1%} |")
-    lines.append(f"| - | no pre-training | 0 | {floor_lp[0]:.1%} ± {floor_lp[1]:.1%} | "
-                 f"{floor_knn[0]:.1%} ± {floor_knn[1]:.1%} |")
+            lines.append(f"| {frac} | {arm} | {runs[0]['images']} | {_cell([r['linear_probe'] for r in runs])} | "
+                         f"{_cell([r['knn'] for r in runs])} |")
+    floor = results["floor"]
+    lines.append(f"| - | no pre-training | 0 | {_cell([r['linear_probe'] for r in floor])} | "
+                 f"{_cell([r['knn'] for r in floor])} |")
     for frac, entry in results["fractions"].items():
         if "selection_precision" in entry:
             lines.append(f"\nSelection precision at budget {frac}: {entry['selection_precision']:.1%} "
