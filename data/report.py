@@ -313,6 +313,7 @@ def _section(task: str, config: dict, summary: dict, manifest: list[dict], preci
     facts = [
         ("target", config.get("target")), ("budget", config.get("budget")), ("selected", len(manifest)),
         ("strategy", config.get("strategy")), ("balance", config.get("balance")),
+        ("share of the budget to top scores", config.get("topk_share")),
         ("similarity floor", config.get("min_similarity")),
         ("retrieved by several target images (kept once)", dup.get("retrieved_by_several")),
         ("near-duplicate threshold", dup.get("near_dup_threshold")),
