@@ -98,45 +98,87 @@ def selection_precision(manifest_path: str, truth: dict[str, str], label: str) -
     return float(np.mean([truth.get(k) == label for k in keys])) if keys else 0.0
 
 
-def pretrain_arm(data: str, run_dir: str, target: str, cfg: ExperimentConfig, seed: int, images: int) -> dict:
-    """Pre-train one arm in this process and score it; kNN is tracked at `curve_points` steps."""
+def _arm_config(data: str, run_dir: str, cfg: ExperimentConfig, seed: int):
     from sept.training.config import load_config
+
+    return load_config(None, dict(data=data, out=run_dir, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+                                  seed=seed, method=cfg.method), preset=cfg.preset)
+
+
+def _curve_marks(cfg: ExperimentConfig) -> list[int]:
+    return sorted({max(1, round(cfg.pretrain_steps * (i + 1) / cfg.curve_points)) for i in range(cfg.curve_points)})
+
+
+def train_arm_inprocess(pcfg, cfg: ExperimentConfig) -> dict:
+    """Pre-train one arm in this process, saving the encoder at ``curve_points`` steps for the kNN curve."""
     from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, save_encoder
-    from sept.training.evaluate import evaluate
     from sept.training.trainer import train
 
-    result_path = os.path.join(run_dir, "arm.json")
-    if (done := _done(result_path)) is not None:
-        return done
-    os.makedirs(run_dir, exist_ok=True)
-    pcfg = load_config(None, dict(data=data, out=run_dir, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
-                                  seed=seed, method=cfg.method), preset=cfg.preset)
-    marks = sorted({max(1, round(cfg.pretrain_steps * (i + 1) / cfg.curve_points)) for i in range(cfg.curve_points)})
-    snapshots: dict[int, str] = {}
+    marks = _curve_marks(cfg)
 
     def snapshot(step: int, backbone) -> None:
         if step in marks:
-            path = os.path.join(run_dir, f"encoder-step{step:06d}.pt")
-            save_encoder(path, backbone, arch=pcfg.arch, image_size=pcfg.image_size, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD)
-            snapshots[step] = path
+            save_encoder(os.path.join(pcfg.out, f"encoder-step{step:06d}.pt"), backbone, arch=pcfg.arch,
+                         image_size=pcfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     t0 = time.time()
-    if cfg.executor == "inprocess":
-        summary = train(pcfg, distributed_run=False, step_callback=snapshot)
-    else:
-        from sept.training.launcher import launch_pretrain
+    summary = train(pcfg, distributed_run=False, step_callback=snapshot)
+    return dict(summary, wall_s=time.time() - t0)
 
-        summary = launch_pretrain(pcfg, executor=cfg.executor, nodes=1)
-    wall = time.time() - t0
+
+def score_arm(run_dir: str, target: str, summary: dict, images: int, default_steps: int) -> dict:
+    """Linear probe and kNN of the arm's final encoder, the kNN of every step snapshot; written to arm.json."""
+    import glob
+
+    from sept.training.evaluate import evaluate
+
     curve = []
-    for step in sorted(snapshots):
-        curve.append(dict(step=step, knn=evaluate(snapshots[step], target)["knn"]))
+    for path in sorted(glob.glob(os.path.join(run_dir, "encoder-step*.pt"))):
+        step = int(os.path.basename(path)[len("encoder-step"):-len(".pt")])
+        curve.append(dict(step=step, knn=evaluate(path, target)["knn"]))
     final = evaluate(os.path.join(run_dir, "encoder.pt"), target)
-    result = dict(linear_probe=final["linear_probe"], knn=final["knn"], curve=curve, wall_s=wall, images=images,
-                  steps=summary.get("steps", cfg.pretrain_steps))
-    _write_json(result_path, result)
+    result = dict(linear_probe=final["linear_probe"], knn=final["knn"], curve=curve, wall_s=summary.get("wall_s"),
+                  images=images, steps=summary.get("steps", default_steps))
+    if "job_id" in summary:
+        result["job_id"] = summary["job_id"]
+    _write_json(os.path.join(run_dir, "arm.json"), result)
     return result
+
+
+def pretrain_arms(arms: list[tuple[str, str, int, int]], target: str, cfg: ExperimentConfig, out: str) -> dict[str, dict]:
+    """Pre-train and score every (data, run_dir, seed, images) arm not already done; returns results by run_dir.
+
+    In process, the arms run one after another and kNN is tracked over steps. On SLURM, every
+    pending arm goes out as one job array (one sbatch), so seeds and arms run side by side as the
+    cluster allows; the local executor runs them one after another through submitit."""
+    results, pending = {}, []
+    for data, run_dir, seed, images in arms:
+        if (done := _done(os.path.join(run_dir, "arm.json"))) is not None:
+            results[run_dir] = done
+        else:
+            os.makedirs(run_dir, exist_ok=True)
+            pending.append((_arm_config(data, run_dir, cfg, seed), images))
+    if not pending:
+        return results
+    if cfg.executor == "inprocess":
+        for pcfg, images in pending:
+            results[pcfg.out] = score_arm(pcfg.out, target, train_arm_inprocess(pcfg, cfg), images, cfg.pretrain_steps)
+        return results
+    from sept.training.launcher import launch_pretrain_array
+
+    log_folder = os.path.join(out, "runs", "submitit")
+    t0 = time.time()
+    if cfg.executor == "local":
+        # On one machine, arms running side by side only fight over its cores (measured: the
+        # demo's two arms took 5.7 min together against 2 min one after the other).
+        summaries = [launch_pretrain_array([pcfg], log_folder=log_folder, executor="local")[0] for pcfg, _ in pending]
+    else:
+        summaries = launch_pretrain_array([pcfg for pcfg, _ in pending], log_folder=log_folder, executor=cfg.executor)
+    wall = time.time() - t0
+    for (pcfg, images), summary in zip(pending, summaries):
+        results[pcfg.out] = score_arm(pcfg.out, target, dict(summary, wall_s=summary.get("elapsed_s", wall)), images,
+                                      cfg.pretrain_steps)
+    return results
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
@@ -201,22 +243,23 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     for seed in range(cfg.seeds):
         floor = evaluate(untrained_encoder(os.path.join(out, f"untrained-s{seed}.pt"), seed), cfg.target)
         results["floor"].append(dict(seed=seed, linear_probe=floor["linear_probe"], knn=floor["knn"]))
-    full_runs: dict[int, dict] = {}
+    # Every arm of every fraction and seed, planned first so they can train as one job array.
+    planned: dict[tuple[str, str, int], tuple[str, str, int, int]] = {}
     for frac in cfg.budget_fractions:
-        entry = results["fractions"][f"{frac:g}"]
+        budget = results["fractions"][f"{frac:g}"]["budget"]
         for arm in cfg.arms:
-            runs = []
             for seed in range(cfg.seeds):
-                if arm == "full":  # the same for every fraction: train it once per seed
-                    if seed not in full_runs:
-                        full_runs[seed] = pretrain_arm(cfg.pool, os.path.join(out, "runs", f"full-s{seed}"),
-                                                       cfg.target, cfg, seed, ntotal)
-                    runs.append(dict(full_runs[seed], seed=seed))
-                    continue
-                run_dir = os.path.join(out, "runs", f"{arm}-{frac:g}-s{seed}")
-                runs.append(dict(pretrain_arm(data[(frac, arm, seed)], run_dir, cfg.target, cfg, seed,
-                                              entry["budget"]), seed=seed))
-            entry["arms"][arm] = runs
+                if arm == "full":  # the same for every fraction: trained once per seed
+                    planned[(f"{frac:g}", arm, seed)] = (cfg.pool, os.path.join(out, "runs", f"full-s{seed}"), seed,
+                                                         ntotal)
+                else:
+                    planned[(f"{frac:g}", arm, seed)] = (data[(frac, arm, seed)],
+                                                         os.path.join(out, "runs", f"{arm}-{frac:g}-s{seed}"), seed,
+                                                         budget)
+    unique = list({run[1]: run for run in planned.values()}.values())
+    trained = pretrain_arms(unique, cfg.target, cfg, out)
+    for (frac, arm, seed), run in planned.items():
+        results["fractions"][frac]["arms"].setdefault(arm, []).append(dict(trained[run[1]], seed=seed))
     _write_json(os.path.join(out, "results.json"), results)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(format_results(results) + "\n")

@@ -37,3 +37,29 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
 
     ran = yaml.safe_load(open(out / "runs" / "selected-0.25-s0" / "config.yaml"))
     assert ran["method"] == "detcon_s" and ran["lr_schedule"] == "cyclic" and ran["progressive"] and ran["hard_positives"]
+
+
+def test_arms_and_seeds_go_to_slurm_as_one_job_array(tmp_path):
+    from conftest import slurm_available
+
+    reason = slurm_available()
+    if reason:
+        pytest.skip(reason)
+    corpus = make_demo_corpus(str(tmp_path / "corpus"), pool_size=96, shards=2, target_train_per_class=2,
+                              target_val_per_class=2, seed=4)
+    out = tmp_path / "exp"
+    args = ["experiment", "--pool", corpus.pool_spec, "--target", corpus.target_dir, "--out", str(out), "--seeds", "2",
+            "--arms", "selected", "random", "--budget-fraction", "0.25", "--pretrain-steps", "3",
+            "--bootstrap-steps", "2", "--batch-size", "8", "--executor", "slurm"]
+    run_sept(*args)
+    results = json.load(open(out / "results.json"))
+    runs = [r for arm in results["fractions"]["0.25"]["arms"].values() for r in arm]
+    assert len(runs) == 4 and all(r["steps"] == 3 for r in runs)
+    arrays = {r["job_id"].split("_")[0] for r in runs}
+    assert len(arrays) == 1, f"one sbatch for every arm and seed, got jobs {sorted(r['job_id'] for r in runs)}"
+    array = arrays.pop()
+    assert sorted(r["job_id"] for r in runs) == [f"{array}_{i}" for i in range(4)]
+    # A rerun resumes: every arm is done, nothing is submitted again.
+    run_sept(*args)
+    again = json.load(open(out / "results.json"))
+    assert [r["job_id"] for a in again["fractions"]["0.25"]["arms"].values() for r in a] == [r["job_id"] for r in runs]
