@@ -164,16 +164,16 @@ def pretrain_arms(arms: list[tuple[str, str, int, int]], target: str, cfg: Exper
         for pcfg, images in pending:
             results[pcfg.out] = score_arm(pcfg.out, target, train_arm_inprocess(pcfg, cfg), images, cfg.pretrain_steps)
         return results
-    from sept.training.launcher import launch_pretrain_array
+    from sept.training.launcher import launch_pretrain, launch_pretrain_array
 
-    log_folder = os.path.join(out, "runs", "submitit")
     t0 = time.time()
     if cfg.executor == "local":
         # On one machine, arms running side by side only fight over its cores (measured: the
         # demo's two arms took 5.7 min together against 2 min one after the other).
-        summaries = [launch_pretrain_array([pcfg], log_folder=log_folder, executor="local")[0] for pcfg, _ in pending]
+        summaries = [launch_pretrain(pcfg, executor="local") for pcfg, _ in pending]
     else:
-        summaries = launch_pretrain_array([pcfg for pcfg, _ in pending], log_folder=log_folder, executor=cfg.executor)
+        summaries = launch_pretrain_array([pcfg for pcfg, _ in pending], log_folder=os.path.join(out, "runs", "submitit"),
+                                          executor=cfg.executor)
     wall = time.time() - t0
     for (pcfg, images), summary in zip(pending, summaries):
         results[pcfg.out] = score_arm(pcfg.out, target, dict(summary, wall_s=summary.get("elapsed_s", wall)), images,

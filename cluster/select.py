@@ -186,11 +186,15 @@ def select(cfg: SelectConfig) -> dict:
                 seconds=round(time.time() - started, 1))
 
 
+def _topk_share(cfg: SelectConfig) -> float | None:
+    """The share of the budget given to top scores: a setting of the instance strategy only."""
+    return cfg.topk_share if cfg.strategy == "instance" else None
+
+
 def _task_config(cfg: SelectConfig, spec: TaskSpec, n_clusters: int) -> dict:
     """What decides a task's selection (and nothing that only decides how it is computed)."""
     return dict(target=spec.target, budget=spec.budget, strategy=cfg.strategy, balance=cfg.balance,
-                topk_share=cfg.topk_share if cfg.strategy == "instance" else None,
-                min_similarity=cfg.min_similarity, near_dup_threshold=cfg.near_dup_threshold,
+                topk_share=_topk_share(cfg), min_similarity=cfg.min_similarity, near_dup_threshold=cfg.near_dup_threshold,
                 leakage_guard=cfg.leakage_guard, leakage_threshold=cfg.leakage_threshold if cfg.leakage_guard else None,
                 clusters=n_clusters if cfg.strategy == "cluster" else None,
                 seed=cfg.seed if cfg.strategy == "cluster" else None)
@@ -290,7 +294,7 @@ def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks:
                 near_dup = _near_dup_filter(cfg, attrs, Iq)
                 choice = choose(Sq, Iq, t.spec.budget, strategy=cfg.strategy, balance=cfg.balance,
                                 query_class=t.query_class, min_similarity=cfg.min_similarity, excluded=set(leaked),
-                                near_dup=near_dup, topk_share=cfg.topk_share if cfg.strategy == "instance" else 0.0)
+                                near_dup=near_dup, topk_share=_topk_share(cfg) or 0.0)
                 if choice.needs_more_neighbours and k[name] < ntotal:
                     k[name] = min(ntotal, 2 * k[name])
                     log.info("select: task %s needs more neighbours per target image; searching again with k=%d",
@@ -377,8 +381,7 @@ def _write_choice(cfg: SelectConfig, out: str, t: _Task, choice: Choice, neighbo
         share = t.spec.budget * images / max(1, images.sum())
     summary = dict(
         task=t.spec.name, budget=t.spec.budget, selected=len(choice), queries=len(names), strategy=cfg.strategy,
-        balance=cfg.balance, topk_share=cfg.topk_share if cfg.strategy == "instance" else None,
-        min_similarity=cfg.min_similarity,
+        balance=cfg.balance, topk_share=_topk_share(cfg), min_similarity=cfg.min_similarity,
         scores=dict(min=float(choice.scores.min()) if len(choice) else None,
                     max=float(choice.scores.max()) if len(choice) else None,
                     mean=float(choice.scores.mean()) if len(choice) else None),

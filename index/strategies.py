@@ -14,8 +14,8 @@ turn, always from the one that is furthest below its weighted share, until the b
   budget (``mix_streams``). ``select``'s default, class balance with a half share, was chosen by
   measurement (benchmarks/RESULTS.md, "Retrieval quality"): a global top-k alone collapses when a
   few target images sit among many similar off-target pool images (a hand-made edge encoder
-  selected 0.28 digits where the round robin selected 0.65), while class-balanced top scores
-  were never worse than the round robin on the four encoders measured and 0.1 better on two.
+  selected 0.28 digits where the round robin selected 0.65), while the class-balanced mix was
+  never worse than the round robin on the four encoders measured (0.03 to 0.11 better).
 * ``cluster``: k-means on the pool's embeddings; the clusters the target images fall into are
   kept, one stream each, weighted by how many target images fell in, members ordered by their
   similarity to those images (DINOv2's curation by retrieval of clusters).

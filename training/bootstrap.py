@@ -171,23 +171,16 @@ def feature_center(bundle: EncoderBundle, items: list[tuple[int, str, str, bytes
     all its features share, so removing it is what lets cosine similarity tell images apart."""
     total = np.zeros(bundle.dim, dtype=np.float64)
     count = 0
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        nonlocal count
-        if batch:
-            total[:] += bundle.embed(torch.stack(batch)).sum(axis=0)
-            count += len(batch)
-            batch.clear()
-
-    for _, _, _, data in items:
-        try:
-            batch.append(bundle.preprocess(decode_image(data)))
-        except BadSample:
-            continue
-        if len(batch) == batch_size:
-            flush()
-    flush()
+    for start in range(0, len(items), batch_size):  # decoded a chunk at a time: the subset can be large
+        images = []
+        for _, _, _, data in items[start : start + batch_size]:
+            try:
+                images.append(decode_image(data))
+            except BadSample:
+                continue
+        if images:
+            total += bundle.embed_images(images, batch_size=batch_size).sum(axis=0)
+            count += len(images)
     if count == 0:
         raise SeptError("no image of the bootstrap subset could be decoded to centre the features")
     return (total / count).astype(np.float32)

@@ -242,11 +242,7 @@ def launch_pretrain_array(
     )
     with submitter.batch():
         jobs = [submitter.submit(PretrainJob(c)) for c in prepared]
-    if len(jobs) == 1:
-        log.info("submitted %s pre-training job %s; logs in %s", executor, jobs[0].job_id, log_folder)
-    else:
-        log.info("submitted %d pre-training runs as one %s job array %s", len(jobs), executor,
-                 jobs[0].job_id.split("_")[0])
+    log.info("submitted %d pre-training runs as one %s job array %s", len(jobs), executor, jobs[0].job_id.split("_")[0])
     infos = [{"job_id": str(j.job_id), "log_folder": log_folder, "run_dir": c.out} for j, c in zip(jobs, prepared)]
     if not wait:
         return infos

@@ -270,7 +270,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
         rank=rank,
         world_size=world,
         seed=cfg.seed,
-        shard_counts=[len(k) for k in keys] if keys is not None else _shard_counts(cfg, shards, is_main),
+        shard_counts=None if keys is not None else _shard_counts(cfg, shards, is_main),  # keys give the counts
         keys=keys,
         max_samples=cfg.max_samples,
         num_workers=cfg.num_workers,
