@@ -109,6 +109,22 @@ def _curve_marks(cfg: ExperimentConfig) -> list[int]:
     return sorted({max(1, round(cfg.pretrain_steps * (i + 1) / cfg.curve_points)) for i in range(cfg.curve_points)})
 
 
+SNAPSHOT_PREFIX = "encoder-step"
+
+
+def snapshot_path(run_dir: str, step: int) -> str:
+    """Where the kNN curve's encoder at ``step`` is kept (``score_arm`` reads the step back off it)."""
+    return os.path.join(run_dir, f"{SNAPSHOT_PREFIX}{step:06d}.pt")
+
+
+def snapshot_steps(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every curve snapshot in ``run_dir``, by step."""
+    import glob
+
+    found = glob.glob(os.path.join(run_dir, f"{SNAPSHOT_PREFIX}*.pt"))
+    return sorted((int(os.path.basename(p)[len(SNAPSHOT_PREFIX):-len(".pt")]), p) for p in found)
+
+
 def train_arm_inprocess(pcfg, cfg: ExperimentConfig) -> dict:
     """Pre-train one arm in this process, saving the encoder at ``curve_points`` steps for the kNN curve."""
     from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, save_encoder
@@ -118,7 +134,7 @@ def train_arm_inprocess(pcfg, cfg: ExperimentConfig) -> dict:
 
     def snapshot(step: int, backbone) -> None:
         if step in marks:
-            save_encoder(os.path.join(pcfg.out, f"encoder-step{step:06d}.pt"), backbone, arch=pcfg.arch,
+            save_encoder(snapshot_path(pcfg.out, step), backbone, arch=pcfg.arch,
                          image_size=pcfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
     t0 = time.time()
@@ -128,14 +144,9 @@ def train_arm_inprocess(pcfg, cfg: ExperimentConfig) -> dict:
 
 def score_arm(run_dir: str, target: str, summary: dict, images: int, default_steps: int) -> dict:
     """Linear probe and kNN of the arm's final encoder, the kNN of every step snapshot; written to arm.json."""
-    import glob
-
     from sept.training.evaluate import evaluate
 
-    curve = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "encoder-step*.pt"))):
-        step = int(os.path.basename(path)[len("encoder-step"):-len(".pt")])
-        curve.append(dict(step=step, knn=evaluate(path, target)["knn"]))
+    curve = [dict(step=step, knn=evaluate(path, target)["knn"]) for step, path in snapshot_steps(run_dir)]
     final = evaluate(os.path.join(run_dir, "encoder.pt"), target)
     result = dict(linear_probe=final["linear_probe"], knn=final["knn"], curve=curve, wall_s=summary.get("wall_s"),
                   images=images, steps=summary.get("steps", default_steps))

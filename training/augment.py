@@ -1,7 +1,8 @@
 """SimCLR-style view augmentations that hold up on small (16-64 px) images, with torchvision v2.
 
-The image is turned into a uint8 tensor first, so cropping and colour work run on tensors; only
-the final normalisation produces floats. Gaussian blur is left out: at 32 px it erases the image
+The image is turned into a uint8 tensor first, so cropping runs on tensors; the colour change
+and normalisation can wait for the whole batch (``RawView``, ``ViewAugment.finish``,
+``sept.training.colour``), which is one pass instead of a chain of small ops per view. Gaussian blur is left out: at 32 px it erases the image
 (SimCLR's CIFAR recipe drops it too).
 
 Views can be made at a smaller ``size`` and a weaker ``strength`` (progressive resizing and
@@ -13,17 +14,27 @@ segmentation mask cropped and flipped exactly like its image (DetCon); see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from sept.training.acceleration import Box, hardest_pair
+from sept.training.colour import apply_colour, draw_colour
 from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD
 
 _RATIO = (3 / 4, 4 / 3)
+
+
+class RawView(NamedTuple):
+    """A view cropped and flipped, its colour change drawn but not yet applied."""
+
+    pixels: torch.Tensor
+    """uint8 [3, size, size]"""
+    colour: torch.Tensor
+    """[colour.NUM_PARAMS] (``sept.training.colour.draw_colour``)"""
 
 
 @dataclass
@@ -41,17 +52,6 @@ class ViewAugment:
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
 
-    def __post_init__(self) -> None:
-        self._jitters: dict[float, v2.Transform] = {}
-
-    def _jitter(self, strength: float) -> v2.Transform | None:
-        s = float(self.color_jitter) * strength
-        if s <= 0:
-            return None
-        if s not in self._jitters:
-            self._jitters[s] = v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))
-        return self._jitters[s]
-
     def crop_box(self, image: torch.Tensor, strength: float = 1.0) -> Box:
         """A random-resized-crop box (top, left, height, width) of ``image`` [C, H, W]."""
         low = 1.0 - (1.0 - self.min_scale) * strength
@@ -62,6 +62,38 @@ class ViewAugment:
         pairs = [(self.crop_box(image, strength), self.crop_box(image, strength)) for _ in range(max(1, candidates))]
         return pairs[hardest_pair(pairs)] if len(pairs) > 1 else pairs[0]
 
+    def raw_view(
+        self,
+        image: torch.Tensor,
+        box: Box,
+        *,
+        size: int | None = None,
+        strength: float = 1.0,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[RawView, torch.Tensor | None]:
+        """(the view before its colour change, its uint8 [size, size] mask or None) of the uint8
+        ``image`` [3, H, W] (and ``mask`` [H, W]) cropped to ``box``: the mask gets the same
+        crop (nearest neighbour) and flip, no colour change. ``finish`` completes views."""
+        size = int(size or self.image_size)
+        top, left, height, width = box
+        pixels = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+        flip = bool(torch.rand(()) < 0.5)
+        if flip:
+            pixels = TF.horizontal_flip(pixels)
+        out_mask = None
+        if mask is not None:
+            out_mask = TF.resized_crop(
+                mask[None], top, left, height, width, [size, size], interpolation=InterpolationMode.NEAREST
+            )[0]
+            if flip:
+                out_mask = out_mask.flip(-1)
+        return RawView(pixels, draw_colour(self.color_jitter, strength)), out_mask
+
+    def finish(self, pixels: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+        """Float32 views [N, 3, S, S]: the stacked uint8 ``pixels`` after their ``colour``
+        parameters (``RawView``), normalised with ``mean``/``std``: one pass for a whole batch."""
+        return TF.normalize(apply_colour(pixels, colour), list(self.mean), list(self.std))
+
     def view(
         self,
         image: torch.Tensor,
@@ -71,29 +103,13 @@ class ViewAugment:
         strength: float = 1.0,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(float32 [3, size, size] view, its uint8 [size, size] mask or None) of the uint8
-        ``image`` [3, H, W] (and ``mask`` [H, W]) cropped to ``box``: the mask gets the same
-        crop (nearest neighbour) and flip, no colour change."""
-        size = int(size or self.image_size)
-        top, left, height, width = box
-        view = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
-        flip = bool(torch.rand(()) < 0.5)
-        if flip:
-            view = TF.horizontal_flip(view)
-        out_mask = None
-        if mask is not None:
-            out_mask = TF.resized_crop(
-                mask[None], top, left, height, width, [size, size], interpolation=InterpolationMode.NEAREST
-            )[0]
-            if flip:
-                out_mask = out_mask.flip(-1)
-        jitter = self._jitter(strength)
-        if jitter is not None and bool(torch.rand(()) < 0.8):
-            view = jitter(view)
-        if bool(torch.rand(()) < 0.2 * strength):
-            view = TF.rgb_to_grayscale(view, num_output_channels=3)
-        view = TF.normalize(TF.to_dtype(view, torch.float32, scale=True), list(self.mean), list(self.std))
-        return view, out_mask
+        """(float32 [3, size, size] view, its uint8 [size, size] mask or None): ``raw_view``
+        finished on its own."""
+        raw, out_mask = self.raw_view(image, box, size=size, strength=strength, mask=mask)
+        return self.finish_one(raw), out_mask
+
+    def finish_one(self, raw: RawView) -> torch.Tensor:
+        return self.finish(raw.pixels[None], raw.colour[None])[0]
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
         """One augmented view: float32 [3, image_size, image_size]."""
@@ -107,14 +123,15 @@ class ViewAugment:
         size: int | None = None,
         strength: float = 1.0,
         candidates: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two views of ``img`` (from the hardest of ``candidates`` crop pairs)."""
+        finish: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[RawView, RawView]:
+        """Two views of ``img`` (from the hardest of ``candidates`` crop pairs); with ``finish``
+        False, as ``RawView``s for a batched ``finish``."""
         image = _as_uint8(img)
         box1, box2 = self.crop_pair(image, strength, candidates)
-        return (
-            self.view(image, box1, size=size, strength=strength)[0],
-            self.view(image, box2, size=size, strength=strength)[0],
-        )
+        raw1 = self.raw_view(image, box1, size=size, strength=strength)[0]
+        raw2 = self.raw_view(image, box2, size=size, strength=strength)[0]
+        return (self.finish_one(raw1), self.finish_one(raw2)) if finish else (raw1, raw2)
 
     def two_views_with_masks(
         self,
@@ -124,16 +141,20 @@ class ViewAugment:
         size: int | None = None,
         strength: float = 1.0,
         candidates: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        finish: bool = True,
+    ) -> tuple[torch.Tensor | RawView, torch.Tensor | RawView, torch.Tensor, torch.Tensor]:
         """(view1, view2, mask1, mask2): two views and the label map ``mask`` [H, W] (uint8, one
-        label per segment, same size as the image) cropped and flipped with each."""
+        label per segment, same size as the image) cropped and flipped with each; with ``finish``
+        False, the views as ``RawView``s for a batched ``finish``."""
         image = _as_uint8(img)
         if tuple(mask.shape) != tuple(image.shape[-2:]):
             raise ValueError(f"mask {tuple(mask.shape)} does not match image {tuple(image.shape[-2:])}")
         box1, box2 = self.crop_pair(image, strength, candidates)
-        view1, mask1 = self.view(image, box1, size=size, strength=strength, mask=mask)
-        view2, mask2 = self.view(image, box2, size=size, strength=strength, mask=mask)
-        return view1, view2, mask1, mask2
+        raw1, mask1 = self.raw_view(image, box1, size=size, strength=strength, mask=mask)
+        raw2, mask2 = self.raw_view(image, box2, size=size, strength=strength, mask=mask)
+        if finish:
+            return self.finish_one(raw1), self.finish_one(raw2), mask1, mask2
+        return raw1, raw2, mask1, mask2
 
 
 def _as_uint8(img: Image.Image | torch.Tensor) -> torch.Tensor:

@@ -346,16 +346,20 @@ class PretrainStream:
                 bad.append((sample.key, str(err)))
                 return None
             v1, v2, m1, m2 = self.augment.two_views_with_masks(
-                image, mask, size=size, strength=strength, candidates=candidates
+                image, mask, size=size, strength=strength, candidates=candidates, finish=False
             )
             return sample_id, sample.key, v1, v2, m1, m2, pick_mask_ids(m1, m2, self.num_masks)
-        v1, v2 = self.augment.two_views(image, size=size, strength=strength, candidates=candidates)
+        v1, v2 = self.augment.two_views(image, size=size, strength=strength, candidates=candidates, finish=False)
         return sample_id, sample.key, v1, v2
 
     def _collate(self, rows: list[tuple], bad: list, **where) -> TrainBatch:
+        def finished(column: int) -> torch.Tensor:
+            raws = [r[column] for r in rows]
+            return self.augment.finish(torch.stack([v.pixels for v in raws]), torch.stack([v.colour for v in raws]))
+
         batch = TrainBatch(
-            view1=torch.stack([r[2] for r in rows]),
-            view2=torch.stack([r[3] for r in rows]),
+            view1=finished(2),
+            view2=finished(3),
             ids=torch.tensor([r[0] for r in rows], dtype=torch.int64),
             keys=[r[1] for r in rows],
             bad=bad,
