@@ -41,7 +41,7 @@ def run(corpus, workdir: str, name: str, nodes: int, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/sept-bench-ddp")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--partition", default="debug")
