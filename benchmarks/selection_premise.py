@@ -102,10 +102,13 @@ def main(argv: list[str] | None = None) -> None:
                             knn=float(knn.mean()), knn_std=float(spread(knn)))
         print(f"| {arm} | {100 * lp.mean():.1f}% ± {100 * spread(lp):.1f} | {100 * knn.mean():.1f}% ± {100 * spread(knn):.1f} |")
     margin = summary["in-domain"]["linear_probe"] - summary["off-domain"]["linear_probe"]
-    print(f"\nin-domain - off-domain (linear probe): {100 * margin:+.1f} points; "
-          f"the premise {'holds' if margin > 0 else 'does not hold'} here. Wall time {(time.time() - started) / 60:.1f} min")
+    spread = max(summary["in-domain"]["linear_probe_std"], summary["off-domain"]["linear_probe_std"])
+    verdict = ("holds" if margin > 2 * spread else "does not hold" if margin < -2 * spread
+               else "is not shown (within two standard deviations)")
+    print(f"\nin-domain - off-domain (linear probe): {100 * margin:+.1f} points, {100 * spread:.1f} the larger "
+          f"standard deviation; the premise {verdict} here. Wall time {(time.time() - started) / 60:.1f} min")
     with open(os.path.join(args.workdir, "premise.json"), "w") as f:
-        json.dump(dict(args=vars(args), runs=results, summary=summary, margin=margin), f, indent=2)
+        json.dump(dict(args=vars(args), runs=results, summary=summary, margin=margin, verdict=verdict), f, indent=2)
 
 
 if __name__ == "__main__":
