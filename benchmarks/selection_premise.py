@@ -55,6 +55,10 @@ def draw_arms(truth: dict[str, str], domain: str, budget: int, seed: int) -> dic
     }
 
 
+def _std(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def main(argv: list[str] | None = None) -> None:
     from sept.data.demo_corpus import make_demo_corpus
     from sept.data.shards import list_shards
@@ -97,10 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {}
     for arm, runs in results.items():
         lp, knn = (np.asarray([r[m] for r in runs]) for m in ("linear_probe", "knn"))
-        spread = (lambda v: v.std(ddof=1) if len(v) > 1 else 0.0)
-        summary[arm] = dict(linear_probe=float(lp.mean()), linear_probe_std=float(spread(lp)),
-                            knn=float(knn.mean()), knn_std=float(spread(knn)))
-        print(f"| {arm} | {100 * lp.mean():.1f}% ± {100 * spread(lp):.1f} | {100 * knn.mean():.1f}% ± {100 * spread(knn):.1f} |")
+        summary[arm] = dict(linear_probe=float(lp.mean()), linear_probe_std=_std(lp), knn=float(knn.mean()), knn_std=_std(knn))
+        print(f"| {arm} | {100 * lp.mean():.1f}% ± {100 * _std(lp):.1f} | {100 * knn.mean():.1f}% ± {100 * _std(knn):.1f} |")
     margin = summary["in-domain"]["linear_probe"] - summary["off-domain"]["linear_probe"]
     spread = max(summary["in-domain"]["linear_probe_std"], summary["off-domain"]["linear_probe_std"])
     verdict = ("holds" if margin > 2 * spread else "does not hold" if margin < -2 * spread

@@ -2,8 +2,8 @@
 
 The image is turned into a uint8 tensor first, so cropping runs on tensors; the colour change
 and normalisation can wait for the whole batch (``RawView``, ``ViewAugment.finish``,
-``sept.training.colour``), which is one pass instead of a chain of small ops per view. Gaussian blur is left out: at 32 px it erases the image
-(SimCLR's CIFAR recipe drops it too).
+``sept.training.colour``), which is one pass instead of a chain of small ops per view.
+Gaussian blur is left out: at 32 px it erases the image (SimCLR's CIFAR recipe drops it too).
 
 Views can be made at a smaller ``size`` and a weaker ``strength`` (progressive resizing and
 magnitude), from the hardest of several candidate crop pairs (hard positive mining), and with a
@@ -94,27 +94,14 @@ class ViewAugment:
         parameters (``RawView``), normalised with ``mean``/``std``: one pass for a whole batch."""
         return TF.normalize(apply_colour(pixels, colour), list(self.mean), list(self.std))
 
-    def view(
-        self,
-        image: torch.Tensor,
-        box: Box,
-        *,
-        size: int | None = None,
-        strength: float = 1.0,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(float32 [3, size, size] view, its uint8 [size, size] mask or None): ``raw_view``
-        finished on its own."""
-        raw, out_mask = self.raw_view(image, box, size=size, strength=strength, mask=mask)
-        return self.finish_one(raw), out_mask
-
     def finish_one(self, raw: RawView) -> torch.Tensor:
+        """``finish`` for a single view: float32 [3, size, size]."""
         return self.finish(raw.pixels[None], raw.colour[None])[0]
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
         """One augmented view: float32 [3, image_size, image_size]."""
         image = _as_uint8(img)
-        return self.view(image, self.crop_box(image))[0]
+        return self.finish_one(self.raw_view(image, self.crop_box(image))[0])
 
     def two_views(
         self,
