@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the self-supervised method every arm pre-trains with (default: %(default)s)")
     p.add_argument("--preset", choices=["fast"], default=None,
                    help="fast: the acceleration strategies of arXiv 2212.05611 for every arm")
+    p.add_argument("--pretrain-config", default=None, metavar="YAML",
+                   help="pre-training settings for every arm, as for `sept pretrain --config` (e.g. image_size, "
+                   "crop_min_scale, optimizer, lr); steps, batch size, method and seed come from the flags above")
     p.add_argument("--executor", choices=["inprocess", "local", "slurm"], default="inprocess",
                    help="inprocess: arms one after another in this process, kNN tracked over steps (default); "
                    "local: each arm through submitit, one after another; slurm: every arm and seed as one job array")
@@ -289,7 +292,7 @@ def run(args: argparse.Namespace) -> object:
             pool=args.pool, target=args.target, out=args.out, budget_fractions=args.budget_fraction, seeds=args.seeds,
             arms=args.arms, encoder=args.encoder, pretrain_steps=args.pretrain_steps,
             bootstrap_steps=args.bootstrap_steps, batch_size=args.batch_size, method=args.method, preset=args.preset,
-            executor=args.executor, ray_address=args.ray_address, truth=args.truth, truth_label=args.truth_label))
+            pretrain_config=args.pretrain_config, executor=args.executor, ray_address=args.ray_address, truth=args.truth, truth_label=args.truth_label))
         print(format_results(results))
         return None
     if cmd == "bootstrap":

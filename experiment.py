@@ -42,6 +42,7 @@ class ExperimentConfig:
     batch_size: int = 64
     method: str = "simclr"
     preset: str | None = None  # a named set of pre-training settings (sept.training.config.PRESETS), e.g. "fast"
+    pretrain_config: str | None = None  # YAML of PretrainConfig keys for every arm; the flags above win over it
     curve_points: int = 4  # kNN measured at this many evenly spaced steps
     executor: str = "inprocess"  # "local" or "slurm": launch each arm with submitit (no kNN curve)
     index_shards: int = 2
@@ -64,15 +65,17 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def untrained_encoder(path: str, seed: int) -> str:
+def untrained_encoder(path: str, seed: int, *, arch: str = "resnet18_small", width: int | None = None,
+                      image_size: int = 32) -> str:
+    """The floor: the arms' network with its random initial weights, scored at the arms' resolution."""
     import torch
 
     from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
 
     if not os.path.exists(path):
         torch.manual_seed(seed)
-        backbone, _ = build_backbone("resnet18_small")
-        save_encoder(path, backbone, arch="resnet18_small", image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        backbone, _ = build_backbone(arch, width=width)
+        save_encoder(path, backbone, arch=arch, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return path
 
 
@@ -101,8 +104,9 @@ def selection_precision(manifest_path: str, truth: dict[str, str], label: str) -
 def _arm_config(data: str, run_dir: str, cfg: ExperimentConfig, seed: int):
     from sept.training.config import load_config
 
-    return load_config(None, dict(data=data, out=run_dir, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
-                                  seed=seed, method=cfg.method), preset=cfg.preset)
+    return load_config(cfg.pretrain_config, dict(data=data, out=run_dir, steps=cfg.pretrain_steps,
+                                                 batch_size=cfg.batch_size, seed=seed, method=cfg.method),
+                       preset=cfg.preset)
 
 
 def _curve_marks(cfg: ExperimentConfig) -> list[int]:
@@ -252,7 +256,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                                                  os.path.join(out, f"random-{frac:g}-s{seed}"), seed)
                 data[(frac, "full", seed)] = cfg.pool
     for seed in range(cfg.seeds):
-        floor = evaluate(untrained_encoder(os.path.join(out, f"untrained-s{seed}.pt"), seed), cfg.target)
+        arm = _arm_config(cfg.pool, out, cfg, seed)
+        untrained = untrained_encoder(os.path.join(out, f"untrained-s{seed}.pt"), seed, arch=arm.arch,
+                                      width=arm.width, image_size=arm.image_size)
+        floor = evaluate(untrained, cfg.target)
         results["floor"].append(dict(seed=seed, linear_probe=floor["linear_probe"], knn=floor["knn"]))
     # Every arm of every fraction and seed, planned first so they can train as one job array.
     planned: dict[tuple[str, str, int], tuple[str, str, int, int]] = {}

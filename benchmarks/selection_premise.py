@@ -74,13 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=300, help="images per arm (the demo's 10%% budget)")
     parser.add_argument("--steps", type=int, default=demo.pretrain_steps)
     parser.add_argument("--method", default="simclr")
+    parser.add_argument("--target-val-per-class", type=int, default=10,
+                        help="val images per digit class (the demo's 10 measure to about +-5 points per run)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further PretrainConfig values for every arm, e.g. image_size=16 color_jitter=1.0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    corpus = make_demo_corpus(os.path.join(args.workdir, "corpus"), pool_size=demo.pool_size,
-                              shards=demo.pool_shards, seed=demo.seed)
+    corpus = make_demo_corpus(os.path.join(args.workdir, f"corpus-val{args.target_val_per_class}"),
+                              pool_size=demo.pool_size, shards=demo.pool_shards, seed=demo.seed,
+                              target_val_per_class=args.target_val_per_class)
     pool = list_shards(corpus.pool_spec)
     extra = dict(kv.split("=", 1) for kv in args.set)
     results: dict[str, list[dict]] = {}

@@ -16,10 +16,12 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
     corpus = make_demo_corpus(str(tmp_path / "corpus"), pool_size=160, shards=2, target_train_per_class=2,
                               target_val_per_class=2, seed=3)
     out = tmp_path / "exp"
+    settings = tmp_path / "arms.yaml"
+    settings.write_text("image_size: 24\ncrop_min_scale: 0.6\nsteps: 99\n")  # --pretrain-steps wins over steps
     run_sept("experiment", "--pool", corpus.pool_spec, "--target", corpus.target_dir, "--out", str(out),
              "--seeds", "1", "--budget-fraction", "0.25", "--pretrain-steps", "4", "--bootstrap-steps", "4",
              "--batch-size", "16", "--truth", corpus.truth_path, "--truth-label", corpus.target_domain,
-             "--method", "detcon", "--preset", "fast")
+             "--method", "detcon", "--preset", "fast", "--pretrain-config", str(settings))
     results = json.load(open(out / "results.json"))
     arms = results["fractions"]["0.25"]["arms"]
     assert set(arms) == {"selected", "random", "full"}
@@ -37,6 +39,10 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
 
     ran = yaml.safe_load(open(out / "runs" / "selected-0.25-s0" / "config.yaml"))
     assert ran["method"] == "detcon_s" and ran["lr_schedule"] == "cyclic" and ran["progressive"] and ran["hard_positives"]
+    assert (ran["image_size"], ran["crop_min_scale"], ran["steps"]) == (24, 0.6, 4)
+    from sept.training.encoder import load_encoder
+
+    assert load_encoder(str(out / "untrained-s0.pt")).image_size == 24  # the floor is scored like the arms
 
 
 def test_arms_and_seeds_go_to_slurm_as_one_job_array(tmp_path):
