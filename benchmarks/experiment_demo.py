@@ -37,7 +37,7 @@ def verdict(results: dict, fraction: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sept.data.demo_corpus import make_demo_corpus
+    from sept.data.demo_corpus import DemoCorpusParams, make_demo_corpus
     from sept.demo import DemoConfig
     from sept.experiment import ExperimentConfig, format_results, run_experiment
 
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget-fraction", type=float, default=0.1)
     parser.add_argument("--pretrain-steps", type=int, default=DemoConfig.pretrain_steps)
+    parser.add_argument("--pretrain-config", default=None, metavar="YAML",
+                        help="pre-training settings for every arm (sept experiment --pretrain-config)")
+    parser.add_argument("--target-val-per-class", type=int, default=DemoCorpusParams.target_val_per_class,
+                        help="val images per digit class that score the arms (default: %(default)s)")
     parser.add_argument("--publish", default=None, help="copy results.md and results.png into this folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -53,12 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     demo = DemoConfig()
     started = time.time()
     corpus = make_demo_corpus(os.path.join(args.workdir, "corpus"), pool_size=demo.pool_size, shards=demo.pool_shards,
-                              seed=demo.seed)
+                              seed=demo.seed, target_val_per_class=args.target_val_per_class)
     results = run_experiment(ExperimentConfig(
         pool=corpus.pool_spec, target=corpus.target_dir, out=os.path.join(args.workdir, "experiment"),
         budget_fractions=[args.budget_fraction], seeds=args.seeds, bootstrap_samples=demo.bootstrap_samples,
         bootstrap_steps=demo.bootstrap_steps, pretrain_steps=args.pretrain_steps, batch_size=demo.batch_size,
-        truth=corpus.truth_path, truth_label=corpus.target_domain))
+        pretrain_config=args.pretrain_config, truth=corpus.truth_path, truth_label=corpus.target_domain))
     wall = time.time() - started
     v = verdict(results, f"{args.budget_fraction:g}")
     print(format_results(results))

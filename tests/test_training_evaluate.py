@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sept.data.targets import TargetTask, load_target
 from sept.errors import SeptError
 from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
-from sept.training.evaluate import evaluate, knn_accuracy, linear_probe_accuracy
+from sept.training.evaluate import PROBE_C_GRID, evaluate, knn_accuracy, linear_probe_accuracy, select_probe_c
 
 torch.set_num_threads(1)
 
@@ -58,6 +58,31 @@ def test_linear_probe_separates_separable_features():
     features = centers[labels] + 0.05 * rng.standard_normal((90, 8))
     accuracy, c = linear_probe_accuracy(features[:60], labels[:60], features[60:], labels[60:])
     assert accuracy == 1.0 and c > 0
+
+
+def _few_label_features(rng: np.random.Generator, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """4 classes told apart by dims 0-3, but dim 0 also carries a large nuisance that dim 4
+    repeats: only a weakly regularised probe learns to subtract it. Small coordinates, as
+    unit-norm features have."""
+    labels = np.repeat(np.arange(4), per_class)
+    x = np.eye(4, 6)[labels] + 0.2 * rng.standard_normal((len(labels), 6))
+    nuisance = 3.0 * rng.standard_normal(len(labels))
+    x[:, 0] += nuisance
+    x[:, 4] = nuisance
+    return 0.05 * x, labels
+
+
+def test_probe_regularisation_is_chosen_by_cross_validation_on_few_labels():
+    rng = np.random.default_rng(0)
+    train, labels = _few_label_features(rng, 10)
+    val, val_labels = _few_label_features(rng, 50)
+    accuracy = {c: linear_probe_accuracy(train, labels, val, val_labels, C=c)[0] for c in PROBE_C_GRID}
+    chosen = select_probe_c(train, labels)
+    assert accuracy[chosen] >= max(accuracy.values()) - 0.05 and accuracy[chosen] > accuracy[PROBE_C_GRID[0]] + 0.3
+    assert select_probe_c(train, labels) == chosen  # deterministic
+    # Two images per class still give two folds; one image in a class leaves nothing to hold out.
+    assert select_probe_c(train[::5], labels[::5]) in PROBE_C_GRID
+    assert select_probe_c(train[:31], labels[:31]) == PROBE_C_GRID[len(PROBE_C_GRID) // 2]
 
 
 def test_evaluate_on_an_image_folder(digits_folder, encoder_path):
