@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=300, help="images per arm (the demo's 10%% budget)")
     parser.add_argument("--steps", type=int, default=demo.pretrain_steps)
     parser.add_argument("--method", default="simclr")
+    parser.add_argument("--no-random", action="store_true",
+                        help="skip the random arm (in-domain against off-domain alone decides the verdict)")
     parser.add_argument("--target-val-per-class", type=int, default=10,
                         help="val images per digit class (the demo's 10 measure to about +-5 points per run)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     for seed in range(args.seeds):
         for arm, keys in draw_arms(corpus.truth(), corpus.target_domain, args.budget, seed).items():
+            if arm == "random" and args.no_random:
+                continue
             data = write_subset(pool, keys, os.path.join(args.workdir, "subsets", f"{arm}-s{seed}"))
             run_dir = os.path.join(args.workdir, "runs", f"{arm}-s{seed}")
             cfg = load_config(None, dict(extra, data=data, out=run_dir, steps=args.steps, seed=seed,
