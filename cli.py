@@ -292,7 +292,8 @@ def run(args: argparse.Namespace) -> object:
             pool=args.pool, target=args.target, out=args.out, budget_fractions=args.budget_fraction, seeds=args.seeds,
             arms=args.arms, encoder=args.encoder, pretrain_steps=args.pretrain_steps,
             bootstrap_steps=args.bootstrap_steps, batch_size=args.batch_size, method=args.method, preset=args.preset,
-            pretrain_config=args.pretrain_config, executor=args.executor, ray_address=args.ray_address, truth=args.truth, truth_label=args.truth_label))
+            pretrain_config=args.pretrain_config, executor=args.executor, ray_address=args.ray_address,
+            truth=args.truth, truth_label=args.truth_label))
         print(format_results(results))
         return None
     if cmd == "bootstrap":

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sept.data.targets import TargetTask, load_target
 from sept.errors import SeptError
 from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
-from sept.training.evaluate import PROBE_C_GRID, evaluate, knn_accuracy, linear_probe_accuracy, select_probe_c
+from sept.training.evaluate import CV_UP_TO, PROBE_C_GRID, evaluate, knn_accuracy, linear_probe_accuracy, select_probe_c
 
 torch.set_num_threads(1)
 
@@ -83,6 +83,10 @@ def test_probe_regularisation_is_chosen_by_cross_validation_on_few_labels():
     # Two images per class still give two folds; one image in a class leaves nothing to hold out.
     assert select_probe_c(train[::5], labels[::5]) in PROBE_C_GRID
     assert select_probe_c(train[:31], labels[:31]) == PROBE_C_GRID[len(PROBE_C_GRID) // 2]
+    # A large train split is judged on one hold-out, and still picks a probe that works.
+    many, many_labels = _few_label_features(rng, CV_UP_TO // 4)
+    on_many = {c: linear_probe_accuracy(many, many_labels, val, val_labels, C=c)[0] for c in PROBE_C_GRID}
+    assert on_many[select_probe_c(many, many_labels)] >= max(on_many.values()) - 0.05
 
 
 def test_evaluate_on_an_image_folder(digits_folder, encoder_path):
