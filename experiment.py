@@ -285,14 +285,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     return results
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
 def _cell(values: list[float]) -> str:
     """Mean ± sample standard deviation; one seed has no spread to show."""
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return f"{mean:.1%} ± {std:.1%}" if len(values) > 1 else f"{mean:.1%}"
 
 
@@ -322,11 +323,11 @@ def plot_results(results: dict, path: str) -> None:
     labels, means, stds = [], [], []
     for frac, entry in results["fractions"].items():
         for arm, runs in entry["arms"].items():
-            m, s = _mean_std([r["linear_probe"] for r in runs])
+            m, s = mean_std([r["linear_probe"] for r in runs])
             labels.append(f"{arm}\n{frac}")
             means.append(m)
             stds.append(s)
-    m, s = _mean_std([r["linear_probe"] for r in results["floor"]])
+    m, s = mean_std([r["linear_probe"] for r in results["floor"]])
     labels.append("no\npre-training")
     means.append(m)
     stds.append(s)

@@ -19,19 +19,20 @@ import os
 import shutil
 import time
 
-import numpy as np
-
 
 def verdict(results: dict, fraction: str) -> dict:
     """Selected vs random (margin in pooled standard deviations) and vs full (points), linear probe."""
-    arms = results["fractions"][fraction]["arms"]
-    lp = {arm: np.asarray([r["linear_probe"] for r in runs], float) for arm, runs in arms.items()}
-    out = {arm: dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0) for arm, v in lp.items()}
-    if "selected" in lp and "random" in lp:
+    from sept.experiment import mean_std
+
+    out: dict = {}
+    for arm, runs in results["fractions"][fraction]["arms"].items():
+        mean, std = mean_std([r["linear_probe"] for r in runs])
+        out[arm] = dict(mean=mean, std=std)
+    if "selected" in out and "random" in out:
         spread = max(out["selected"]["std"], out["random"]["std"], 1e-9)
         out["selected_minus_random"] = out["selected"]["mean"] - out["random"]["mean"]
         out["margin_in_std"] = out["selected_minus_random"] / spread
-    if "selected" in lp and "full" in lp:
+    if "selected" in out and "full" in out:
         out["full_minus_selected_points"] = 100 * (out["full"]["mean"] - out["selected"]["mean"])
     return out
 

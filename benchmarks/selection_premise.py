@@ -55,14 +55,11 @@ def draw_arms(truth: dict[str, str], domain: str, budget: int, seed: int) -> dic
     }
 
 
-def _std(values: np.ndarray) -> float:
-    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def main(argv: list[str] | None = None) -> None:
     from sept.data.demo_corpus import make_demo_corpus
     from sept.data.shards import list_shards
     from sept.demo import DemoConfig
+    from sept.experiment import mean_std
     from sept.training.config import load_config
     from sept.training.evaluate import evaluate
     from sept.training.trainer import train
@@ -107,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| arm | linear probe | kNN |\n|---|---|---|")
     summary = {}
     for arm, runs in results.items():
-        lp, knn = (np.asarray([r[m] for r in runs]) for m in ("linear_probe", "knn"))
-        summary[arm] = dict(linear_probe=float(lp.mean()), linear_probe_std=_std(lp), knn=float(knn.mean()), knn_std=_std(knn))
-        print(f"| {arm} | {100 * lp.mean():.1f}% ± {100 * _std(lp):.1f} | {100 * knn.mean():.1f}% ± {100 * _std(knn):.1f} |")
+        (lp, lp_std), (knn, knn_std) = (mean_std([r[m] for r in runs]) for m in ("linear_probe", "knn"))
+        summary[arm] = dict(linear_probe=lp, linear_probe_std=lp_std, knn=knn, knn_std=knn_std)
+        print(f"| {arm} | {100 * lp:.1f}% ± {100 * lp_std:.1f} | {100 * knn:.1f}% ± {100 * knn_std:.1f} |")
     margin = summary["in-domain"]["linear_probe"] - summary["off-domain"]["linear_probe"]
     spread = max(summary["in-domain"]["linear_probe_std"], summary["off-domain"]["linear_probe_std"])
     verdict = ("holds" if margin > 2 * spread else "does not hold" if margin < -2 * spread
