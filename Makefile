@@ -5,7 +5,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test browser clusters-up clusters-down clean
 
+# A fresh install (torch and its CUDA libraries) takes about 6.5 GiB, plus room to unpack wheels.
+NEED_GIB := 9
+
 $(STAMP): pyproject.toml
+	@test -d $(VENV)/lib || { avail=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  test "$$avail" -ge $(NEED_GIB) || { echo "make: installing into $(CURDIR)/$(VENV) needs about $(NEED_GIB) GiB free, only $$avail GiB left there" >&2; exit 1; }; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision first, pinned, so pip takes them from this machine's disk
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
