@@ -2,6 +2,7 @@
 fewer shards than ranks), exact resume, skip-and-count of bad samples, progressive sizes, masks."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -189,3 +190,45 @@ def test_two_views_helper():
     a, b = two_views(image, image_size=24)
     assert a.shape == b.shape == (3, 24, 24) and a.dtype == torch.float32
     assert not torch.equal(a, b)
+
+
+def _epochs(stream, epochs):
+    """Per epoch: (keys, view1, view2) of every batch, and how many samples were skipped as bad."""
+    out = []
+    for e in epochs:
+        batches = list(stream.epoch(e))
+        out.append(([b.keys for b in batches], [b.view1 for b in batches], [b.view2 for b in batches],
+                    sum(len(b.bad) for b in batches)))
+    return out
+
+
+def _same(a, b):
+    return all(ka == kb and all(map(torch.equal, v1a, v1b)) and all(map(torch.equal, v2a, v2b)) and na == nb
+               for (ka, v1a, v2a, na), (kb, v1b, v2b, nb) in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("subset", [False, True], ids=["whole-shards", "task-subset"])
+def test_cached_stream_reads_each_shard_once_and_yields_the_same_batches(tmp_path, subset):
+    shards = make_pool(tmp_path / "pool", [13, 9, 11], bad={(0, 4), (1, 2), (2, 10)})
+    keys = None
+    if subset:  # a task's share of shared shards: every other sample
+        keys = [frozenset(f"{s:05d}{i:04d}" for i in range(0, n, 2)) for s, n in enumerate([13, 9, 11])]
+    uncached = _epochs(_stream(shards, 0, 1, keys=keys), range(3))
+    cached = _stream(shards, 0, 1, keys=keys, cache_bytes=1 << 20)
+    first = _epochs(cached, [0])
+    assert set(cached.cache.shards) == {0, 1, 2} and 0 < cached.cache.used <= 1 << 20
+    for shard in shards:  # from here on, only memory can serve the epochs
+        os.remove(shard)
+    assert _same(first + _epochs(cached, [1, 2]), uncached)
+    assert sum(epoch[3] for epoch in uncached) > 0  # bad samples are skipped, cached or not
+
+
+def test_cache_stops_filling_at_its_limit_and_changes_nothing(tmp_path):
+    shards = make_pool(tmp_path / "pool", [8, 8, 8])
+    uncached = _epochs(_stream(shards, 0, 1), range(2))
+    limited = _stream(shards, 0, 1, cache_bytes=3000)  # a shard's JPEGs alone take more
+    assert _same(_epochs(limited, range(2)), uncached)
+    assert limited.cache.full and limited.cache.used <= 3000 and not limited.cache.shards
+    off = _stream(shards, 0, 1)
+    list(off.epoch(0))
+    assert off.cache.full and off.cache.used == 0 and not off.cache.images

@@ -90,6 +90,10 @@ class PretrainConfig:
     seed: int = 0
     num_workers: int = 0
     """Data-loading worker processes per rank (0: load in the training process)."""
+    cache_mb: int = 1024
+    """Per rank, the training data (tar bytes and decoded images) kept in memory up to this many MB,
+    so a small training set is read and decoded once, not every epoch (0: off). Only the
+    in-process loader keeps it across epochs (``num_workers=0``)."""
     checkpoint_every: int = 100
     log_every: int = 10
     sample_log: bool = False
@@ -169,7 +173,7 @@ def _validate(cfg: PretrainConfig, source: str) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise SeptError(f"config key {key!r} in {source} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("warmup_steps", "num_workers", "seed"):
+    for key in ("warmup_steps", "num_workers", "seed", "cache_mb"):
         if getattr(cfg, key) < 0:
             raise SeptError(f"config key {key!r} in {source} must be non-negative, got {getattr(cfg, key)}")
     for key in ("max_samples", "num_samples", "width"):

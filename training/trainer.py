@@ -119,7 +119,7 @@ def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimiz
 
 
 # Fields a run may change when it resumes; any other difference means another run's checkpoint.
-_RESUMABLE_CHANGES = ("out", "steps", "checkpoint_every", "log_every", "num_workers", "num_samples",
+_RESUMABLE_CHANGES = ("out", "steps", "checkpoint_every", "log_every", "num_workers", "cache_mb", "num_samples",
                       "sample_log", "compile", "device")
 
 
@@ -277,6 +277,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
         plan=plan,
         num_masks=cfg.num_masks if needs_masks(cfg.method) else 0,
         pin_memory=on_gpu,
+        cache_bytes=cfg.cache_mb << 20,
     )
     batches_per_epoch = stream.batches_per_epoch
     workers = stream.logical_workers()
