@@ -39,7 +39,6 @@ import io
 import logging
 import signal
 import tarfile
-import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
