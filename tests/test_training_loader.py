@@ -232,3 +232,10 @@ def test_cache_stops_filling_at_its_limit_and_changes_nothing(tmp_path):
     off = _stream(shards, 0, 1)
     list(off.epoch(0))
     assert off.cache.full and off.cache.used == 0 and not off.cache.images
+
+
+def test_loading_workers_keep_no_cache(tmp_path):
+    shards = make_pool(tmp_path / "pool", [8, 8])
+    stream = _stream(shards, 0, 1, num_workers=2, cache_bytes=1 << 20)
+    assert stream.cache.full  # workers restart every epoch: filling a cache there is wasted reading
+    assert _keys(stream.epoch(0)) == _keys(_stream(shards, 0, 1, num_workers=2).epoch(0))

@@ -93,7 +93,7 @@ class PretrainConfig:
     cache_mb: int = 1024
     """Per rank, the training data (tar bytes and decoded images) kept in memory up to this many MB,
     so a small training set is read and decoded once, not every epoch (0: off). Only the
-    in-process loader keeps it across epochs (``num_workers=0``)."""
+    in-process loader has one (``num_workers=0``)."""
     checkpoint_every: int = 100
     log_every: int = 10
     sample_log: bool = False

@@ -24,8 +24,8 @@ the sample, never on which worker made it or whether it was skipped before.
 Cache. A training set that fits in ``cache_bytes`` (a task's selection of a few thousand images
 is typical) is read from its shards and decoded once, then served from memory: at the demo's
 size an epoch lasts 4 steps, and re-reading and re-decoding every epoch took a quarter of each
-step. Only the in-process loader (``num_workers=0``) keeps it across epochs; DataLoader workers
-live for one epoch. Cached or not, the stream yields the same batches.
+step. Only the in-process loader (``num_workers=0``) has one; DataLoader workers live for one
+epoch. Cached or not, the stream yields the same batches.
 
 Bad samples are skipped and counted (``sept.data.decode``); a worker that loses samples that
 way ends its share short of a batch and the rank runs out of batches early. The trainer then
@@ -282,7 +282,9 @@ class PretrainStream:
         self.plan = plan
         self.num_masks = int(num_masks)
         self.pin_memory = pin_memory
-        self.cache = SampleCache(cache_bytes)
+        # DataLoader workers live for one epoch: a cache there would be filled (shards read past
+        # their share) and thrown away every epoch.
+        self.cache = SampleCache(cache_bytes if self.num_workers == 0 else 0)
         if shard_counts is None and self.keys is not None and all(k is not None for k in self.keys):
             shard_counts = [len(k) for k in self.keys]
         self._counts = None if shard_counts is None else [int(c) for c in shard_counts]
@@ -416,8 +418,9 @@ class PretrainStream:
             return hit
         stats = ShardStats()
         image = decode_sample(sample, stats)
-        self.cache.keep_image(key, image, list(stats.bad_samples))
-        return image, list(stats.bad_samples)
+        bad = list(stats.bad_samples)
+        self.cache.keep_image(key, image, bad)
+        return image, bad
 
     def _collate(self, rows: list[tuple], bad: list, **where) -> TrainBatch:
         def finished(column: int) -> torch.Tensor:
