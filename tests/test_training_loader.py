@@ -239,3 +239,58 @@ def test_loading_workers_keep_no_cache(tmp_path):
     stream = _stream(shards, 0, 1, num_workers=2, cache_bytes=1 << 20)
     assert stream.cache.full  # workers restart every epoch: filling a cache there is wasted reading
     assert _keys(stream.epoch(0)) == _keys(_stream(shards, 0, 1, num_workers=2).epoch(0))
+
+
+def _run_like_a_trainer(stream, steps, end_epoch_after=None):
+    """Batches a trainer consumes over ``steps`` steps (each epoch starts at the step after the
+    last; ``end_epoch_after`` = {epoch: batches} ends those epochs early, as when another rank
+    ran out), with the epoch state it would checkpoint."""
+    state, out = EpochState.fresh(0, 0, stream.logical_workers()), []
+    while len(out) < steps:
+        batches = stream.epoch(state)
+        for batch in batches:
+            state.advance(batch)
+            out.append(batch)
+            if len(out) == steps or state.consumed == (end_epoch_after or {}).get(state.epoch):
+                break
+        batches.close()
+        if len(out) < steps:
+            state = EpochState.fresh(state.epoch + 1, state.start_step + state.consumed, state.num_workers)
+    return out, state
+
+
+def _same_batches(a, b):
+    return len(a) == len(b) and all(
+        x.keys == y.keys and (x.epoch, x.step, x.index) == (y.epoch, y.step, y.index)
+        and torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("end_epoch_after", [None, {0: 1, 2: 2}], ids=["whole-epochs", "epochs-ended-early"])
+def test_run_ahead_process_makes_the_same_batches_across_epochs(tmp_path, end_epoch_after):
+    shards = make_pool(tmp_path / "pool", [13, 9, 11], bad={(0, 4), (2, 10)})
+    here, _ = _run_like_a_trainer(_stream(shards, 0, 1, cache_bytes=1 << 20), 20, end_epoch_after)
+    stream = _stream(shards, 0, 1, cache_bytes=1 << 20, run_ahead=3)
+    ahead, _ = _run_like_a_trainer(stream, 20, end_epoch_after)
+    stream.close()
+    assert _same_batches(ahead, here) and len({b.epoch for b in here}) >= 3
+    # One process serves every epoch that follows on; an epoch ended early restarts it once.
+    assert stream.ahead_starts == (1 if end_epoch_after is None else 3)
+    assert sum(len(b.bad) for b in ahead) > 0
+
+
+def test_run_ahead_resumes_where_the_checkpoint_left_off(tmp_path):
+    shards = make_pool(tmp_path / "pool", [14, 10])
+    whole, _ = _run_like_a_trainer(_stream(shards, 0, 1), 9)
+    first = _stream(shards, 0, 1, run_ahead=2)
+    _, state = _run_like_a_trainer(first, 7)  # 5 batches per epoch: stopped inside epoch 1
+    first.close()
+    resumed = _stream(shards, 0, 1, run_ahead=2)
+    rest = list(resumed.epoch(EpochState.from_dict(state.to_dict())))[:2]
+    resumed.close()
+    assert _same_batches(rest, whole[7:9])
+
+
+def test_run_ahead_needs_the_one_worker_plan(tmp_path):
+    shards = make_pool(tmp_path / "pool", [8])
+    with pytest.raises(ValueError, match="num_workers=0"):
+        _stream(shards, 0, 1, num_workers=2, run_ahead=2)

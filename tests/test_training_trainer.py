@@ -119,7 +119,17 @@ def test_fast_preset_follows_its_plan_and_extends_by_more_cycles(pool, tmp_path)
     assert len(epochs[1]) == len(set(epochs[1])) == 32
 
 
-def test_bad_samples_end_the_epoch_early_without_repeats(tmp_path):
+def test_run_ahead_trains_on_the_same_batches(pool, tmp_path):
+    here = train(_cfg(pool, tmp_path / "here", steps=12, sample_log=True))
+    ahead = train(_cfg(pool, tmp_path / "ahead", steps=12, sample_log=True, run_ahead=2))
+    assert torch.get_num_threads() == 1  # the caller's threads come back after the run
+    assert _rows(tmp_path / "ahead" / "samples-rank0.csv") == _rows(tmp_path / "here" / "samples-rank0.csv")
+    assert ahead["epoch"] == here["epoch"] == 2  # 5 batches per epoch
+    assert ahead["final_loss"] == pytest.approx(here["final_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("run_ahead", [0, 2])
+def test_bad_samples_end_the_epoch_early_without_repeats(tmp_path, run_ahead):
     pool = str(tmp_path / "pool")
     make_pool(tmp_path / "pool", [16])
     with open(os.path.join(pool, "00000.tar"), "r+b") as f:  # corrupt the first JPEG's bytes in place
@@ -127,7 +137,7 @@ def test_bad_samples_end_the_epoch_early_without_repeats(tmp_path):
         start = data.index(b"\xff\xd8\xff")
         f.seek(start + 100)
         f.write(b"\x00" * 200)
-    summary = train(_cfg(pool, tmp_path / "run", steps=5, batch_size=4, sample_log=True))
+    summary = train(_cfg(pool, tmp_path / "run", steps=5, batch_size=4, sample_log=True, run_ahead=run_ahead))
     assert summary["steps"] == 5 and summary["ranks"][0]["bad_samples"] >= 1
     epochs = {}
     for r in _rows(tmp_path / "run" / "samples-rank0.csv"):

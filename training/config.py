@@ -94,6 +94,10 @@ class PretrainConfig:
     """Per rank, the training data (tar bytes and decoded images) kept in memory up to this many MB,
     so a small training set is read and decoded once, not every epoch (0: off). Only the
     in-process loader has one (``num_workers=0``)."""
+    run_ahead: int = 0
+    """With ``num_workers=0``: batches made ahead by one loading process that lasts the whole run
+    (the same batches the training process would make), so loading runs beside the model's step
+    on another core and the model keeps the rest (0: load in the training process, in turn)."""
     checkpoint_every: int = 100
     log_every: int = 10
     sample_log: bool = False
@@ -173,7 +177,7 @@ def _validate(cfg: PretrainConfig, source: str) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise SeptError(f"config key {key!r} in {source} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("warmup_steps", "num_workers", "seed", "cache_mb"):
+    for key in ("warmup_steps", "num_workers", "seed", "cache_mb", "run_ahead"):
         if getattr(cfg, key) < 0:
             raise SeptError(f"config key {key!r} in {source} must be non-negative, got {getattr(cfg, key)}")
     for key in ("max_samples", "num_samples", "width"):

@@ -24,8 +24,15 @@ the sample, never on which worker made it or whether it was skipped before.
 Cache. A training set that fits in ``cache_bytes`` (a task's selection of a few thousand images
 is typical) is read from its shards and decoded once, then served from memory: at the demo's
 size an epoch lasts 4 steps, and re-reading and re-decoding every epoch took a quarter of each
-step. Only the in-process loader (``num_workers=0``) has one; DataLoader workers live for one
+step. Only the one-worker plan (``num_workers=0``) has one; DataLoader workers live for one
 epoch. Cached or not, the stream yields the same batches.
+
+Run-ahead. With ``run_ahead`` > 0 the one-worker plan runs in a background process that lasts
+the whole run, epoch after epoch, up to that many batches ahead of the trainer (keeping its
+cache), so loading overlaps the model's step on another core instead of taking turns with it.
+The batches are the ones the training process would have made itself. If the trainer is not
+where the process expects (a resume, an epoch ended early on another rank), it discards what
+was made ahead, or restarts the process from the trainer's position.
 
 Bad samples are skipped and counted (``sept.data.decode``); a worker that loses samples that
 way ends its share short of a batch and the rank runs out of batches early. The trainer then
@@ -88,6 +95,7 @@ class TrainBatch:
     """The batch's planned index in its epoch."""
     step: int = 0
     """The optimizer step the batch was made for (its image size and strength follow it)."""
+    epoch: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -260,6 +268,7 @@ class PretrainStream:
         pin_memory: bool = False,
         keys: Sequence[frozenset[str] | None] | None = None,
         cache_bytes: int = 0,
+        run_ahead: int = 0,
     ):
         if not shards:
             raise SeptError("no training shards given")
@@ -282,6 +291,15 @@ class PretrainStream:
         self.plan = plan
         self.num_masks = int(num_masks)
         self.pin_memory = pin_memory
+        if run_ahead and self.num_workers:
+            raise ValueError("run_ahead runs the one-worker plan (num_workers=0) in a background process")
+        self.run_ahead = int(run_ahead)
+        self._ahead: Iterator[TrainBatch] | None = None
+        """The run-ahead process's batches, epoch after epoch (None: not started)."""
+        self._pending: TrainBatch | None = None
+        """A batch of a later epoch than the trainer's, held until the trainer gets there."""
+        self.ahead_starts = 0
+        """Run-ahead processes started (one for a run that never leaves the process's plan)."""
         # DataLoader workers live for one epoch: a cache there would be filled (shards read past
         # their share) and thrown away every epoch.
         self.cache = SampleCache(cache_bytes if self.num_workers == 0 else 0)
@@ -462,7 +480,8 @@ class PretrainStream:
                 continue
             rows.append(row)
             if len(rows) == self.batch_size:
-                yield self._collate(rows, bad, worker=worker, cursor=read, index=index, step=start_step + index)
+                yield self._collate(rows, bad, worker=worker, cursor=read, index=index, step=start_step + index,
+                                    epoch=epoch)
                 rows, bad = [], []
                 made += 1
         if made < planned:
@@ -491,6 +510,9 @@ class PretrainStream:
         workers = state.num_workers
         if workers != self.logical_workers():
             raise ValueError(f"epoch state has {workers} workers, this stream {self.logical_workers()}")
+        if self.run_ahead:
+            yield from self._epoch_from_ahead(state)
+            return
         rotation = state.consumed % workers  # the worker whose batch comes next
         if self.num_workers == 0:
             source = self._produce(state.epoch, 0, 1, state.start_step, state.items[0], state.batches[0])
@@ -504,6 +526,44 @@ class PretrainStream:
             if self.num_workers == 0:
                 source.close()
             del source  # shuts the worker processes down
+
+
+    def _epoch_from_ahead(self, state: EpochState) -> Iterator[TrainBatch]:
+        """``epoch(state)`` served by the run-ahead process (see module doc)."""
+        if self._ahead is None:
+            self._start_ahead(state)
+        restarted, due = False, state.consumed
+        while True:
+            batch, self._pending = self._pending, None
+            if batch is None:
+                batch = next(self._ahead, None)
+            if batch is None:
+                return  # the process stopped after an epoch without a single batch
+            if batch.epoch < state.epoch:
+                continue  # the rest of an epoch the trainer ended early (another rank ran out)
+            if batch.epoch > state.epoch:
+                self._pending = batch  # this epoch ended (short: bad samples); keep it for the next
+                return
+            if batch.index != due or batch.step != state.start_step + due:
+                if restarted:
+                    raise RuntimeError(f"run-ahead loader made batch {batch.index} (step {batch.step}) where"
+                                       f" batch {due} (step {state.start_step + due}) was due")
+                self._start_ahead(state)
+                restarted = True
+                continue
+            due += 1
+            yield batch
+
+    def _start_ahead(self, state: EpochState) -> None:
+        self.close()
+        self.ahead_starts += 1
+        loader = DataLoader(_RunAheadDataset(self, state), batch_size=None, num_workers=1,
+                            prefetch_factor=self.run_ahead, pin_memory=self.pin_memory)
+        self._ahead = iter(loader)
+
+    def close(self) -> None:
+        """Stops the run-ahead process, if any (what it made ahead is dropped)."""
+        self._ahead, self._pending = None, None  # the DataLoader iterator shuts its worker down when freed
 
 
 def _ignore_job_signals() -> None:
@@ -529,3 +589,27 @@ class _EpochDataset(IterableDataset):
             _ignore_job_signals()
         s = self.state
         return self.stream._produce(s.epoch, worker, workers, s.start_step, s.items[worker], s.batches[worker])
+
+
+class _RunAheadDataset(IterableDataset):
+    """The one-worker plan from ``state`` on, epoch after epoch, in a single DataLoader worker
+    that lasts the run; ends after an epoch that made no batch (nothing decodable)."""
+
+    def __init__(self, stream: PretrainStream, state: EpochState):
+        self.stream, self.state = stream, state
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        if get_worker_info() is not None:
+            torch.set_num_threads(1)  # the training process computes on the other cores
+            _ignore_job_signals()
+        s = self.state
+        epoch, start_step, items, made = s.epoch, s.start_step, s.items[0], s.batches[0]
+        while True:
+            made_now = 0
+            for batch in self.stream._produce(epoch, 0, 1, start_step, items, made):
+                made_now += 1
+                yield batch
+            if made_now == 0 and made == 0:
+                return
+            # The trainer starts the next epoch at the step after this one's last batch.
+            epoch, start_step, items, made = epoch + 1, start_step + made + made_now, 0, 0

@@ -83,18 +83,19 @@ def _device(cfg: PretrainConfig, info: distributed.DistInfo) -> torch.device:
     return torch.device("cuda", local)
 
 
-def _share_cpu_threads() -> None:
+def _share_cpu_threads(loading_processes: int = 0) -> None:
     """Compute threads of a CPU rank: SLURM's CPUs per task where set, else this node's cores
     shared among its ranks (ranks that each start a thread per core fight over them, and gloo
-    collectives then wait on descheduled threads)."""
+    collectives then wait on descheduled threads), less the rank's own loading processes (each
+    keeps a core busy making batches)."""
     slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if slurm_cpus and slurm_cpus.isdigit():
-        torch.set_num_threads(max(1, int(slurm_cpus)))
+        torch.set_num_threads(max(1, int(slurm_cpus) - loading_processes))
         return
     ranks_here = distributed.get_local_world_size()
-    if ranks_here > 1:
+    if ranks_here > 1 or loading_processes:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // ranks_here))
+        torch.set_num_threads(max(1, cores // ranks_here - loading_processes))
 
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
@@ -119,8 +120,8 @@ def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimiz
 
 
 # Fields a run may change when it resumes; any other difference means another run's checkpoint.
-_RESUMABLE_CHANGES = ("out", "steps", "checkpoint_every", "log_every", "num_workers", "cache_mb", "num_samples",
-                      "sample_log", "compile", "device")
+_RESUMABLE_CHANGES = ("out", "steps", "checkpoint_every", "log_every", "num_workers", "cache_mb", "run_ahead",
+                      "num_samples", "sample_log", "compile", "device")
 
 
 def _load_checkpoint(path: str, cfg: PretrainConfig, method: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -204,10 +205,12 @@ def train(
     """
     owns_group = distributed_run and not distributed.is_initialized()
     info = distributed.init_distributed() if distributed_run else distributed.DistInfo(0, 1, 0, None)
+    threads = torch.get_num_threads()
     try:
         with StopRequests() as stop:
             return _train(cfg, info, encoder_path, encoder_extra or {}, stop, step_callback)
     finally:
+        torch.set_num_threads(threads)  # a caller training in-process (experiment arms) gets its cores back
         if owns_group:
             distributed.destroy_distributed()
 
@@ -243,7 +246,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
     if on_gpu:
         torch.cuda.set_device(device)
     else:
-        _share_cpu_threads()
+        _share_cpu_threads(1 if cfg.run_ahead and not cfg.num_workers else 0)
     collective_device = device if info.backend == "nccl" else torch.device("cpu")
     if not cfg.data:
         raise SeptError("no training data: set `data` to a shard spec")
@@ -278,6 +281,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
         num_masks=cfg.num_masks if needs_masks(cfg.method) else 0,
         pin_memory=on_gpu,
         cache_bytes=cfg.cache_mb << 20,
+        run_ahead=0 if cfg.num_workers else cfg.run_ahead,
     )
     batches_per_epoch = stream.batches_per_epoch
     workers = stream.logical_workers()
@@ -425,6 +429,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
                 model.train()
     finally:
         batches.close()
+        stream.close()
         for csv_log in (metrics, rank_metrics, samples_log):
             if csv_log is not None:
                 csv_log.close()
