@@ -1,9 +1,9 @@
 """Batched colour distortion (training/colour.py) against torchvision's per-image functions."""
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from sept.training.augment import ViewAugment
 from sept.training.colour import (
     BRIGHTNESS,
     CONTRAST,
@@ -11,10 +11,15 @@ from sept.training.colour import (
     HUE,
     JITTER,
     SATURATION,
+    NUM_PARAMS,
     apply_colour,
-    draw_colour,
+    colour_params,
     shift_hue,
 )
+
+
+def _draw(n, color_jitter=1.0, strength=1.0, seed=0):
+    return colour_params(np.random.default_rng(seed).random((n, NUM_PARAMS)), color_jitter, strength)
 
 
 def _images(n=6, size=8, seed=0):
@@ -35,8 +40,7 @@ def test_hue_shift_matches_torchvision_per_view():
 
 def test_jitter_matches_torchvision_in_fixed_order():
     x = _images()
-    torch.manual_seed(1)
-    params = torch.stack([draw_colour(1.0) for _ in range(len(x))])
+    params = _draw(len(x), seed=1)
     params[:, JITTER], params[:, GRAYSCALE] = 1.0, 0.0
     expected = []
     for i in range(len(x)):
@@ -50,7 +54,7 @@ def test_jitter_matches_torchvision_in_fixed_order():
 
 def test_views_without_jitter_or_grayscale_are_unchanged_and_grayscale_is_gray():
     x = (_images() * 255).round().to(torch.uint8)
-    params = torch.stack([draw_colour(1.0) for _ in range(len(x))])
+    params = _draw(len(x))
     params[:, JITTER] = 0.0
     params[:, GRAYSCALE] = torch.tensor([1.0, 0, 1, 0, 0, 0])
     out = apply_colour(x, params)
@@ -60,25 +64,13 @@ def test_views_without_jitter_or_grayscale_are_unchanged_and_grayscale_is_gray()
 
 
 def test_draws_follow_strength():
-    torch.manual_seed(0)
-    none = torch.stack([draw_colour(0.0) for _ in range(200)])
+    none = _draw(200, color_jitter=0.0)
     assert none[:, JITTER].sum() == 0  # no jitter strength: never jittered
-    strong = torch.stack([draw_colour(1.0) for _ in range(2000)])
+    strong = _draw(2000)
     assert 0.75 < strong[:, JITTER].mean() < 0.85
     assert 0.17 < strong[:, GRAYSCALE].mean() < 0.23
     assert strong[:, BRIGHTNESS].min() >= 0.2 - 1e-6 and strong[:, BRIGHTNESS].max() <= 1.8 + 1e-6
     assert strong[:, HUE].abs().max() <= 0.2 + 1e-6
-    weak = torch.stack([draw_colour(1.0, strength=0.25) for _ in range(2000)])
+    weak = _draw(2000, strength=0.25)
     assert weak[:, BRIGHTNESS].min() >= 0.8 - 1e-6 and weak[:, HUE].abs().max() <= 0.05 + 1e-6
     assert weak[:, GRAYSCALE].mean() < 0.09
-
-
-def test_a_batch_is_finished_exactly_as_its_views_one_by_one():
-    augment = ViewAugment(16, color_jitter=1.0)
-    image = (_images(n=1, size=32)[0] * 255).round().to(torch.uint8)
-    torch.manual_seed(3)
-    raws = [augment.raw_view(image, augment.crop_box(image))[0] for _ in range(8)]
-    batched = augment.finish(torch.stack([r.pixels for r in raws]), torch.stack([r.colour for r in raws]))
-    one_by_one = torch.stack([augment.finish_one(r) for r in raws])
-    assert batched.shape == (8, 3, 16, 16) and batched.dtype == torch.float32
-    assert torch.allclose(batched, one_by_one, atol=1e-6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sept.training.acceleration import AccelerationPlan, box_iou, crop_difficulty, hardest_pair
+from sept.training.acceleration import AccelerationPlan, box_ious, crop_difficulty, hardest_pairs
 from sept.training.augment import ViewAugment
 from sept.training.lars import LARS
 from sept.training.schedule import cyclic_learning_rate, progressive_image_size, progressive_strength
@@ -74,22 +74,28 @@ def test_crop_iou_matches_pixel_counts_and_hardest_pair_is_least_overlap():
     rng = np.random.default_rng(0)
     for _ in range(50):
         a, b = [tuple(int(v) for v in (rng.integers(0, 32), rng.integers(0, 32), rng.integers(1, 32), rng.integers(1, 32))) for _ in range(2)]
-        assert box_iou(a, b) == pytest.approx(_pixel_iou(a, b))
+        assert box_ious(np.array(a), np.array(b)) == pytest.approx(_pixel_iou(a, b))
     same, shifted, disjoint = ((0, 0, 10, 10), (0, 0, 10, 10)), ((0, 0, 10, 10), (0, 5, 10, 10)), ((0, 0, 5, 5), (6, 6, 5, 5))
+    same, shifted, disjoint = (np.array(p) for p in (same, shifted, disjoint))
     assert crop_difficulty(*same) == 0 and crop_difficulty(*disjoint) == 1
-    assert hardest_pair([same, shifted, disjoint]) == 2 and hardest_pair([same, shifted]) == 1
+    assert hardest_pairs(np.stack([[same, shifted, disjoint], [same, shifted, same]])).tolist() == [2, 1]
 
 
 def test_hard_positive_mining_picks_harder_pairs_and_strength_softens_crops():
     augment = ViewAugment(16, min_scale=0.2)
-    image = torch.zeros(3, 48, 48, dtype=torch.uint8)
-    torch.manual_seed(0)
-    plain = [box_iou(*augment.crop_pair(image)) for _ in range(300)]
-    mined = [box_iou(*augment.crop_pair(image, candidates=4)) for _ in range(300)]
-    assert np.mean(mined) < np.mean(plain) - 0.1
-    weak = [augment.crop_box(image, strength=0.25) for _ in range(200)]
-    assert min(h * w for _, _, h, w in weak) >= 0.8 * 48 * 48 * 0.97  # min scale 1 - 0.8 * 0.25, up to rounding
-    assert min(h * w for _, _, h, w in (augment.crop_box(image) for _ in range(200))) < 0.5 * 48 * 48
+    keys = np.arange(300, dtype=np.uint64)
+    sides = np.full(300, 48)
+
+    def ious(**kwargs):
+        boxes = augment.plan(keys, sides, sides, **kwargs).boxes
+        return box_ious(boxes[:, 0], boxes[:, 1])
+
+    assert np.mean(ious(candidates=4)) < np.mean(ious()) - 0.1
+    weak = augment.plan(keys, sides, sides, strength=0.25).boxes.reshape(-1, 4)
+    assert (weak[:, 2] * weak[:, 3]).min() >= 0.8 * 48 * 48 * 0.97  # min scale 1 - 0.8 * 0.25, up to rounding
+    plain = augment.plan(keys, sides, sides).boxes.reshape(-1, 4)
+    assert (plain[:, 2] * plain[:, 3]).min() < 0.5 * 48 * 48
+    assert (plain[:, :2] >= 0).all() and (plain[:, 0] + plain[:, 2] <= 48).all() and (plain[:, 1] + plain[:, 3] <= 48).all()
 
 
 def test_views_have_the_size_the_schedule_asks_for():

@@ -51,7 +51,8 @@ time per step. The paper's 2.7x was measured on long ImageNet-scale runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+
+import numpy as np
 
 from sept.training.schedule import (
     cyclic_learning_rate,
@@ -61,7 +62,6 @@ from sept.training.schedule import (
     progressive_strength,
 )
 
-Box = tuple[int, int, int, int]
 """A crop box (top, left, height, width) in pixels of the original image."""
 
 
@@ -148,23 +148,26 @@ class AccelerationPlan:
         return ends if ends and ends[-1] == self.steps else ends + [self.steps]
 
 
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two (top, left, height, width) boxes."""
-    top, left = max(a[0], b[0]), max(a[1], b[1])
-    bottom, right = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(0, bottom - top) * max(0, right - left)
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
+def box_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of (top, left, height, width) boxes ``a`` and ``b`` [..., 4]."""
+    a, b = np.asarray(a), np.asarray(b)
+    top, left = np.maximum(a[..., 0], b[..., 0]), np.maximum(a[..., 1], b[..., 1])
+    bottom = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2])
+    right = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3])
+    inter = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def crop_difficulty(a: Box, b: Box) -> float:
-    """How hard a positive pair of crops is: 1 - IoU (1 for disjoint crops, 0 for the same crop)."""
-    return 1.0 - box_iou(a, b)
+def crop_difficulty(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How hard positive pairs of crops are: 1 - IoU (1 for disjoint crops, 0 for the same crop)."""
+    return 1.0 - box_ious(a, b)
 
 
-def hardest_pair(pairs: Sequence[tuple[Box, Box]]) -> int:
-    """Index of the most difficult candidate pair (the first of equals)."""
-    if not pairs:
+def hardest_pairs(pairs: np.ndarray) -> np.ndarray:
+    """int64 [N]: per row of candidate crop pairs ``pairs`` [N, C, 2, 4], the index of the most
+    difficult pair (the first of equals)."""
+    pairs = np.asarray(pairs)
+    if pairs.shape[1] == 0:
         raise ValueError("no candidate pairs")
-    scores = [crop_difficulty(a, b) for a, b in pairs]
-    return max(range(len(scores)), key=scores.__getitem__)
+    return crop_difficulty(pairs[:, :, 0], pairs[:, :, 1]).argmax(1)

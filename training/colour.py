@@ -3,8 +3,8 @@ views in one pass of tensor arithmetic, each view with its own random factors.
 
 Run view by view through torchvision's ``ColorJitter``, this was most of the loader's time at
 16 to 32 px (about 10 small ops per view, plus their dispatch). Here the factors are drawn per
-view, where the view's crop is drawn (so a view still depends on its sample's seed only), and
-applied to the stacked batch at once.
+view from its sample's keyed uniforms (``sept.training.keyed_random``, so a view still depends
+on its sample alone), and applied to the stacked batch at once.
 
 Same distributions as torchvision's ``ColorJitter(0.8s, 0.8s, 0.8s, min(0.2s, 0.5))`` applied with
 probability 0.8, then grayscale with probability ``0.2 * strength``. One departure: the four
@@ -13,6 +13,7 @@ adjustments run in a fixed order (brightness, contrast, saturation, hue), not a 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Columns of a colour-parameter row.
@@ -21,20 +22,21 @@ NUM_PARAMS = 6
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 
 
-def draw_colour(color_jitter: float, strength: float = 1.0) -> torch.Tensor:
-    """One view's colour parameters [NUM_PARAMS], drawn from torch's global RNG: whether to
-    jitter, the brightness, contrast and saturation factors, the hue shift, whether to gray out."""
+def colour_params(u: np.ndarray, color_jitter: float, strength: float = 1.0) -> torch.Tensor:
+    """Views' colour parameters [N, NUM_PARAMS] from uniforms ``u`` [N, NUM_PARAMS] in [0, 1):
+    whether to jitter, the brightness, contrast and saturation factors, the hue shift, whether
+    to gray out."""
     s = float(color_jitter) * float(strength)
-    u = torch.rand(NUM_PARAMS).tolist()  # plain floats: a view's draw stays a few microseconds
+    u = np.asarray(u, dtype=np.float64)
     spread = 0.8 * s
     low = max(0.0, 1.0 - spread)
-    params = [0.0] * NUM_PARAMS
-    params[JITTER] = float(u[JITTER] < 0.8 and s > 0)
+    params = np.empty((len(u), NUM_PARAMS), dtype=np.float32)
+    params[:, JITTER] = (u[:, JITTER] < 0.8) & (s > 0)
     for col in (BRIGHTNESS, CONTRAST, SATURATION):
-        params[col] = low + (1.0 + spread - low) * u[col]
-    params[HUE] = (2.0 * u[HUE] - 1.0) * min(0.2 * s, 0.5)
-    params[GRAYSCALE] = float(u[GRAYSCALE] < 0.2 * float(strength))
-    return torch.tensor(params)
+        params[:, col] = low + (1.0 + spread - low) * u[:, col]
+    params[:, HUE] = (2.0 * u[:, HUE] - 1.0) * min(0.2 * s, 0.5)
+    params[:, GRAYSCALE] = u[:, GRAYSCALE] < 0.2 * float(strength)
+    return torch.from_numpy(params)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,7 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def apply_colour(views: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Float views [N, 3, H, W] in [0, 1] after each one's colour ``params`` [N, NUM_PARAMS]
-    (``draw_colour``); ``views`` may be uint8 or float in [0, 1]."""
+    (``colour_params``); ``views`` may be uint8 or float in [0, 1]."""
     x = views.float() / 255.0 if views.dtype == torch.uint8 else views.float()
     params = params.to(x.device, x.dtype)
     if bool(params[:, JITTER].any()):

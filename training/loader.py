@@ -60,12 +60,16 @@ from sept.data.identity import make_ids
 from sept.data.samples import PoolSample, ShardStats, _split_member_name, iter_samples
 from sept.errors import SeptError
 from sept.training.acceleration import AccelerationPlan
-from sept.training.augment import ViewAugment
+from sept.training.augment import ViewAugment, as_uint8
+from sept.training.keyed_random import keyed_uniforms, sample_keys
 
 log = logging.getLogger(__name__)
 
 MAX_BAD_RECORDS = 100
 """How many (key, reason) records of skipped samples a stream keeps (the count is exact)."""
+
+MASK_STREAM = 2
+"""The ``keyed_uniforms`` stream that orders a sample's mask labels (streams 0 and 1 draw its views)."""
 
 MASK_MEMBER = "mask.png"
 """The WebDataset member holding a sample's segmentation label map (``sept.data.masks``)."""
@@ -217,8 +221,8 @@ class SampleCache:
         self.full = self.limit <= 0
         self.shards: dict[int, list[PoolSample]] = {}
         """Listing index -> the shard's wanted samples in tar order."""
-        self.images: dict[tuple[int, int], tuple[Image.Image | None, list[tuple[str, str]]]] = {}
-        """(listing index, position) -> (decoded image or None, bad records of the decode)."""
+        self.images: dict[tuple[int, int], tuple[torch.Tensor | None, list[tuple[str, str]]]] = {}
+        """(listing index, position) -> (decoded uint8 image [3, H, W] or None, bad records of the decode)."""
 
     def _admit(self, nbytes: int) -> bool:
         if self.full or self.used + nbytes > self.limit:
@@ -231,19 +235,19 @@ class SampleCache:
         if self._admit(sum(len(v) for s in samples for v in s.members.values())):
             self.shards[shard_index] = samples
 
-    def keep_image(self, key: tuple[int, int], image: Image.Image | None, bad: list[tuple[str, str]]) -> None:
-        nbytes = 0 if image is None else image.width * image.height * len(image.getbands())
+    def keep_image(self, key: tuple[int, int], image: torch.Tensor | None, bad: list[tuple[str, str]]) -> None:
+        nbytes = 0 if image is None else image.numel() * image.element_size()
         if self._admit(nbytes):
             self.images[key] = (image, bad)
 
 
-def pick_mask_ids(mask1: torch.Tensor, mask2: torch.Tensor, count: int) -> torch.Tensor:
-    """Up to ``count`` distinct segment labels present in both views, in random order (torch's
-    global RNG), padded with -1: int64 [count]."""
+def pick_mask_ids(mask1: torch.Tensor, mask2: torch.Tensor, count: int, priorities: np.ndarray) -> torch.Tensor:
+    """Up to ``count`` distinct segment labels present in both views, those of highest
+    ``priorities`` [256] (a sample's keyed uniforms, so a random choice), padded with -1: int64 [count]."""
     shared = np.intersect1d(mask1.unique().numpy(), mask2.unique().numpy())
-    chosen = torch.from_numpy(shared.astype(np.int64))[torch.randperm(len(shared))[:count]]
+    chosen = shared[np.argsort(-priorities[shared], kind="stable")][:count]
     out = torch.full((count,), -1, dtype=torch.int64)
-    out[: len(chosen)] = chosen
+    out[: len(chosen)] = torch.from_numpy(chosen.astype(np.int64))
     return out
 
 
@@ -403,60 +407,57 @@ class PretrainStream:
 
     # --- making batches -----------------------------------------------------------------------
 
-    def _make_row(self, epoch: int, shard_index: int, sample: PoolSample, step: int, bad: list) -> tuple | None:
+    def _make_row(self, shard_index: int, sample: PoolSample, bad: list) -> tuple | None:
+        """(sample id, key, uint8 image [3, H, W], mask or None) of a good sample; None (and its
+        skip records in ``bad``) for a bad one."""
         image, decode_bad = self._decoded(shard_index, sample)
         if image is None:
             bad.extend(decode_bad)
             return None
         sample_id = int(make_ids(shard_index, [sample.position])[0])
-        # The views depend on the sample only. The CPU generator alone: torch.manual_seed also
-        # seeds every accelerator backend, a millisecond per call.
-        torch.default_generator.manual_seed(_seed(self.seed, epoch, sample_id))
-        plan = self.plan
-        size = plan.image_size_at(step) if plan else None
-        strength = plan.strength_at(step) if plan else 1.0
-        candidates = plan.positive_candidates if plan else 1
+        mask = None
         if self.num_masks:
             try:
-                mask = torch.from_numpy(_decode_mask(sample, image.size).copy())
+                mask = torch.from_numpy(_decode_mask(sample, (image.shape[2], image.shape[1])).copy())
             except ValueError as err:
                 bad.append((sample.key, str(err)))
                 return None
-            v1, v2, m1, m2 = self.augment.two_views_with_masks(
-                image, mask, size=size, strength=strength, candidates=candidates, finish=False
-            )
-            return sample_id, sample.key, v1, v2, m1, m2, pick_mask_ids(m1, m2, self.num_masks)
-        v1, v2 = self.augment.two_views(image, size=size, strength=strength, candidates=candidates, finish=False)
-        return sample_id, sample.key, v1, v2
+        return sample_id, sample.key, image, mask
 
-    def _decoded(self, shard_index: int, sample: PoolSample) -> tuple[Image.Image | None, list[tuple[str, str]]]:
-        """The sample's image (None if bad) and its skip records, from the cache when it holds them."""
+    def _decoded(self, shard_index: int, sample: PoolSample) -> tuple[torch.Tensor | None, list[tuple[str, str]]]:
+        """The sample's uint8 image [3, H, W] (None if bad) and its skip records, from the cache
+        when it holds them."""
         key = (shard_index, sample.position)
         if (hit := self.cache.images.get(key)) is not None:
             return hit
         stats = ShardStats()
-        image = decode_sample(sample, stats)
+        decoded = decode_sample(sample, stats)
+        image = None if decoded is None else as_uint8(decoded)
         bad = list(stats.bad_samples)
         self.cache.keep_image(key, image, bad)
         return image, bad
 
-    def _collate(self, rows: list[tuple], bad: list, **where) -> TrainBatch:
-        def finished(column: int) -> torch.Tensor:
-            raws = [r[column] for r in rows]
-            return self.augment.finish(torch.stack([v.pixels for v in raws]), torch.stack([v.colour for v in raws]))
-
-        batch = TrainBatch(
-            view1=finished(2),
-            view2=finished(3),
-            ids=torch.tensor([r[0] for r in rows], dtype=torch.int64),
-            keys=[r[1] for r in rows],
-            bad=bad,
-            **where,
+    def _collate(self, epoch: int, rows: list[tuple], bad: list, step: int, **where) -> TrainBatch:
+        """The batch of ``rows`` made for optimizer ``step``: its views keyed by each sample (so
+        they depend on the seed, the epoch and the sample alone), sized and softened as the
+        plan says for that step."""
+        plan = self.plan
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        keys = sample_keys(self.seed, epoch, ids)
+        views = self.augment.views(
+            [r[2] for r in rows], keys,
+            size=plan.image_size_at(step) if plan else None,
+            strength=plan.strength_at(step) if plan else 1.0,
+            candidates=plan.positive_candidates if plan else 1,
+            masks=[r[3] for r in rows] if self.num_masks else None,
         )
+        batch = TrainBatch(view1=views.view1, view2=views.view2, ids=torch.from_numpy(ids), keys=[r[1] for r in rows],
+                           bad=bad, step=step, epoch=epoch, **where)
         if self.num_masks:
-            batch.mask1 = torch.stack([r[4] for r in rows])
-            batch.mask2 = torch.stack([r[5] for r in rows])
-            batch.mask_ids = torch.stack([r[6] for r in rows])
+            batch.mask1, batch.mask2 = views.mask1, views.mask2
+            priorities = keyed_uniforms(keys, 256, MASK_STREAM)
+            batch.mask_ids = torch.stack([pick_mask_ids(m1, m2, self.num_masks, p)
+                                          for m1, m2, p in zip(views.mask1, views.mask2, priorities)])
         return batch
 
     def _produce(self, epoch: int, worker: int, workers: int, start_step: int, items: int, made: int) -> Iterator[TrainBatch]:
@@ -474,14 +475,13 @@ class PretrainStream:
                 continue  # consumed before the resume: skipped without decoding
             if made >= planned:
                 break
-            index = worker + made * workers
-            row = self._make_row(epoch, shard_index, sample, start_step + index, bad)
+            row = self._make_row(shard_index, sample, bad)
             if row is None:
                 continue
             rows.append(row)
             if len(rows) == self.batch_size:
-                yield self._collate(rows, bad, worker=worker, cursor=read, index=index, step=start_step + index,
-                                    epoch=epoch)
+                index = worker + made * workers
+                yield self._collate(epoch, rows, bad, start_step + index, worker=worker, cursor=read, index=index)
                 rows, bad = [], []
                 made += 1
         if made < planned:
