@@ -39,6 +39,8 @@ def test_unknown_key_is_named(tmp_path):
         ({"device": "tpu"}, "config key 'device'"),
         ({"min_image_size": 64}, "'min_image_size' .* exceeds image_size"),
         ({"momentum": 1.0}, "config key 'momentum'"),
+        ({"precision": "fp16"}, "config key 'precision' in overrides must be auto, bf16 or fp32"),
+        ({"run_ahead": -1}, "config key 'run_ahead' .* must be non-negative"),
     ],
 )
 def test_bad_values(overrides, message):
@@ -78,3 +80,13 @@ def test_detcon_alias_and_resolved_values_round_trip(tmp_path):
     cfg = load_config(None, {"method": "detcon", "lr_schedule": "cyclic", "steps": 10})
     assert cfg.method == "detcon_s" and cfg.cycle_steps == 3
     assert load_config(save_resolved_config(cfg, tmp_path / "run")) == cfg
+
+
+def test_precision_chooses_bf16_where_it_is_native():
+    import torch
+
+    from sept.training.trainer import uses_bf16
+
+    cpu = torch.device("cpu")
+    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu) and uses_bf16("auto", torch.device("cuda", 0))
+    assert uses_bf16("auto", cpu) == torch.ops.mkldnn._is_mkldnn_bf16_supported()

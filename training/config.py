@@ -85,6 +85,8 @@ class PretrainConfig:
     device: str = "auto"
     """auto (this rank's GPU from SLURM_LOCALID/LOCAL_RANK if CUDA is present, else CPU) | cpu |
     cuda (an error when this rank's GPU is not visible)."""
+    precision: str = "auto"
+    """auto (bfloat16 autocast on GPUs and on CPUs with native bfloat16, else float32) | bf16 | fp32."""
     compile: bool = False
     """torch.compile the model (GPU only)."""
     seed: int = 0
@@ -184,6 +186,8 @@ def _validate(cfg: PretrainConfig, source: str) -> None:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise SeptError(f"config key {key!r} in {source} must be at least 1, got {getattr(cfg, key)}")
     check_method(cfg.method)
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise SeptError(f"config key 'precision' in {source} must be auto, bf16 or fp32, got {cfg.precision!r}")
     if cfg.arch not in ARCHS:
         raise SeptError(f"config key 'arch' in {source} must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
     if cfg.width is not None and cfg.arch != "resnet18_small":

@@ -98,6 +98,16 @@ def _share_cpu_threads(loading_processes: int = 0) -> None:
         torch.set_num_threads(max(1, cores // ranks_here - loading_processes))
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the model runs under bfloat16 autocast: ``precision`` bf16, or auto on a GPU or on a
+    CPU with native bfloat16 arithmetic (AVX-512 BF16 or AMX; elsewhere it would be emulated, slower)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum 0.9), AdamW or LARS; biases and normalisation weights get no weight decay
     (and no LARS trust ratio)."""
@@ -294,6 +304,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
     # demo's size) as on GPUs (tensor cores).
     method = method.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(method, cfg)
+    bf16 = uses_bf16(cfg.precision, device)
 
     checkpoint_path = os.path.join(run_dir, CHECKPOINT_FILENAME)
     start_step, first_loss, last_loss = 0, None, None
@@ -349,10 +360,7 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
         inputs = [t.to(device, non_blocking=True) for t in inputs]
         inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
         inputs[1] = inputs[1].contiguous(memory_format=torch.channels_last)
-        if on_gpu:
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-                loss = model(*inputs)
-        else:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(*inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
