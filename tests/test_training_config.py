@@ -82,11 +82,12 @@ def test_detcon_alias_and_resolved_values_round_trip(tmp_path):
     assert load_config(save_resolved_config(cfg, tmp_path / "run")) == cfg
 
 
-def test_precision_chooses_bf16_where_it_is_native():
+def test_precision_auto_is_bf16_on_gpus_only():
     import torch
 
     from sept.training.trainer import uses_bf16
 
     cpu = torch.device("cpu")
     assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu) and uses_bf16("auto", torch.device("cuda", 0))
-    assert uses_bf16("auto", cpu) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not uses_bf16("auto", cpu)  # even where the CPU has native bfloat16 (trainer.uses_bf16)
+    assert not uses_bf16("fp32", torch.device("cuda", 0))

@@ -86,7 +86,7 @@ class PretrainConfig:
     """auto (this rank's GPU from SLURM_LOCALID/LOCAL_RANK if CUDA is present, else CPU) | cpu |
     cuda (an error when this rank's GPU is not visible)."""
     precision: str = "auto"
-    """auto (bfloat16 autocast on GPUs and on CPUs with native bfloat16, else float32) | bf16 | fp32."""
+    """auto (bfloat16 autocast on GPUs, float32 on CPUs: see ``trainer.uses_bf16``) | bf16 | fp32."""
     compile: bool = False
     """torch.compile the model (GPU only)."""
     seed: int = 0
