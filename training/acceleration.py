@@ -62,8 +62,6 @@ from sept.training.schedule import (
     progressive_strength,
 )
 
-"""A crop box (top, left, height, width) in pixels of the original image."""
-
 
 @dataclass(frozen=True)
 class AccelerationPlan:
