@@ -4,7 +4,7 @@
 
 Its defaults are the demo experiment: 3000 steps per arm with ``configs/demo-digits-16px.yaml``
 (the settings under which pre-training learns the digits at all; at 1000 steps the arms do not
-differ), scored on 50 val images per class: about 18 minutes on 2 CPU cores. Makes the demo corpus of ``sept demo``
+differ), scored on 50 val images per class: about 20 minutes on 2 CPU cores. Makes the demo corpus of ``sept demo``
 (same sizes, ``sept.demo.DemoConfig``) and runs
 ``sept.experiment.run_experiment`` on it: one bootstrap, embed, index and select, then the
 selected subset (10% of the pool), a random subset of the same size and the full pool, each
