@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
+# Wait for another process's apt or dpkg lock (unattended upgrades, a second install) instead of failing.
+APT_WAIT := -o DPkg::Lock::Timeout=600
+
 .PHONY: install demo test browser clusters-up clusters-down clean
 
 # A fresh install (torch and its CUDA libraries) takes about 6.5 GiB, plus room to unpack wheels.
@@ -27,7 +30,7 @@ clusters-up:
 
 # headless Chromium renders the selection report in tests/test_report.py
 browser:
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	command -v chromium >/dev/null || (apt-get $(APT_WAIT) update -qq && DEBIAN_FRONTEND=noninteractive apt-get $(APT_WAIT) install -y -qq chromium)
 
 clusters-down:
 	bash slurm/dev-cluster.sh down

@@ -31,7 +31,8 @@ A target task is an ImageFolder directory: train/CLASS/*.jpg and val/CLASS/*.jpg
 
 def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None,
-                   help="address of a running Ray cluster (host:port); default: start Ray locally")
+                   help="address of a running Ray cluster (host:port); default: $RAY_ADDRESS if set, else start "
+                   "Ray locally")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="work/demo", help="where every stage writes (default: %(default)s)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="where pre-training runs (default: %(default)s)")
+    p.add_argument("--corpus-only", action="store_true",
+                   help="only make the demo corpus (WORKDIR/corpus: pool/, target/, truth.json), to run the "
+                   "stages on it yourself")
     _add_ray(p)
 
     p = sub.add_parser("experiment", help="pre-train on selected vs random vs full pool, over seeds and budgets",
@@ -226,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Launch self-supervised pre-training with submitit: on this machine "
                        "(--executor local) or on SLURM (--executor slurm). DDP uses gloo on CPU, NCCL on GPU.")
     p.add_argument("--data", required=True, help="training shards: brace pattern, directory or listing file; "
-                   "or a task of a selection (SEL/tasks/TASK): only its samples of the shared shards are read")
+                   "or a task of a selection (SEL/tasks/TASK), or a selection folder with --task: only the task's "
+                   "samples of the shared shards are read")
+    p.add_argument("--task", default=None, help="with --data SEL (a selection folder): the task to train on "
+                   "(default: the selection's only task)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, encoder.pt)")
     p.add_argument("--method", choices=["simclr", "moco", "byol", "detcon", "detcon_s", "detcon_b"], default=None,
                    help="SSL method; detcon = detcon_s (masks are computed into the run directory if the data "
@@ -282,8 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> object:
     cmd = args.command
     if cmd == "demo":
-        from sept.demo import run_demo
+        from sept.demo import make_corpus, run_demo
 
+        if args.corpus_only:
+            corpus = make_corpus(args.workdir)
+            print(f"demo corpus: pool {corpus.pool_spec}, target {corpus.target_dir}, truth {corpus.truth_path}")
+            return None
         return run_demo(args.workdir, executor=args.executor, ray_address=args.ray_address)
     if cmd == "experiment":
         from sept.experiment import ExperimentConfig, format_results, run_experiment
@@ -365,7 +376,10 @@ def run(args: argparse.Namespace) -> object:
         from sept.training.config import load_config
         from sept.training.launcher import launch_pretrain
 
-        overrides = {k: v for k, v in dict(data=args.data, out=args.out, method=args.method, steps=args.steps,
+        from sept.data.task_subset import resolve_training_data
+
+        data = resolve_training_data(args.data, args.task)
+        overrides = {k: v for k, v in dict(data=data, out=args.out, method=args.method, steps=args.steps,
                                            batch_size=args.batch_size, lr=args.lr,
                                            num_workers=args.num_workers).items() if v is not None}
         cfg = load_config(args.config, overrides, preset=args.preset)

@@ -43,6 +43,7 @@ class ExperimentConfig:
     method: str = "simclr"
     preset: str | None = None  # a named set of pre-training settings (sept.training.config.PRESETS), e.g. "fast"
     pretrain_config: str | None = None  # YAML of PretrainConfig keys for every arm; the flags above win over it
+    pretrain_settings: dict = field(default_factory=dict)  # PretrainConfig keys for every arm, above the YAML's
     curve_points: int = 4  # kNN measured at this many evenly spaced steps
     executor: str = "inprocess"  # "local" or "slurm": launch each arm with submitit (no kNN curve)
     index_shards: int = 2
@@ -104,8 +105,9 @@ def selection_precision(manifest_path: str, truth: dict[str, str], label: str) -
 def _arm_config(data: str, run_dir: str, cfg: ExperimentConfig, seed: int):
     from sept.training.config import load_config
 
-    return load_config(cfg.pretrain_config, dict(data=data, out=run_dir, steps=cfg.pretrain_steps,
-                                                 batch_size=cfg.batch_size, seed=seed, method=cfg.method),
+    return load_config(cfg.pretrain_config, dict(cfg.pretrain_settings, data=data, out=run_dir,
+                                                 steps=cfg.pretrain_steps, batch_size=cfg.batch_size, seed=seed,
+                                                 method=cfg.method),
                        preset=cfg.preset)
 
 
@@ -225,7 +227,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                   batch_size=cfg.batch_size, target=cfg.target)
     timings["bootstrap"] = time.time() - t
     emb, index = os.path.join(out, "embeddings.zarr"), os.path.join(out, "index.zarr")
-    truth = json.load(open(cfg.truth)) if cfg.truth else None
+    truth = None
+    if cfg.truth:
+        with open(cfg.truth) as f:
+            truth = json.load(f)
     results: dict = dict(config=asdict(cfg), fractions={}, floor=[], timings=timings)
     with ray_session(cfg.ray_address):
         t = time.time()

@@ -41,7 +41,8 @@ index, infos = build_index(embeddings=emb_dir, index_path=index_path, index_info
                            nb_cores=2, verbose=30)
 seconds = time.perf_counter() - start
 index = faiss.read_index(index_path)
-params = json.load(open(infos_path)).get("index_param", "")
+with open(infos_path) as f:
+    params = json.load(f).get("index_param", "")
 if params:
     faiss.ParameterSpace().set_index_parameters(index, params)
 xq, gt, k = np.load(queries), np.load(truth), int(k)

@@ -47,8 +47,10 @@ def make_embeddings(path: str, n: int, dim: int, shard_rows: int, seed: int = 0)
     pool = [f"/synthetic/{s:05d}.tar" for s in range(shards)]
     marker = os.path.join(path, "synthetic.json")
     params = dict(n=n, dim=dim, shard_rows=shard_rows, seed=seed)
-    if os.path.exists(marker) and json.load(open(marker)) == params:
-        return
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return
     store = EmbeddingStore.create_or_open(path, encoder=EncoderIdentity("synthetic", "synthetic", dim, 0), pool=pool)
     for s in range(shards):
         if store.is_complete(s):
@@ -117,7 +119,8 @@ def run_measured(cmd: list[str], log_path: str) -> tuple[subprocess.CompletedPro
     done.set()
     thread.join()
     log.close()
-    err = open(log_path).read()
+    with open(log_path) as f:
+        err = f.read()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds, peak[0], peak[1]
 
 

@@ -198,7 +198,12 @@ def calibrate(path: str, *, seconds_per_probe: float = 3.0) -> Profile:
     probe = f"{path}.readprobe"
     with open(probe, "wb") as f:
         f.write(blob)
-    read_rate = rate(lambda: open(probe, "rb").read(), 64) / 1.048576
+
+    def read_probe() -> None:
+        with open(probe, "rb") as f:
+            f.read()
+
+    read_rate = rate(read_probe, 64) / 1.048576
     os.remove(probe)
     prof = Profile(
         name=f"{platform.node()} ({os.cpu_count()} CPUs, no GPU)" if not torch.cuda.is_available()

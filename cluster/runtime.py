@@ -1,4 +1,5 @@
-"""Connecting to Ray: a local instance by default, an existing cluster with --ray-address.
+"""Connecting to Ray: a local instance by default, an existing cluster with --ray-address (or the
+``RAY_ADDRESS`` environment variable, as Ray's own tools read it).
 
 Token authentication (Ray's default from 2.60 on) needs nothing here: Ray reads RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH or its default token file itself, in the driver as in the cluster.
@@ -25,6 +26,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
         yield
         return
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -295,19 +295,22 @@ def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks:
                 choice = choose(Sq, Iq, t.spec.budget, strategy=cfg.strategy, balance=cfg.balance,
                                 query_class=t.query_class, min_similarity=cfg.min_similarity, excluded=set(leaked),
                                 near_dup=near_dup, topk_share=_topk_share(cfg) or 0.0)
-                if choice.needs_more_neighbours and k[name] < ntotal:
-                    k[name] = min(ntotal, 2 * k[name])
-                    log.info("select: task %s needs more neighbours per target image; searching again with k=%d",
-                             name, k[name])
+                if choice.needs_more_neighbours and kk < ntotal:
+                    # The search returned kk neighbours per image (the largest k of any task): search
+                    # again with twice what was searched, never with a k already searched.
+                    k[name] = min(ntotal, 2 * kk)
+                    log.info("select: task %s needs more than the %d neighbours per target image searched; "
+                             "searching again with k=%d", name, kk, k[name])
                     again.append(t)
                     continue
                 neighbours = query_neighbours(choice, Sq, Iq, len(t.xq), NEIGHBOURS_SHOWN)
                 extra = dict(k=k[name])
             else:
                 emb = _embeddings(attrs, cfg)
-                pool = lambda: ((x, ids) for _, x, ids in emb.iter_shards())  # noqa: E731
+                # Not named `pool`: that is the searcher pool the next round's search still needs.
+                pool_vectors = lambda: ((x, ids) for _, x, ids in emb.iter_shards())  # noqa: E731
                 near_dup = _near_dup_filter(cfg, attrs, None, emb=emb)
-                choice, plan = choose_by_clusters(centroids, t.xq, pool, t.spec.budget, query_class=t.query_class,
+                choice, plan = choose_by_clusters(centroids, t.xq, pool_vectors, t.spec.budget, query_class=t.query_class,
                                                   balance=cfg.balance, min_similarity=cfg.min_similarity,
                                                   excluded=set(leaked), near_dup=near_dup)
                 neighbours = query_neighbours(choice, None, None, len(t.xq), NEIGHBOURS_SHOWN)

@@ -139,6 +139,32 @@ def open_task_data(path: str, *, verify: str = "size") -> TaskSubset:
     return load_task_subset(os.path.dirname(tasks_root), task, verify=verify)
 
 
+def is_selection_dir(path: str) -> bool:
+    """Whether ``path`` is a selection folder (``SEL`` with ``SEL/tasks/``), not a task or shards."""
+    return os.path.isdir(os.path.join(path, TASKS_DIR)) and os.path.isdir(os.path.join(path, SHARDS_DIR))
+
+
+def resolve_training_data(data: str, task: str | None = None) -> str:
+    """What a trainer reads, from what a user names: a task folder (``SEL/tasks/TASK``) or its
+    manifest, a selection folder with ``task`` (or holding exactly one task), or any pool spec
+    (returned as given). Raises ``SeptError`` naming the folder and its tasks when the choice is
+    ambiguous or the task is unknown."""
+    if is_selection_dir(data):
+        tasks = list_tasks(data)
+        if task is None:
+            if len(tasks) != 1:
+                raise SeptError(f"{data} is a selection of {len(tasks)} tasks ({', '.join(tasks) or 'none'}); "
+                                "name one with --task")
+            task = tasks[0]
+        elif task not in tasks:
+            raise SeptError(f"no task {task!r} in the selection {data} (tasks there: {', '.join(tasks) or 'none'})")
+        return task_dir(data, task)
+    if task is not None:
+        raise SeptError(f"--task {task} needs a selection folder, and {data} is not one (no {TASKS_DIR}/ and "
+                        f"{SHARDS_DIR}/ in it)")
+    return data
+
+
 def is_task_data(path: str) -> bool:
     """Whether ``path`` names a task subset (its folder or manifest) rather than shards."""
     path = os.path.abspath(path)

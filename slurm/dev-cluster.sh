@@ -47,8 +47,9 @@ install_packages() {
     done
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+        # Wait up to 10 minutes for another process's apt or dpkg lock instead of failing.
+        apt-get -o DPkg::Lock::Timeout=600 update
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y "${missing[@]}"
     fi
 }
 

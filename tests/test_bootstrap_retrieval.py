@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_bootstrap_sizes_its_schedule_when_nobody_gives_steps(pool, tmp_path, mo
     monkeypatch.setattr(module, "BOOTSTRAP_EPOCHS", 2)
     out = str(tmp_path / "enc.pt")
     bootstrap(pool, out, sample_size=16, batch_size=8, image_size=16, width=4, min_shards=2)
-    summary = json.load(open(out + ".bootstrap/summary.json"))
+    summary = json.loads(Path(out + ".bootstrap/summary.json").read_text())
     assert summary["steps"] == bootstrap_steps(16, 8) == 4
 
 

@@ -4,6 +4,7 @@ import collections
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def _files(root):
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = open(path, "rb").read()
+            out[os.path.relpath(path, root)] = Path(path).read_bytes()
     return out
 
 

@@ -3,6 +3,7 @@
 import io
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -104,7 +105,7 @@ def test_missing_and_non_tar_shards(tmp_path):
 
 def test_truncation_at_every_cut_yields_only_complete_samples(tmp_path):
     members = _members(4)
-    whole = open(_write_tar(tmp_path / "whole.tar", members), "rb").read()
+    whole = Path(_write_tar(tmp_path / "whole.tar", members)).read_bytes()
     # offset of the end-of-archive marker: each member is a header block plus padded data
     end = sum(512 + -(-len(data) // 512) * 512 for _, data in members)
     originals = [
@@ -136,7 +137,7 @@ def test_truncation_at_every_cut_yields_only_complete_samples(tmp_path):
 
 def test_truncation_without_stats_raises_after_the_complete_samples(tmp_path):
     members = _members(3)
-    whole = open(_write_tar(tmp_path / "whole.tar", members), "rb").read()
+    whole = Path(_write_tar(tmp_path / "whole.tar", members)).read_bytes()
     path = tmp_path / "cut.tar"
     path.write_bytes(whole[: 2 * SAMPLE_BYTES + 512 + 100])  # inside sample 2's jpg data
     seen = []
@@ -149,7 +150,7 @@ def test_truncation_without_stats_raises_after_the_complete_samples(tmp_path):
 
 def test_corrupt_header_mid_tar_counts_as_damage(tmp_path):
     members = _members(3)
-    data = bytearray(open(_write_tar(tmp_path / "whole.tar", members), "rb").read())
+    data = bytearray(Path(_write_tar(tmp_path / "whole.tar", members)).read_bytes())
     third_sample = 2 * SAMPLE_BYTES
     data[third_sample : third_sample + 512] = b"x" * 512  # garbles sample 2's first header
     path = tmp_path / "corrupt.tar"

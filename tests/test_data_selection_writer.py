@@ -1,6 +1,7 @@
 """Byte-exact materialization: extracting selected samples and writing verified shards atomically."""
 
 import os
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -109,7 +110,7 @@ def test_maxsize_rolls_over_and_output_is_deterministic(source_shard, tmp_path):
         with SelectionShardWriter(str(tmp_path / run), maxcount=100, maxsize=1000) as writer:
             for sample in originals:
                 writer.write(sample)
-        outputs.append([open(p, "rb").read() for p in writer.shards])
+        outputs.append([Path(p).read_bytes() for p in writer.shards])
     assert len(outputs[0]) > 1  # each shard stops once it holds 1000 bytes of members
     assert outputs[0] == outputs[1]
 

@@ -6,6 +6,8 @@ plant is what they say (so a count matching in another test is a count of the pl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import io
 import struct
 import tarfile
@@ -69,7 +71,7 @@ def write_truncated_shard(path: str, *, seed: int = 8, n: int = 4) -> int:
     """n good samples, cut in the middle of the last image: returns the complete samples before the cut."""
     full = path + ".whole"
     write_good_shard(full, n, seed=seed, prefix="trunc")
-    data = open(full, "rb").read()
+    data = Path(full).read_bytes()
     with tarfile.open(full) as tar:
         last = tar.getmembers()[-2]  # the last sample's jpg (its json follows)
     cut = last.offset_data + last.size // 2

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_sbatch_starts_ray_on_both_nodes_and_runs_sept(tmp_path):
                            "--workers", "2", "--batch-size", "4"],
                           env=env, capture_output=True, text=True, timeout=600)
     shutil.rmtree(ray_temp, ignore_errors=True)
-    text = open(log).read() if os.path.exists(log) else ""
+    text = Path(log).read_text() if os.path.exists(log) else ""
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{text[-5000:]}"
     assert "2 Ray node(s) up" in text
     summary = json.loads(text[text.index("{\n"): text.rindex("}") + 1])

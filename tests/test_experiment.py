@@ -2,6 +2,7 @@
 arms pre-train with the demo's method and preset (DetCon, fast)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_sept
@@ -22,7 +23,7 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
              "--seeds", "1", "--budget-fraction", "0.25", "--pretrain-steps", "4", "--bootstrap-steps", "4",
              "--batch-size", "16", "--truth", corpus.truth_path, "--truth-label", corpus.target_domain,
              "--method", "detcon", "--preset", "fast", "--pretrain-config", str(settings))
-    results = json.load(open(out / "results.json"))
+    results = json.loads(Path(out / "results.json").read_text())
     arms = results["fractions"]["0.25"]["arms"]
     assert set(arms) == {"selected", "random", "full"}
     assert arms["selected"][0]["images"] == arms["random"][0]["images"] == 40
@@ -37,7 +38,7 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
     assert "no pre-training" in (out / "results.md").read_text()
     import yaml
 
-    ran = yaml.safe_load(open(out / "runs" / "selected-0.25-s0" / "config.yaml"))
+    ran = yaml.safe_load(Path(out / "runs" / "selected-0.25-s0" / "config.yaml").read_text())
     assert ran["method"] == "detcon_s" and ran["lr_schedule"] == "cyclic" and ran["progressive"] and ran["hard_positives"]
     assert (ran["image_size"], ran["crop_min_scale"], ran["steps"]) == (24, 0.6, 4)
     from sept.training.encoder import load_encoder
@@ -58,7 +59,7 @@ def test_arms_and_seeds_go_to_slurm_as_one_job_array(tmp_path):
             "--arms", "selected", "random", "--budget-fraction", "0.25", "--pretrain-steps", "3",
             "--bootstrap-steps", "2", "--batch-size", "8", "--executor", "slurm"]
     run_sept(*args)
-    results = json.load(open(out / "results.json"))
+    results = json.loads(Path(out / "results.json").read_text())
     runs = [r for arm in results["fractions"]["0.25"]["arms"].values() for r in arm]
     assert len(runs) == 4 and all(r["steps"] == 3 for r in runs)
     arrays = {r["job_id"].split("_")[0] for r in runs}
@@ -67,5 +68,25 @@ def test_arms_and_seeds_go_to_slurm_as_one_job_array(tmp_path):
     assert sorted(r["job_id"] for r in runs) == [f"{array}_{i}" for i in range(4)]
     # A rerun resumes: every arm is done, nothing is submitted again.
     run_sept(*args)
-    again = json.load(open(out / "results.json"))
+    again = json.loads(Path(out / "results.json").read_text())
     assert [r["job_id"] for a in again["fractions"]["0.25"]["arms"].values() for r in a] == [r["job_id"] for r in runs]
+
+
+def test_the_demo_pretrains_with_the_settings_the_benchmarks_publish():
+    """`sept demo`'s arms and the README's `--pretrain-config benchmarks/configs/demo-digits-16px.yaml`
+    are one set of settings: a change to one that leaves the other behind fails here."""
+    import os
+
+    import yaml
+
+    from sept.demo import DEMO_PRETRAIN, DemoConfig
+    from sept.training.config import load_config
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs",
+                        "demo-digits-16px.yaml")
+    with open(path) as f:
+        assert yaml.safe_load(f) == DEMO_PRETRAIN
+    cfg = load_config(None, dict(DEMO_PRETRAIN, data="x"))
+    assert (cfg.image_size, cfg.crop_min_scale, cfg.optimizer) == (16, 0.6, "adamw")
+    demo = DemoConfig()
+    assert demo.target_val_per_class >= 50 and demo.method == "simclr" and demo.preset is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def _tree_digest(path: str) -> str:
     for root, _, files in sorted(os.walk(path)):
         for name in sorted(files):
             h.update(name.encode())
-            h.update(open(os.path.join(root, name), "rb").read())
+            h.update(Path(os.path.join(root, name)).read_bytes())
     return h.hexdigest()
 
 

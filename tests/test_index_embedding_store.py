@@ -1,6 +1,7 @@
 """EmbeddingStore: atomic per-shard writes, resume bookkeeping and refusal of foreign stores."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +90,6 @@ def test_quarantine_report_lists_every_bad_sample(tmp_path):
     assert counts["kinds"] == dict(undecodable=0, zero_byte=1, no_image=1, truncated=1, too_large=0)
     import json
 
-    lines = [json.loads(line) for line in open(counts["path"])]
+    lines = [json.loads(line) for line in Path(counts["path"]).read_text().splitlines()]
     assert [(q["shard"], q["key"], q["kind"]) for q in lines] == [
         ("/a.tar", "k1", "zero_byte"), ("/a.tar", "k3", "no_image"), ("/b.tar", "", "truncated")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,7 +116,7 @@ def test_selection_is_byte_identical(pipeline):
 
 def test_selection_precision_far_above_base_rate(pipeline):
     rows = _manifest(pipeline)
-    truth = json.load(open(pipeline["corpus"].truth_path))
+    truth = json.loads(Path(pipeline["corpus"].truth_path).read_text())
     precision = np.mean([truth.get(r["key"]) == "digits" for r in rows])
     base_rate = np.mean([d == "digits" for d in truth.values()])
     assert precision >= 2 * base_rate, f"selection precision {precision:.2f} vs base rate {base_rate:.2f}"
@@ -130,7 +131,7 @@ def test_pretrain_on_two_slurm_nodes_then_evaluate(pipeline):
     run_dir = str(pipeline["root"] / "run")
     proc = run_sept("pretrain", "--data", os.path.join(pipeline["selection"], "shards"), "--out", run_dir,
                     "--executor", "slurm", "--nodes", "2", "--steps", "6", "--batch-size", "8", "--partition", "debug")
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    summary = json.loads(Path(os.path.join(run_dir, "summary.json")).read_text())
     assert summary["world_size"] == 2
     assert summary["allreduce_check"] == 3.0  # (0 + 1) + (1 + 1): both ranks took part
     assert "job" in proc.stdout.lower() or "job_id" in proc.stdout
@@ -182,9 +183,9 @@ def test_encoder_of_other_dimension_is_refused(pipeline, tmp_path):
 
 
 def test_output_holding_another_run_is_never_overwritten(pipeline):
-    before = open(os.path.join(pipeline["selection"], "tasks", "digits", "manifest.jsonl")).read()
+    before = Path(os.path.join(pipeline["selection"], "tasks", "digits", "manifest.jsonl")).read_text()
     proc = run_sept("select", "--index", pipeline["index"], "--encoder", pipeline["encoder"], "--target",
                     pipeline["corpus"].target_dir, "--budget", str(BUDGET + 1), "--out", pipeline["selection"],
                     "--task", "digits", check=False)
     assert pipeline["selection"] in _error_line(proc)
-    assert open(os.path.join(pipeline["selection"], "tasks", "digits", "manifest.jsonl")).read() == before
+    assert Path(os.path.join(pipeline["selection"], "tasks", "digits", "manifest.jsonl")).read_text() == before

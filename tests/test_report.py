@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_report_numbers_and_files(selection, tmp_path):
             assert im.width > 200 and im.height > 100
     with Image.open(os.path.join(out, nums["files"]["contacts"])) as sheet:  # 4 target images, 4 rows of tiles
         assert sheet.height == 6 + 4 * (72 + 14 + 6)
-    page = open(os.path.join(out, "index.html")).read()
+    page = Path(os.path.join(out, "index.html")).read_text()
     assert "leakage threshold" in page and "0.970" in page and "retrieved by several" in page
     with pytest.raises(SeptError, match="--truth and --domain"):
         write_report(ReportConfig(selection=selection["sel"], out=out, truth=selection["corpus"].truth_path))

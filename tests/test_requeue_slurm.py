@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def _wait(predicate, what: str, job_id: str, run_dir, deadline: float) -> None:
             tail = ""
             for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
                 if name.endswith((".err", ".out")):
-                    tail += f"\n--- {name}\n" + open(os.path.join(logs, name)).read()[-2000:]
+                    tail += f"\n--- {name}\n" + Path(os.path.join(logs, name)).read_text()[-2000:]
             pytest.fail(f"timed out waiting for {what}; job {job_id} state {_job_state(job_id)!r}{tail}")
         time.sleep(0.5)
 

@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -77,7 +78,7 @@ def test_unsupported_tars_are_refused_not_misread(tmp_path):
     with wds.TarWriter(src) as sink:
         for i in range(5):
             sink.write({"__key__": f"s{i}", "jpg": b"j" * 700})
-    data = open(src, "rb").read()
+    data = Path(src).read_bytes()
     gz = tmp_path / "src.tar.gz"
     gz.write_bytes(gzip.compress(data))
     cut = tmp_path / "cut.tar"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_train_writes_the_run_directory(pool, tmp_path, method):
     assert summary["world_size"] == 1 and summary["steps"] == 4 and summary["allreduce_check"] == 1
     assert np.isfinite(summary["first_loss"]) and np.isfinite(summary["final_loss"])
     assert summary["ranks"][0]["samples_read"] == 32
-    assert json.load(open(os.path.join(run_dir, "summary.json"))) == summary
+    assert json.loads(Path(os.path.join(run_dir, "summary.json")).read_text()) == summary
     assert _metric_steps(run_dir) == [1, 2, 4]
     assert load_config(os.path.join(run_dir, "config.yaml")).method == method
     bundle = load_encoder(os.path.join(run_dir, "encoder.pt"), device="cpu")
@@ -175,7 +176,7 @@ def test_bootstrap_reads_a_config_file_and_lets_arguments_win(pool, tmp_path):
     config.write_text("steps: 3\nbatch_size: 8\nimage_size: 16\nwidth: 8\nmethod: byol\n")
     out = str(tmp_path / "enc.pt")
     bootstrap(pool, out, config=str(config), sample_size=16, min_shards=2, method="moco")
-    summary = json.load(open(out + ".bootstrap/summary.json"))
+    summary = json.loads(Path(out + ".bootstrap/summary.json").read_text())
     assert summary["steps"] == 3 and summary["method"] == "moco" and summary["num_samples"] == 16
     bootstrap(pool, out, config=str(config), sample_size=16, min_shards=2, steps=2, method="moco")
     assert load_encoder(out, device="cpu").extra["steps"] == 2
@@ -214,4 +215,4 @@ def test_local_launcher_runs_two_ddp_ranks(pool, tmp_path):
     assert summary["job_id"] and os.path.isdir(summary["log_folder"])
     assert os.path.dirname(summary["log_folder"]) == str(run)
     assert load_encoder(str(run / "encoder.pt"), device="cpu").extra["world_size"] == 2
-    assert json.load(open(run / "summary.json"))["allreduce_check"] == 3
+    assert json.loads(Path(run / "summary.json").read_text())["allreduce_check"] == 3

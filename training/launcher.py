@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import submitit
 
 from sept.data.shards import list_shards
+from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
 from sept.training.config import PretrainConfig, save_resolved_config
 
@@ -138,7 +139,12 @@ def _prepared(cfg: PretrainConfig, gpus_per_node: int) -> PretrainConfig:
         cfg = dataclasses.replace(cfg, device="cuda")  # a requested GPU that is missing is an error
     if not cfg.data:
         raise SeptError("no training data: set `data` to a shard spec")
-    list_shards(cfg.data)  # a missing pool fails here, not minutes later inside the job
+    # Missing or changed data fails here, not minutes later inside the job.
+    if is_task_data(cfg.data):
+        open_task_data(cfg.data)
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+    else:
+        list_shards(cfg.data)
     save_resolved_config(cfg, cfg.out)
     return cfg
 
