@@ -11,8 +11,9 @@ resumes.
 Why these settings: they are the ones under which self-supervised pre-training learns the
 demo's digit classes at all on a CPU, and under which pre-training on the target's domain beats
 pre-training on other domains (``benchmarks/selection_premise.py``; benchmarks/RESULTS.md, "Does
-selection pay?"). DetCon and the `fast` preset are not used: at the demo's length they reach
-lower accuracy than plain SimCLR (benchmarks/RESULTS.md, "Time to accuracy at 16 px").
+selection pay?"). The `fast` preset is not used: at the demo's length it ends far below plain
+SimCLR. Nor is DetCon: it ends a little above SimCLR at equal steps, at twice the time per step
+on a CPU (benchmarks/RESULTS.md, "Time to accuracy at 16 px").
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def run_demo(workdir: str, *, executor: str = "local", ray_address: str | None =
     print(format_eval_table(index_eval))
     print()
     print(f"pre-training: {cfg.method} (no preset), {cfg.pretrain_steps} steps of batch {cfg.batch_size} per arm, "
-          f"{DEMO_PRETRAIN['image_size']} px; DetCon and the fast preset are off, since at this length they end "
-          "below plain SimCLR (benchmarks/RESULTS.md)")
+          f"{DEMO_PRETRAIN['image_size']} px; the fast preset ends below plain SimCLR at this length and DetCon "
+          "costs twice the time per step, so both are off (benchmarks/RESULTS.md)")
     print(format_results(results))
     arms = next(iter(results["fractions"].values()))["arms"]
     if "selected" in arms and "random" in arms:

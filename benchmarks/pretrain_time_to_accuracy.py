@@ -95,7 +95,9 @@ def run_arm(name: str, data: str, run_dir: str, seed: int, args, score) -> dict:
             snapshots.append((step, path))
 
     started = time.perf_counter()
-    train(cfg, distributed_run=False, step_callback=snapshot)
+    summary = train(cfg, distributed_run=False, step_callback=snapshot)
+    if summary.get("interrupted"):  # its checkpoint stays; a rerun resumes the arm
+        raise SystemExit(f"{name} seed {seed} stopped by {summary['interrupted']} at step {summary.get('steps')}")
     wall = time.perf_counter() - started
     curve = [(step, score(path)) for step, path in snapshots]
     result = dict(arm=name, seed=seed, wall_s=round(wall, 1), curve=curve, final_knn=curve[-1][1])
