@@ -126,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named sets of config values, applied above the defaults and below a YAML file and overrides.
 ``fast``: every acceleration strategy of arXiv 2212.05611 (``sept.training.acceleration``). On
 CPU-sized runs it is cheaper per step but ends below plain SimCLR; it is meant for long GPU runs,
-where the paper measured it (benchmarks/RESULTS.md, "Time to accuracy").
+where the paper measured it (benchmarks/RESULTS.md, "Time to accuracy")."""
 
 
 def _field_types() -> dict[str, Any]:
