@@ -93,6 +93,8 @@ class SeptProcess:
         out = self.proc.stdout.read()
         self.proc.wait(timeout=timeout)
         self._reader.join(timeout=10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
         return self.proc.returncode, out, "\n".join(self.lines)
 
 

@@ -256,7 +256,7 @@ def test_killed_run_resumes_without_duplicating_or_losing_a_sample(world, ray_cl
     out = str(tmp_path / "sel_killed")
     args = [os.path.join(VENV_BIN, "sept"), "select", *world["two_tasks"], "--out", out,
             "--ray-address", ray_cluster.address]
-    proc = subprocess.Popen(args, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(args, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     shards = os.path.join(out, "shards")
     deadline = time.time() + 300
