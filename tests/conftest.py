@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 VENV_BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout under test
 RAY = os.path.join(VENV_BIN, "ray")
 # Ray rewrites 127.0.0.1 to the host's public address; another loopback address stays on `lo`.
 NODE_IP = "127.0.0.2"

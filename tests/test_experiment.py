@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_sept
+from conftest import REPO, run_sept
 from PIL import Image
 
 from sept.data.demo_corpus import make_demo_corpus
@@ -82,8 +82,7 @@ def test_the_demo_pretrains_with_the_settings_the_benchmarks_publish():
     from sept.demo import DEMO_PRETRAIN, DemoConfig
     from sept.training.config import load_config
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs",
-                        "demo-digits-16px.yaml")
+    path = os.path.join(REPO, "benchmarks", "configs", "demo-digits-16px.yaml")
     with open(path) as f:
         assert yaml.safe_load(f) == DEMO_PRETRAIN
     cfg = load_config(None, dict(DEMO_PRETRAIN, data="x"))

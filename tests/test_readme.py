@@ -15,9 +15,8 @@ import re
 import subprocess
 
 import pytest
-from conftest import VENV_BIN
+from conftest import REPO, VENV_BIN
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 FENCE = re.compile(r"(?:<!-- readme-test: skip (?P<why>[^>]*?) -->\n)?```(?P<lang>[a-z]*)\n(?P<body>.*?)```", re.S)
 
