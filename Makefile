@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Wait for another process's apt or dpkg lock (unattended upgrades, a second install) instead of failing.
 APT_WAIT := -o DPkg::Lock::Timeout=600
 
-.PHONY: install demo test browser clusters-up clusters-down clean
+.PHONY: install demo test lint browser clusters-up clusters-down clean
 
 # A fresh install (torch and its CUDA libraries) takes about 6.5 GiB, plus room to unpack wheels.
 NEED_GIB := 9
@@ -24,6 +24,15 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/sept demo --workdir work/demo
+
+# The package's own code (not tests or benchmarks) for pylint's copy-paste check: 6 similar lines
+# or more anywhere in it fail, and no pair is accepted.
+PACKAGE_CODE := cli.py demo.py experiment.py errors.py io.py data index cluster training
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pylint --disable=all --enable=duplicate-code --min-similarity-lines=6 --score=n $(PACKAGE_CODE)
 
 clusters-up:
 	bash slurm/dev-cluster.sh up

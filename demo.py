@@ -59,51 +59,87 @@ def make_corpus(workdir: str, cfg: DemoConfig | None = None):
     from sept.data.demo_corpus import make_demo_corpus
 
     cfg = cfg or DemoConfig()
-    return make_demo_corpus(os.path.join(os.path.abspath(workdir), "corpus"), pool_size=cfg.pool_size,
-                            shards=cfg.pool_shards, seed=cfg.seed, target_val_per_class=cfg.target_val_per_class)
+    return make_demo_corpus(
+        os.path.join(os.path.abspath(workdir), "corpus"),
+        pool_size=cfg.pool_size,
+        shards=cfg.pool_shards,
+        seed=cfg.seed,
+        target_val_per_class=cfg.target_val_per_class,
+    )
 
 
-def run_demo(workdir: str, *, executor: str = "local", ray_address: str | None = None,
-             cfg: DemoConfig | None = None) -> dict:
+def run_demo(
+    workdir: str, *, executor: str = "local", ray_address: str | None = None, cfg: DemoConfig | None = None
+) -> dict:
     from sept.experiment import ExperimentConfig, format_results, run_experiment
 
     cfg = cfg or DemoConfig()
     t0 = time.time()
     workdir = os.path.abspath(workdir)
     corpus = make_corpus(workdir, cfg)
-    results = run_experiment(ExperimentConfig(
-        pool=corpus.pool_spec, target=corpus.target_dir, out=os.path.join(workdir, "experiment"),
-        budget_fractions=[cfg.budget_fraction], seeds=1, arms=["selected", "random"],
-        bootstrap_samples=cfg.bootstrap_samples, bootstrap_steps=cfg.bootstrap_steps,
-        pretrain_steps=cfg.pretrain_steps, batch_size=cfg.batch_size, method=cfg.method, preset=cfg.preset,
-        pretrain_settings=dict(DEMO_PRETRAIN),
-        executor=executor, ray_address=ray_address, truth=corpus.truth_path, truth_label=corpus.target_domain))
+    results = run_experiment(
+        ExperimentConfig(
+            pool=corpus.pool_spec,
+            target=corpus.target_dir,
+            out=os.path.join(workdir, "experiment"),
+            budget_fractions=[cfg.budget_fraction],
+            seeds=1,
+            arms=["selected", "random"],
+            bootstrap_samples=cfg.bootstrap_samples,
+            bootstrap_steps=cfg.bootstrap_steps,
+            pretrain_steps=cfg.pretrain_steps,
+            batch_size=cfg.batch_size,
+            method=cfg.method,
+            preset=cfg.preset,
+            pretrain_settings=dict(DEMO_PRETRAIN),
+            executor=executor,
+            ray_address=ray_address,
+            truth=corpus.truth_path,
+            truth_label=corpus.target_domain,
+        )
+    )
     from sept.index.eval import EvalConfig, evaluate_index, format_eval_table
 
     experiment = os.path.join(workdir, "experiment")
-    index_eval = evaluate_index(EvalConfig(index=os.path.join(experiment, "index.zarr"),
-                                           embeddings=os.path.join(experiment, "embeddings.zarr"),
-                                           queries=cfg.index_eval_queries))
+    index_eval = evaluate_index(
+        EvalConfig(
+            index=os.path.join(experiment, "index.zarr"),
+            embeddings=os.path.join(experiment, "embeddings.zarr"),
+            queries=cfg.index_eval_queries,
+        )
+    )
     from sept.data.report import ReportConfig, write_report
 
     for frac in results["fractions"]:
         selection = os.path.join(workdir, "experiment", f"selection-{frac}")
-        write_report(ReportConfig(selection=selection, out=os.path.join(workdir, "report"), truth=corpus.truth_path,
-                                  domain=corpus.target_domain))
+        write_report(
+            ReportConfig(
+                selection=selection,
+                out=os.path.join(workdir, "report"),
+                truth=corpus.truth_path,
+                domain=corpus.target_domain,
+            )
+        )
     print()
-    print(f"sept demo on {cfg.pool_size} pool images, target: {corpus.target_domain} "
-          f"({time.time() - t0:.0f} s; everything is in {workdir})")
+    print(
+        f"sept demo on {cfg.pool_size} pool images, target: {corpus.target_domain} "
+        f"({time.time() - t0:.0f} s; everything is in {workdir})"
+    )
     print("\nsept index eval (recall against exact search on held-out pool vectors):")
     print(format_eval_table(index_eval))
     print()
-    print(f"pre-training: {cfg.method} (no preset), {cfg.pretrain_steps} steps of batch {cfg.batch_size} per arm, "
-          f"{DEMO_PRETRAIN['image_size']} px; the fast preset ends below plain SimCLR at this length and DetCon "
-          "costs twice the time per step, so both are off (benchmarks/RESULTS.md)")
+    print(
+        f"pre-training: {cfg.method} (no preset), {cfg.pretrain_steps} steps of batch {cfg.batch_size} per arm, "
+        f"{DEMO_PRETRAIN['image_size']} px; the fast preset ends below plain SimCLR at this length and DetCon "
+        "costs twice the time per step, so both are off (benchmarks/RESULTS.md)"
+    )
     print(format_results(results))
     arms = next(iter(results["fractions"].values()))["arms"]
     if "selected" in arms and "random" in arms:
         margin = {m: 100 * (arms["selected"][0][m] - arms["random"][0][m]) for m in ("linear_probe", "knn")}
-        print(f"selected - random: {margin['linear_probe']:+.1f} linear-probe points, {margin['knn']:+.1f} kNN points "
-              f"(val split: {cfg.target_val_per_class} images per class)")
+        print(
+            f"selected - random: {margin['linear_probe']:+.1f} linear-probe points, {margin['knn']:+.1f} kNN points "
+            f"(val split: {cfg.target_val_per_class} images per class)"
+        )
     print(f"selection report: {os.path.join(workdir, 'report', 'index.html')}")
     return results

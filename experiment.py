@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from sept.io import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 ARMS = ("selected", "random", "full")
@@ -60,14 +62,12 @@ def _done(path: str) -> dict | None:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)
 
 
-def untrained_encoder(path: str, seed: int, *, arch: str = "resnet18_small", width: int | None = None,
-                      image_size: int = 32) -> str:
+def untrained_encoder(
+    path: str, seed: int, *, arch: str = "resnet18_small", width: int | None = None, image_size: int = 32
+) -> str:
     """The floor: the arms' network with its random initial weights, scored at the arms' resolution."""
     import torch
 
@@ -105,10 +105,19 @@ def selection_precision(manifest_path: str, truth: dict[str, str], label: str) -
 def _arm_config(data: str, run_dir: str, cfg: ExperimentConfig, seed: int):
     from sept.training.config import load_config
 
-    return load_config(cfg.pretrain_config, dict(cfg.pretrain_settings, data=data, out=run_dir,
-                                                 steps=cfg.pretrain_steps, batch_size=cfg.batch_size, seed=seed,
-                                                 method=cfg.method),
-                       preset=cfg.preset)
+    return load_config(
+        cfg.pretrain_config,
+        dict(
+            cfg.pretrain_settings,
+            data=data,
+            out=run_dir,
+            steps=cfg.pretrain_steps,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            method=cfg.method,
+        ),
+        preset=cfg.preset,
+    )
 
 
 def _curve_marks(cfg: ExperimentConfig) -> list[int]:
@@ -128,7 +137,7 @@ def snapshot_steps(run_dir: str) -> list[tuple[int, str]]:
     import glob
 
     found = glob.glob(os.path.join(run_dir, f"{SNAPSHOT_PREFIX}*.pt"))
-    return sorted((int(os.path.basename(p)[len(SNAPSHOT_PREFIX):-len(".pt")]), p) for p in found)
+    return sorted((int(os.path.basename(p)[len(SNAPSHOT_PREFIX) : -len(".pt")]), p) for p in found)
 
 
 def train_arm_inprocess(pcfg, cfg: ExperimentConfig) -> dict:
@@ -140,8 +149,14 @@ def train_arm_inprocess(pcfg, cfg: ExperimentConfig) -> dict:
 
     def snapshot(step: int, backbone) -> None:
         if step in marks:
-            save_encoder(snapshot_path(pcfg.out, step), backbone, arch=pcfg.arch,
-                         image_size=pcfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            save_encoder(
+                snapshot_path(pcfg.out, step),
+                backbone,
+                arch=pcfg.arch,
+                image_size=pcfg.image_size,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+            )
 
     t0 = time.time()
     summary = train(pcfg, distributed_run=False, step_callback=snapshot)
@@ -154,15 +169,23 @@ def score_arm(run_dir: str, target: str, summary: dict, images: int, default_ste
 
     curve = [dict(step=step, knn=evaluate(path, target)["knn"]) for step, path in snapshot_steps(run_dir)]
     final = evaluate(os.path.join(run_dir, "encoder.pt"), target)
-    result = dict(linear_probe=final["linear_probe"], knn=final["knn"], curve=curve, wall_s=summary.get("wall_s"),
-                  images=images, steps=summary.get("steps", default_steps))
+    result = dict(
+        linear_probe=final["linear_probe"],
+        knn=final["knn"],
+        curve=curve,
+        wall_s=summary.get("wall_s"),
+        images=images,
+        steps=summary.get("steps", default_steps),
+    )
     if "job_id" in summary:
         result["job_id"] = summary["job_id"]
     _write_json(os.path.join(run_dir, "arm.json"), result)
     return result
 
 
-def pretrain_arms(arms: list[tuple[str, str, int, int]], target: str, cfg: ExperimentConfig, out: str) -> dict[str, dict]:
+def pretrain_arms(
+    arms: list[tuple[str, str, int, int]], target: str, cfg: ExperimentConfig, out: str
+) -> dict[str, dict]:
     """Pre-train and score every (data, run_dir, seed, images) arm not already done; returns results by run_dir.
 
     In process, the arms run one after another and kNN is tracked over steps. On SLURM, every
@@ -189,12 +212,14 @@ def pretrain_arms(arms: list[tuple[str, str, int, int]], target: str, cfg: Exper
         # demo's two arms took 5.7 min together against 2 min one after the other).
         summaries = [launch_pretrain(pcfg, executor="local") for pcfg, _ in pending]
     else:
-        summaries = launch_pretrain_array([pcfg for pcfg, _ in pending], log_folder=os.path.join(out, "runs", "submitit"),
-                                          executor=cfg.executor)
+        summaries = launch_pretrain_array(
+            [pcfg for pcfg, _ in pending], log_folder=os.path.join(out, "runs", "submitit"), executor=cfg.executor
+        )
     wall = time.time() - t0
     for (pcfg, images), summary in zip(pending, summaries):
-        results[pcfg.out] = score_arm(pcfg.out, target, dict(summary, wall_s=summary.get("elapsed_s", wall)), images,
-                                      cfg.pretrain_steps)
+        results[pcfg.out] = score_arm(
+            pcfg.out, target, dict(summary, wall_s=summary.get("elapsed_s", wall)), images, cfg.pretrain_steps
+        )
     return results
 
 
@@ -223,8 +248,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     t = time.time()
     if not os.path.exists(encoder):
         # With the target, the bootstrap keeps the weights that retrieve its classes best.
-        bootstrap(cfg.pool, encoder, sample_size=cfg.bootstrap_samples, steps=cfg.bootstrap_steps, seed=0,
-                  batch_size=cfg.batch_size, target=cfg.target)
+        bootstrap(
+            cfg.pool,
+            encoder,
+            sample_size=cfg.bootstrap_samples,
+            steps=cfg.bootstrap_steps,
+            seed=0,
+            batch_size=cfg.batch_size,
+            target=cfg.target,
+        )
     timings["bootstrap"] = time.time() - t
     emb, index = os.path.join(out, "embeddings.zarr"), os.path.join(out, "index.zarr")
     truth = None
@@ -246,24 +278,28 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             budget = max(1, int(round(frac * ntotal)))
             t = time.time()
             sel_dir = os.path.join(out, f"selection-{frac:g}")
-            select(SelectConfig(index=index, encoder=encoder, target=cfg.target, budget=budget, out=sel_dir,
-                                task="target"))
+            select(
+                SelectConfig(index=index, encoder=encoder, target=cfg.target, budget=budget, out=sel_dir, task="target")
+            )
             timings[f"select-{frac:g}"] = time.time() - t
             entry = results["fractions"].setdefault(f"{frac:g}", dict(budget=budget, arms={}))
             if truth and cfg.truth_label:
                 entry["selection_precision"] = selection_precision(
-                    os.path.join(sel_dir, "tasks", "target", "manifest.jsonl"), truth, cfg.truth_label)
+                    os.path.join(sel_dir, "tasks", "target", "manifest.jsonl"), truth, cfg.truth_label
+                )
                 entry["base_rate"] = float(np.mean([v == cfg.truth_label for v in truth.values()]))
             for seed in range(cfg.seeds):
                 data[(frac, "selected", seed)] = os.path.join(sel_dir, "shards")
                 if "random" in cfg.arms:
-                    data[(frac, "random", seed)] = random_subset(emb, budget, pool,
-                                                                 os.path.join(out, f"random-{frac:g}-s{seed}"), seed)
+                    data[(frac, "random", seed)] = random_subset(
+                        emb, budget, pool, os.path.join(out, f"random-{frac:g}-s{seed}"), seed
+                    )
                 data[(frac, "full", seed)] = cfg.pool
     for seed in range(cfg.seeds):
         arm = _arm_config(cfg.pool, out, cfg, seed)
-        untrained = untrained_encoder(os.path.join(out, f"untrained-s{seed}.pt"), seed, arch=arm.arch,
-                                      width=arm.width, image_size=arm.image_size)
+        untrained = untrained_encoder(
+            os.path.join(out, f"untrained-s{seed}.pt"), seed, arch=arm.arch, width=arm.width, image_size=arm.image_size
+        )
         floor = evaluate(untrained, cfg.target)
         results["floor"].append(dict(seed=seed, linear_probe=floor["linear_probe"], knn=floor["knn"]))
     # Every arm of every fraction and seed, planned first so they can train as one job array.
@@ -273,12 +309,19 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         for arm in cfg.arms:
             for seed in range(cfg.seeds):
                 if arm == "full":  # the same for every fraction: trained once per seed
-                    planned[(f"{frac:g}", arm, seed)] = (cfg.pool, os.path.join(out, "runs", f"full-s{seed}"), seed,
-                                                         ntotal)
+                    planned[(f"{frac:g}", arm, seed)] = (
+                        cfg.pool,
+                        os.path.join(out, "runs", f"full-s{seed}"),
+                        seed,
+                        ntotal,
+                    )
                 else:
-                    planned[(f"{frac:g}", arm, seed)] = (data[(frac, arm, seed)],
-                                                         os.path.join(out, "runs", f"{arm}-{frac:g}-s{seed}"), seed,
-                                                         budget)
+                    planned[(f"{frac:g}", arm, seed)] = (
+                        data[(frac, arm, seed)],
+                        os.path.join(out, "runs", f"{arm}-{frac:g}-s{seed}"),
+                        seed,
+                        budget,
+                    )
     unique = list({run[1]: run for run in planned.values()}.values())
     trained = pretrain_arms(unique, cfg.target, cfg, out)
     for (frac, arm, seed), run in planned.items():
@@ -306,15 +349,21 @@ def format_results(results: dict) -> str:
     lines = ["| budget | arm | images | linear probe | kNN |", "|---|---|---|---|---|"]
     for frac, entry in results["fractions"].items():
         for arm, runs in entry["arms"].items():
-            lines.append(f"| {frac} | {arm} | {runs[0]['images']} | {_cell([r['linear_probe'] for r in runs])} | "
-                         f"{_cell([r['knn'] for r in runs])} |")
+            lines.append(
+                f"| {frac} | {arm} | {runs[0]['images']} | {_cell([r['linear_probe'] for r in runs])} | "
+                f"{_cell([r['knn'] for r in runs])} |"
+            )
     floor = results["floor"]
-    lines.append(f"| - | no pre-training | 0 | {_cell([r['linear_probe'] for r in floor])} | "
-                 f"{_cell([r['knn'] for r in floor])} |")
+    lines.append(
+        f"| - | no pre-training | 0 | {_cell([r['linear_probe'] for r in floor])} | "
+        f"{_cell([r['knn'] for r in floor])} |"
+    )
     for frac, entry in results["fractions"].items():
         if "selection_precision" in entry:
-            lines.append(f"\nSelection precision at budget {frac}: {entry['selection_precision']:.1%} "
-                         f"(pool base rate {entry['base_rate']:.1%})")
+            lines.append(
+                f"\nSelection precision at budget {frac}: {entry['selection_precision']:.1%} "
+                f"(pool base rate {entry['base_rate']:.1%})"
+            )
     return "\n".join(lines)
 
 
@@ -353,8 +402,15 @@ def plot_results(results: dict, path: str) -> None:
     if curves.lines:
         curves.legend(fontsize=8)
     else:  # arms launched through submitit report their final scores only
-        curves.text(0.5, 0.5, "tracked with --executor inprocess only", ha="center", va="center",
-                    transform=curves.transAxes, color="gray")
+        curves.text(
+            0.5,
+            0.5,
+            "tracked with --executor inprocess only",
+            ha="center",
+            va="center",
+            transform=curves.transAxes,
+            color="gray",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

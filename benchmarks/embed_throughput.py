@@ -75,9 +75,18 @@ def sept_embed(encoder_path: str, pool: str, out: str, workers: int, batch_size:
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    summary = embed_pool(EmbedConfig(pool=pool, encoder=encoder_path, out=out, workers=workers,
-                                     batch_size=batch_size, threads_per_worker=1, decode_threads=decode_threads,
-                                     num_gpus_per_worker=0))
+    summary = embed_pool(
+        EmbedConfig(
+            pool=pool,
+            encoder=encoder_path,
+            out=out,
+            workers=workers,
+            batch_size=batch_size,
+            threads_per_worker=1,
+            decode_threads=decode_threads,
+            num_gpus_per_worker=0,
+        )
+    )
     summary["wall"] = time.perf_counter() - start
     return summary
 
@@ -102,16 +111,30 @@ def main() -> None:
     pool = make_pool(args.workdir, args.shards, args.per_shard, args.image_px)
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet18_small", width=args.width)
-    encoder = save_encoder(os.path.join(args.workdir, "enc.pt"), backbone, arch="resnet18_small",
-                           image_size=args.input_px, mean=(0.5,) * 3, std=(0.25,) * 3)
-    print(f"pool: {args.shards} shards x {args.per_shard} JPEGs of {args.image_px}px; resnet18_small width "
-          f"{args.width} at {args.input_px}px; batch {args.batch_size}; {os.cpu_count()} CPU(s)")
+    encoder = save_encoder(
+        os.path.join(args.workdir, "enc.pt"),
+        backbone,
+        arch="resnet18_small",
+        image_size=args.input_px,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
+    print(
+        f"pool: {args.shards} shards x {args.per_shard} JPEGs of {args.image_px}px; resnet18_small width "
+        f"{args.width} at {args.input_px}px; batch {args.batch_size}; {os.cpu_count()} CPU(s)"
+    )
     n0, s0 = bare_loop(encoder, pool, args.batch_size)
     runs = {}
     with ray_session(None, num_cpus=os.cpu_count()):
         for workers in (1, 2):
-            runs[workers] = sept_embed(encoder, pool, os.path.join(args.workdir, f"emb{workers}.zarr"), workers,
-                                       args.batch_size, args.decode_threads)
+            runs[workers] = sept_embed(
+                encoder,
+                pool,
+                os.path.join(args.workdir, f"emb{workers}.zarr"),
+                workers,
+                args.batch_size,
+                args.decode_threads,
+            )
     n1, s1 = bare_loop(encoder, pool, args.batch_size)
     bare = (n0 + n1) / (s0 + s1)
     print(f"\n{'run':<28} {'images/s':>9} {'vs bare':>8} {'wall s':>8}")
@@ -119,10 +142,14 @@ def main() -> None:
     print(f"{'bare loop, after':<28} {n1 / s1:>9.1f} {n1 / s1 / bare:>8.2f} {s1:>8.1f}")
     for workers, summary in runs.items():
         rate = summary["images_per_second"]
-        print(f"{f'sept embed, {workers} worker(s)':<28} {rate:>9.1f} {rate / bare:>8.2f} {summary['wall']:>8.1f}"
-              f"   (end to end with actor start-up: {summary['vectors'] / summary['wall']:.1f} images/s)")
-    print(f"\nratio sept embed / bare loop: 1 worker {runs[1]['images_per_second'] / bare:.2f}, "
-          f"2 workers {runs[2]['images_per_second'] / bare:.2f}")
+        print(
+            f"{f'sept embed, {workers} worker(s)':<28} {rate:>9.1f} {rate / bare:>8.2f} {summary['wall']:>8.1f}"
+            f"   (end to end with actor start-up: {summary['vectors'] / summary['wall']:.1f} images/s)"
+        )
+    print(
+        f"\nratio sept embed / bare loop: 1 worker {runs[1]['images_per_second'] / bare:.2f}, "
+        f"2 workers {runs[2]['images_per_second'] / bare:.2f}"
+    )
 
 
 if __name__ == "__main__":

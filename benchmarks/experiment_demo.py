@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 
-
 DEMO_EXPERIMENT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo-digits-16px.yaml")
 
 
@@ -52,34 +51,66 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default="work/experiment_demo")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget-fraction", type=float, default=0.1)
-    parser.add_argument("--pretrain-steps", type=int, default=3000,
-                        help="steps per arm (default: %(default)s; at 1000 the arms do not differ, RESULTS.md)")
-    parser.add_argument("--pretrain-config", default=DEMO_EXPERIMENT_CONFIG, metavar="YAML",
-                        help="pre-training settings for every arm (sept experiment --pretrain-config; "
-                             "default: %(default)s)")
-    parser.add_argument("--target-val-per-class", type=int, default=50,
-                        help="val images per digit class that score the arms (default: %(default)s; "
-                             f"sept demo's {DemoCorpusParams.target_val_per_class} measure to about +-5 points)")
-    parser.add_argument("--publish", default=None,
-                        help="copy results.md and results.png into this folder as experiment-demo.md and "
-                             "experiment-demo.png (docs/: the README's table and figure)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=3000,
+        help="steps per arm (default: %(default)s; at 1000 the arms do not differ, RESULTS.md)",
+    )
+    parser.add_argument(
+        "--pretrain-config",
+        default=DEMO_EXPERIMENT_CONFIG,
+        metavar="YAML",
+        help="pre-training settings for every arm (sept experiment --pretrain-config; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--target-val-per-class",
+        type=int,
+        default=50,
+        help="val images per digit class that score the arms (default: %(default)s; "
+        f"sept demo's {DemoCorpusParams.target_val_per_class} measure to about +-5 points)",
+    )
+    parser.add_argument(
+        "--publish",
+        default=None,
+        help="copy results.md and results.png into this folder as experiment-demo.md and "
+        "experiment-demo.png (docs/: the README's table and figure)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     demo = DemoConfig()
     started = time.time()
-    corpus = make_demo_corpus(os.path.join(args.workdir, "corpus"), pool_size=demo.pool_size, shards=demo.pool_shards,
-                              seed=demo.seed, target_val_per_class=args.target_val_per_class)
-    results = run_experiment(ExperimentConfig(
-        pool=corpus.pool_spec, target=corpus.target_dir, out=os.path.join(args.workdir, "experiment"),
-        budget_fractions=[args.budget_fraction], seeds=args.seeds, bootstrap_samples=demo.bootstrap_samples,
-        bootstrap_steps=demo.bootstrap_steps, pretrain_steps=args.pretrain_steps, batch_size=demo.batch_size,
-        pretrain_config=args.pretrain_config, truth=corpus.truth_path, truth_label=corpus.target_domain))
+    corpus = make_demo_corpus(
+        os.path.join(args.workdir, "corpus"),
+        pool_size=demo.pool_size,
+        shards=demo.pool_shards,
+        seed=demo.seed,
+        target_val_per_class=args.target_val_per_class,
+    )
+    results = run_experiment(
+        ExperimentConfig(
+            pool=corpus.pool_spec,
+            target=corpus.target_dir,
+            out=os.path.join(args.workdir, "experiment"),
+            budget_fractions=[args.budget_fraction],
+            seeds=args.seeds,
+            bootstrap_samples=demo.bootstrap_samples,
+            bootstrap_steps=demo.bootstrap_steps,
+            pretrain_steps=args.pretrain_steps,
+            batch_size=demo.batch_size,
+            pretrain_config=args.pretrain_config,
+            truth=corpus.truth_path,
+            truth_label=corpus.target_domain,
+        )
+    )
     wall = time.time() - started
     v = verdict(results, f"{args.budget_fraction:g}")
     print(format_results(results))
-    print(f"\nselected - random: {100 * v.get('selected_minus_random', float('nan')):+.1f} points "
-          f"= {v.get('margin_in_std', float('nan')):.1f} standard deviations (goal: > 2)")
+    print(
+        f"\nselected - random: {100 * v.get('selected_minus_random', float('nan')):+.1f} points "
+        f"= {v.get('margin_in_std', float('nan')):.1f} standard deviations (goal: > 2)"
+    )
     print(f"full - selected: {v.get('full_minus_selected_points', float('nan')):+.1f} points (goal: < 1)")
     print(f"wall time: {wall / 60:.1f} min (goal: <= 30)")
     with open(os.path.join(args.workdir, "verdict.json"), "w") as f:
@@ -87,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.publish:
         os.makedirs(args.publish, exist_ok=True)
         for ext in (".md", ".png"):
-            shutil.copyfile(os.path.join(args.workdir, "experiment", f"results{ext}"),
-                            os.path.join(args.publish, f"experiment-demo{ext}"))
+            shutil.copyfile(
+                os.path.join(args.workdir, "experiment", f"results{ext}"),
+                os.path.join(args.publish, f"experiment-demo{ext}"),
+            )
 
 
 if __name__ == "__main__":

@@ -120,11 +120,16 @@ def make_icon_corpus(out: str, root: str = ICON_ROOT) -> IconCorpus:
         n_shards = -(-len(files) // PER_SHARD)
         for shard in range(n_shards):
             with wds.TarWriter(os.path.join(tmp, "pool", f"{shard:05d}.tar")) as writer:
-                for i, (path, category, size) in enumerate(files[shard * PER_SHARD : (shard + 1) * PER_SHARD]):
+                for i, (path, category, _size) in enumerate(files[shard * PER_SHARD : (shard + 1) * PER_SHARD]):
                     key = f"{shard:05d}{i:04d}"
                     img = _on_white(path)
-                    meta = {"key": key, "width": img.width, "height": img.height, "status": "success",
-                            "url": f"file://{os.path.basename(path)}"}
+                    meta = {
+                        "key": key,
+                        "width": img.width,
+                        "height": img.height,
+                        "status": "success",
+                        "url": f"file://{os.path.basename(path)}",
+                    }
                     writer.write({"__key__": key, "png": _png_bytes(img), "json": json.dumps(meta).encode()})
                     truth[key] = category
         for category, paths in target_files(root).items():
@@ -135,7 +140,7 @@ def make_icon_corpus(out: str, root: str = ICON_ROOT) -> IconCorpus:
                 _on_white(path).save(os.path.join(folder, os.path.basename(path)))
         with open(os.path.join(tmp, "truth.json"), "w") as f:
             json.dump(truth, f)
-        pool_spec = os.path.join(out, "pool", "{00000..%05d}.tar" % (n_shards - 1))
+        pool_spec = os.path.join(out, "pool", f"{{00000..{n_shards - 1:05d}}}.tar")
         with open(os.path.join(tmp, "corpus.json"), "w") as f:
             json.dump({"version": LAYOUT_VERSION, "pool_spec": pool_spec, "pool_images": len(files)}, f)
         if os.path.exists(out):

@@ -66,8 +66,8 @@ def main() -> None:
     import faiss
 
     from sept.index.embedding_store import EmbeddingStore
-    from sept.index.store import IndexStore
     from sept.index.merge import merge_topk
+    from sept.index.store import IndexStore
 
     os.makedirs(args.workdir, exist_ok=True)
     emb = os.path.join(args.workdir, f"emb-{args.n}.zarr")
@@ -91,11 +91,28 @@ def main() -> None:
     index = os.path.join(args.workdir, "sept-index.zarr")
     subprocess.run(["rm", "-rf", index], check=True)
     start = time.perf_counter()
-    subprocess.run([os.path.join(BIN, "sept"), "index", "--embeddings", emb, "--out", index, "--memory-budget",
-                    args.memory_budget, "--shards", "2"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            os.path.join(BIN, "sept"),
+            "index",
+            "--embeddings",
+            emb,
+            "--out",
+            index,
+            "--memory-budget",
+            args.memory_budget,
+            "--shards",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
+    )
     sept_build = time.perf_counter() - start
-    subprocess.run([os.path.join(BIN, "sept"), "index", "eval", "--index", index, "--embeddings", emb, "--queries",
-                    "300"], check=True, capture_output=True)
+    subprocess.run(
+        [os.path.join(BIN, "sept"), "index", "eval", "--index", index, "--embeddings", emb, "--queries", "300"],
+        check=True,
+        capture_output=True,
+    )
     sept_total = time.perf_counter() - start
     istore = IndexStore.open(index)
     attrs = istore.attrs
@@ -104,22 +121,40 @@ def main() -> None:
     truth_ids = ids[gt_rows]
     sept_recall = float(np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(I, truth_ids)]))
 
-    af = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS, npy_dir, os.path.join(args.workdir, "af.index"),
-                         os.path.join(args.workdir, "af.json"), args.memory_budget.replace("M", "MB").replace(
-                             "G", "GB"), os.path.join(args.workdir, "queries.npy"),
-                         os.path.join(args.workdir, "truth.npy"), str(args.k)], capture_output=True, text=True)
+    af = subprocess.run(
+        [
+            args.autofaiss_python,
+            "-c",
+            AUTOFAISS,
+            npy_dir,
+            os.path.join(args.workdir, "af.index"),
+            os.path.join(args.workdir, "af.json"),
+            args.memory_budget.replace("M", "MB").replace("G", "GB"),
+            os.path.join(args.workdir, "queries.npy"),
+            os.path.join(args.workdir, "truth.npy"),
+            str(args.k),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if af.returncode != 0:
         sys.exit(f"autofaiss failed:\n{af.stderr[-3000:]}")
     autofaiss = json.loads(af.stdout.strip().splitlines()[-1])
 
     print(f"{args.n} x {args.dim} vectors, --memory-budget {args.memory_budget}, {len(xq)} held-out queries")
     print(f"{'':<10} {'factory':<34} {'search params':<22} {'build s':>8} {'recall@' + str(args.k):>10}")
-    print(f"{'sept':<10} {attrs['spec']['factory']:<34} {'nprobe=' + str(attrs['nprobe']):<22} "
-          f"{sept_total:>8.1f} {sept_recall:>10.3f}   (build {sept_build:.1f} s + eval {sept_total - sept_build:.1f} s)")
-    print(f"{'autofaiss':<10} {autofaiss['factory']:<34} {autofaiss['params'][:22]:<22} "
-          f"{autofaiss['seconds']:>8.1f} {autofaiss['recall']:>10.3f}")
-    print(f"\nratio sept / autofaiss: build time {sept_total / autofaiss['seconds']:.2f} "
-          f"(build alone {sept_build / autofaiss['seconds']:.2f}), recall@{args.k} {sept_recall / autofaiss['recall']:.2f}")
+    print(
+        f"{'sept':<10} {attrs['spec']['factory']:<34} {'nprobe=' + str(attrs['nprobe']):<22} "
+        f"{sept_total:>8.1f} {sept_recall:>10.3f}   (build {sept_build:.1f} s + eval {sept_total - sept_build:.1f} s)"
+    )
+    print(
+        f"{'autofaiss':<10} {autofaiss['factory']:<34} {autofaiss['params'][:22]:<22} "
+        f"{autofaiss['seconds']:>8.1f} {autofaiss['recall']:>10.3f}"
+    )
+    print(
+        f"\nratio sept / autofaiss: build time {sept_total / autofaiss['seconds']:.2f} "
+        f"(build alone {sept_build / autofaiss['seconds']:.2f}), recall@{args.k} {sept_recall / autofaiss['recall']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def make_embeddings(path: str, n: int, dim: int, shard_rows: int, seed: int = 0)
         if store.is_complete(s):
             continue
         rows = min(shard_rows, n - s * shard_rows)
-        store.write_shard(s, clustered(rows, dim, sample_seed=seed + 1 + s, centre_seed=seed),
-                          make_ids(s, np.arange(rows)))
+        store.write_shard(
+            s, clustered(rows, dim, sample_seed=seed + 1 + s, centre_seed=seed), make_ids(s, np.arange(rows))
+        )
     with open(marker, "w") as f:
         json.dump(params, f)
 
@@ -171,12 +172,24 @@ def main() -> None:
 
     index = os.path.join(args.workdir, f"index-{args.n}.zarr")
     subprocess.run(["rm", "-rf", index], check=True)
-    cmd = [os.path.join(BIN, "sept"), "index", "--embeddings", emb, "--out", index, "--memory-budget",
-           args.memory_budget, "--shards", str(args.shards), "--train-size", str(args.train_size)]
+    cmd = [
+        os.path.join(BIN, "sept"),
+        "index",
+        "--embeddings",
+        emb,
+        "--out",
+        index,
+        "--memory-budget",
+        args.memory_budget,
+        "--shards",
+        str(args.shards),
+        "--train-size",
+        str(args.train_size),
+    ]
     proc, sept_s, sept_pss, sept_rss = run_measured(cmd, os.path.join(args.workdir, "sept-index.log"))
     if proc.returncode != 0:
         sys.exit(f"sept index failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     print(f"sept index: {summary['factory']} ({summary['reason']})")
     header = f"{'build':<34} {'wall s':>8} {'peak PSS GiB':>13} {'peak RSS GiB':>13}"
     rows = [("sept index (Ray tasks, batched)", sept_s, sept_pss, sept_rss)]
@@ -184,7 +197,8 @@ def main() -> None:
     if not args.skip_naive:
         naive, naive_s, naive_pss, naive_rss = run_measured(
             [sys.executable, "-c", NAIVE, emb, summary["factory"], str(args.train_size)],
-            os.path.join(args.workdir, "naive.log"))
+            os.path.join(args.workdir, "naive.log"),
+        )
         if naive.returncode != 0:
             sys.exit(f"naive build failed:\n{naive.stderr[-3000:]}")
         result = json.loads(naive.stdout.strip().splitlines()[-1])
@@ -193,12 +207,27 @@ def main() -> None:
     for row in rows:
         print(_row(*row))
     if len(rows) == 2:
-        print(f"\nratio sept / naive: wall {rows[0][1] / rows[1][1]:.2f}, peak PSS {rows[0][2] / rows[1][2]:.2f}, "
-              f"peak RSS {rows[0][3] / rows[1][3]:.2f}")
+        print(
+            f"\nratio sept / naive: wall {rows[0][1] / rows[1][1]:.2f}, peak PSS {rows[0][2] / rows[1][2]:.2f}, "
+            f"peak RSS {rows[0][3] / rows[1][3]:.2f}"
+        )
     print(f"sept peak memory {'within' if sept_rss <= 6 * GIB else 'OVER'} 6 GiB (RSS {sept_rss / GIB:.2f} GiB)")
     if args.eval_queries:
-        ev = subprocess.run([os.path.join(BIN, "sept"), "index", "eval", "--index", index, "--embeddings", emb,
-                             "--queries", str(args.eval_queries)], capture_output=True, text=True)
+        ev = subprocess.run(
+            [
+                os.path.join(BIN, "sept"),
+                "index",
+                "eval",
+                "--index",
+                index,
+                "--embeddings",
+                emb,
+                "--queries",
+                str(args.eval_queries),
+            ],
+            capture_output=True,
+            text=True,
+        )
         print(ev.stdout or ev.stderr[-2000:])
 
 

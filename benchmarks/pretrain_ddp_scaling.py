@@ -29,12 +29,27 @@ from sept.training.launcher import launch_pretrain
 def run(corpus, workdir: str, name: str, nodes: int, args) -> dict:
     out = os.path.join(workdir, name)
     shutil.rmtree(out, ignore_errors=True)
-    cfg = load_config(None, dict(data=corpus.pool_spec, out=out, steps=args.steps, batch_size=args.batch_size,
-                                 image_size=32, width=args.width, log_every=1000, checkpoint_every=100000))
-    summary = launch_pretrain(cfg, executor="slurm", nodes=nodes, tasks_per_node=1, partition=args.partition,
-                              cpus_per_task=1, time_min=20)
-    print(f"  {name}: {nodes} rank(s) on {sorted({r['hostname'] + '/' + str(r['slurm_nodeid']) for r in summary['ranks']})}"
-          f" {summary['images_per_s']:.1f} img/s", flush=True)
+    cfg = load_config(
+        None,
+        dict(
+            data=corpus.pool_spec,
+            out=out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            image_size=32,
+            width=args.width,
+            log_every=1000,
+            checkpoint_every=100000,
+        ),
+    )
+    summary = launch_pretrain(
+        cfg, executor="slurm", nodes=nodes, tasks_per_node=1, partition=args.partition, cpus_per_task=1, time_min=20
+    )
+    print(
+        f"  {name}: {nodes} rank(s) on {sorted({r['hostname'] + '/' + str(r['slurm_nodeid']) for r in summary['ranks']})}"
+        f" {summary['images_per_s']:.1f} img/s",
+        flush=True,
+    )
     return summary
 
 
@@ -52,7 +67,9 @@ def main() -> None:
     two = run(corpus, args.workdir, "two-ranks", 2, args)
     one_after = run(corpus, args.workdir, "one-rank-after", 1, args)
     baseline = (one_before["images_per_s"] + one_after["images_per_s"]) / 2
-    print(f"one rank:  {baseline:.1f} img/s (before {one_before['images_per_s']:.1f}, after {one_after['images_per_s']:.1f})")
+    print(
+        f"one rank:  {baseline:.1f} img/s (before {one_before['images_per_s']:.1f}, after {one_after['images_per_s']:.1f})"
+    )
     print(f"two ranks: {two['images_per_s']:.1f} img/s = {two['images_per_s'] / baseline:.2f}x one rank (target 1.7x)")
     waits = [r["data_wait_s"] for r in two["ranks"]]
     print(f"two-rank job: elapsed {two['elapsed_s']:.1f} s, data wait per rank {waits} s")

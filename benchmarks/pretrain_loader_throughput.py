@@ -90,19 +90,37 @@ def main() -> None:
 
     run_dir = os.path.join(args.workdir, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    summary = train(load_config(None, dict(data=corpus.pool_spec, out=run_dir, steps=args.steps * 3,
-                                           batch_size=args.batch_size, image_size=32, width=args.width,
-                                           num_workers=args.workers, log_every=1000, checkpoint_every=100000),
-                                preset="fast"), distributed_run=False)
+    summary = train(
+        load_config(
+            None,
+            dict(
+                data=corpus.pool_spec,
+                out=run_dir,
+                steps=args.steps * 3,
+                batch_size=args.batch_size,
+                image_size=32,
+                width=args.width,
+                num_workers=args.workers,
+                log_every=1000,
+                checkpoint_every=100000,
+            ),
+            preset="fast",
+        ),
+        distributed_run=False,
+    )
     rank = summary["ranks"][0]
 
-    print(f"model consumes      {model:8.1f} img/s (simclr, width {args.width}, batch {args.batch_size}, "
-          f"{args.threads} thread(s); {model_again:.1f} when measured again after the loader)")
+    print(
+        f"model consumes      {model:8.1f} img/s (simclr, width {args.width}, batch {args.batch_size}, "
+        f"{args.threads} thread(s); {model_again:.1f} when measured again after the loader)"
+    )
     for w, rate in loaders.items():
         label = "in-process" if w == 0 else f"{w} workers"
         print(f"loader ({label:>10}) {rate:8.1f} img/s  = {rate / model:.2f}x what the model consumes (target 1.5x)")
-    print(f"train, {args.workers} workers:   {summary['images_per_s']:8.1f} img/s, waited for data "
-          f"{rank['data_wait_s']:.1f} s of {summary['elapsed_s']:.1f} s ({rank['data_wait_s'] / summary['elapsed_s']:.0%})")
+    print(
+        f"train, {args.workers} workers:   {summary['images_per_s']:8.1f} img/s, waited for data "
+        f"{rank['data_wait_s']:.1f} s of {summary['elapsed_s']:.1f} s ({rank['data_wait_s'] / summary['elapsed_s']:.0%})"
+    )
 
 
 if __name__ == "__main__":

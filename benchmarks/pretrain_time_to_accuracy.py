@@ -61,8 +61,9 @@ def knn_scorer(target_dir: str):
 
     def score(encoder_path: str) -> float:
         bundle = load_encoder(encoder_path, device="cpu")
-        return knn_accuracy(bundle.embed_images(train_images), train_labels, bundle.embed_images(val_images),
-                            val_labels, k=20)
+        return knn_accuracy(
+            bundle.embed_images(train_images), train_labels, bundle.embed_images(val_images), val_labels, k=20
+        )
 
     return score
 
@@ -80,8 +81,17 @@ def run_arm(name: str, data: str, run_dir: str, seed: int, args, score) -> dict:
             return json.load(f)
     variant = dict(VARIANTS[name])
     preset = variant.pop("preset", None)
-    overrides = dict(DEMO_PRETRAIN, **variant, data=data, out=run_dir, steps=args.steps, seed=seed,
-                     batch_size=args.batch_size, log_every=100, checkpoint_every=args.steps)
+    overrides = dict(
+        DEMO_PRETRAIN,
+        **variant,
+        data=data,
+        out=run_dir,
+        steps=args.steps,
+        seed=seed,
+        batch_size=args.batch_size,
+        log_every=100,
+        checkpoint_every=args.steps,
+    )
     if preset or variant.get("lr_schedule") == "cyclic":
         overrides["cycle_steps"] = args.cycle_steps
     cfg = load_config(None, overrides, preset=preset)
@@ -126,8 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=3000, help="steps of every arm (default: %(default)s)")
-    parser.add_argument("--cycle-steps", type=int, default=500,
-                        help="cycle length of the cyclic arms, and how often every arm is scored (default: %(default)s)")
+    parser.add_argument(
+        "--cycle-steps",
+        type=int,
+        default=500,
+        help="cycle length of the cyclic arms, and how often every arm is scored (default: %(default)s)",
+    )
     parser.add_argument("--batch-size", type=int, default=demo.batch_size)
     parser.add_argument("--budget", type=int, default=300, help="images every arm pre-trains on")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -136,8 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    corpus = make_demo_corpus(os.path.join(args.workdir, "corpus"), pool_size=demo.pool_size, shards=demo.pool_shards,
-                              seed=demo.seed, target_val_per_class=demo.target_val_per_class)
+    corpus = make_demo_corpus(
+        os.path.join(args.workdir, "corpus"),
+        pool_size=demo.pool_size,
+        shards=demo.pool_shards,
+        seed=demo.seed,
+        target_val_per_class=demo.target_val_per_class,
+    )
     score = knn_scorer(corpus.target_dir)
     pool = list_shards(corpus.pool_spec)
     started = time.time()
@@ -146,11 +165,15 @@ def main(argv: list[str] | None = None) -> None:
         keys = draw_arms(corpus.truth(), corpus.target_domain, args.budget, seed)["in-domain"]
         data = write_subset(pool, keys, os.path.join(args.workdir, "subsets", f"in-domain-s{seed}"))
         for arm in args.arms:
-            runs[arm].append(run_arm(arm, data, os.path.join(args.workdir, "runs", f"{arm}-s{seed}"), seed, args, score))
+            runs[arm].append(
+                run_arm(arm, data, os.path.join(args.workdir, "runs", f"{arm}-s{seed}"), seed, args, score)
+            )
 
     marks = [step for step, _ in runs[args.arms[0]][0]["curve"]]
-    print(f"\nkNN on the digits target (val: {demo.target_val_per_class} per class), mean ± std over seeds "
-          f"{args.seeds}, at steps {marks}")
+    print(
+        f"\nkNN on the digits target (val: {demo.target_val_per_class} per class), mean ± std over seeds "
+        f"{args.seeds}, at steps {marks}"
+    )
     print("| arm | " + " | ".join(str(m) for m in marks) + " | wall vs baseline |")
     print("|---|" + "---|" * (len(marks) + 1))
     base_wall = np.mean([r["wall_s"] for r in runs.get("baseline", [])]) if "baseline" in runs else None
@@ -170,11 +193,14 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             reached = [steps_to(r["curve"], b["final_knn"]) for r, b in zip(rs, runs["baseline"])]
             speedups = np.array([args.steps / s if s else 1.0 for s in reached])
-            summary[arm] = dict(steps=reached, speedups=speedups.tolist(), mean=float(speedups.mean()),
-                                std=float(speedups.std()))
+            summary[arm] = dict(
+                steps=reached, speedups=speedups.tolist(), mean=float(speedups.mean()), std=float(speedups.std())
+            )
             shown = " / ".join(str(s) if s else f">{args.steps}" for s in reached)
-            print(f"  {arm:>11}: {shown}  speed-up {speedups.mean():.2f}x ± {speedups.std():.2f} "
-                  f"(min {speedups.min():.2f}x)")
+            print(
+                f"  {arm:>11}: {shown}  speed-up {speedups.mean():.2f}x ± {speedups.std():.2f} "
+                f"(min {speedups.min():.2f}x)"
+            )
     print(f"wall time {(time.time() - started) / 60:.1f} min")
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "runs": runs, "summary": summary}, f, indent=2)

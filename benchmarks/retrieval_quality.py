@@ -57,8 +57,10 @@ GOAL_FACTOR = 2.0
 DEFAULT_VARIANT = "select, its defaults"
 PIPELINE_VARIANTS = {
     DEFAULT_VARIANT: {},
-    "select --topk-share 0 --balance instance (SEPT's per-instance round robin)": {"topk_share": 0.0,
-                                                                                     "balance": "instance"},
+    "select --topk-share 0 --balance instance (SEPT's per-instance round robin)": {
+        "topk_share": 0.0,
+        "balance": "instance",
+    },
     "select --topk-share 0 (class-balanced round robin)": {"topk_share": 0.0},
     "select --balance instance (half round robin, half global top-k)": {"balance": "instance"},
     "select --strategy topk (class-balanced top-k)": {"strategy": "topk"},
@@ -79,8 +81,15 @@ def _random_resnet18(images, queries, seed: int, size: int, workdir: str):
     return encoder.embed_images(images, batch_size=128), encoder.embed_images(queries)
 
 
-def run(workdir: str, *, budget_fraction: float = 0.1, seed: int = 0, random_seeds: int = 3,
-        ray_address: str | None = None, bootstrap_steps: int | None = None) -> dict:
+def run(
+    workdir: str,
+    *,
+    budget_fraction: float = 0.1,
+    seed: int = 0,
+    random_seeds: int = 3,
+    ray_address: str | None = None,
+    bootstrap_steps: int | None = None,
+) -> dict:
     from sept.cluster.embed import EmbedConfig, embed_pool
     from sept.cluster.index_build import IndexConfig, build_index
     from sept.cluster.runtime import ray_session
@@ -122,13 +131,27 @@ def run(workdir: str, *, budget_fraction: float = 0.1, seed: int = 0, random_see
     with ray_session(ray_address):
         embed_pool(EmbedConfig(pool=corpus.pool_spec, encoder=encoder_path, out=emb_path, ray_address=ray_address))
         lap("embed")
-        build_index(IndexConfig(embeddings=emb_path, out=index_path, spec=IndexSpec(seed=seed), ray_address=ray_address))
+        build_index(
+            IndexConfig(embeddings=emb_path, out=index_path, spec=IndexSpec(seed=seed), ray_address=ray_address)
+        )
         lap("index")
         pipelines = {}
         for label, options in PIPELINE_VARIANTS.items():
-            out = os.path.join(workdir, "selection" if not options else "selection-" + "-".join(map(str, options.values())))
-            select(SelectConfig(index=index_path, encoder=encoder_path, target=corpus.target_dir, budget=budget,
-                                out=out, task="icons", ray_address=ray_address, **options))
+            out = os.path.join(
+                workdir, "selection" if not options else "selection-" + "-".join(map(str, options.values()))
+            )
+            select(
+                SelectConfig(
+                    index=index_path,
+                    encoder=encoder_path,
+                    target=corpus.target_dir,
+                    budget=budget,
+                    out=out,
+                    task="icons",
+                    ray_address=ray_address,
+                    **options,
+                )
+            )
             manifest = files.read_jsonl(os.path.join(files.task_dir(out, "icons"), files.MANIFEST))
             pipelines[label] = precision([row["key"] for row in manifest], corpus.truth, corpus.relevant)
         lap("select")
@@ -143,8 +166,10 @@ def run(workdir: str, *, budget_fraction: float = 0.1, seed: int = 0, random_see
     sept_xq = encoder.embed_images(queries)
 
     def scores(xb, xq) -> dict[str, float]:
-        return {rule: precision([keys[i] for i in sel.ids], corpus.truth, corpus.relevant)
-                for rule, sel in rule_selections(xq, query_labels, xb, budget).items()}
+        return {
+            rule: precision([keys[i] for i in sel.ids], corpus.truth, corpus.relevant)
+            for rule, sel in rule_selections(xq, query_labels, xb, budget).items()
+        }
 
     features = {"sept encoder (bootstrap, centred)": (sept_xb, sept_xq)}
     features["colour histogram (8x8x8 RGB)"] = (colour_histogram(images), colour_histogram(queries))
@@ -163,20 +188,32 @@ def run(workdir: str, *, budget_fraction: float = 0.1, seed: int = 0, random_see
     # --- selection refinements on sept's own embeddings ---------------------------------------
     refinements = []
     for name, selection in refinement_selections(sept_xq, query_labels, sept_xb, budget, seed=seed).items():
-        refinements.append(dict(name=name, precision=precision([keys[i] for i in selection.ids], corpus.truth,
-                                                               corpus.relevant)))
+        refinements.append(
+            dict(name=name, precision=precision([keys[i] for i in selection.ids], corpus.truth, corpus.relevant))
+        )
     lap("refinements")
 
     trivial = [r for r in matrix if r["name"].startswith(("colour", "random"))]
     random_rows = [r for r in trivial if r["name"].startswith("random")]
     issue_baseline = max(trivial[0]["raw"][DEFAULT_RULE], float(np.mean([r["raw"][DEFAULT_RULE] for r in random_rows])))
     strict_baseline = max(v for r in trivial for part in ("raw", "centred") for v in r[part].values())
-    result = dict(pool=len(keys), budget=budget, queries=len(queries), base_rate=corpus.base_rate(),
-                  sept_pipeline=sept_precision, pipelines=pipelines, matrix=matrix,
-                  refinements=refinements, issue_baseline=issue_baseline, strict_baseline=strict_baseline,
-                  goal=GOAL_FACTOR * issue_baseline, met=sept_precision >= GOAL_FACTOR * issue_baseline,
-                  seconds=seconds, total_seconds=round(sum(seconds.values()), 1),
-                  encoder={k: v for k, v in encoder.extra.items() if k != "data"})
+    result = dict(
+        pool=len(keys),
+        budget=budget,
+        queries=len(queries),
+        base_rate=corpus.base_rate(),
+        sept_pipeline=sept_precision,
+        pipelines=pipelines,
+        matrix=matrix,
+        refinements=refinements,
+        issue_baseline=issue_baseline,
+        strict_baseline=strict_baseline,
+        goal=GOAL_FACTOR * issue_baseline,
+        met=sept_precision >= GOAL_FACTOR * issue_baseline,
+        seconds=seconds,
+        total_seconds=round(sum(seconds.values()), 1),
+        encoder={k: v for k, v in encoder.extra.items() if k != "data"},
+    )
     text = format_table(result)
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -206,15 +243,20 @@ def format_table(result: dict) -> str:
         "Same features, selection rules in memory (exact search; no leakage guard). Raw: the features as they",
         "come; centred: minus the pool's mean feature, normalised again (sept's encoder is centred already).",
         "",
-        "| features | " + " | ".join(f"{r} raw" for r in RULES) + " | " + " | ".join(f"{r} centred" for r in RULES) + " |",
+        "| features | "
+        + " | ".join(f"{r} raw" for r in RULES)
+        + " | "
+        + " | ".join(f"{r} centred" for r in RULES)
+        + " |",
         "|---|" + "---|" * (2 * len(RULES)),
     ]
     for r in result["matrix"]:
         raw = " | ".join(f"{r['raw'][k]:.3f}" for k in RULES)
         cen = " | ".join(f"{r['centred'][k]:.3f}" for k in RULES) if "centred" in r else " | ".join("" for _ in RULES)
         lines.append(f"| {r['name']} | {raw} | {cen} |")
-    lines.append("| pool base rate (random selection) | " + " | ".join(f"{base:.3f}" for _ in RULES) + " |"
-                 + " |" * len(RULES))
+    lines.append(
+        "| pool base rate (random selection) | " + " | ".join(f"{base:.3f}" for _ in RULES) + " |" + " |" * len(RULES)
+    )
     lines += [
         "",
         f"Goal (issue 8): sept's pipeline >= {GOAL_FACTOR:g} x the best trivial baseline with the same selection rule on "
@@ -229,8 +271,12 @@ def format_table(result: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {r['name']} | {r['precision']:.3f} |" for r in result["refinements"]]
-    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())
-              + f"; total {result['total_seconds']:.0f}"]
+    lines += [
+        "",
+        "Seconds per stage: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())
+        + f"; total {result['total_seconds']:.0f}",
+    ]
     return "\n".join(lines)
 
 
@@ -241,12 +287,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--bootstrap-steps", type=int, default=None,
-                        help="override sept's default schedule (for a quick smoke run only)")
+    parser.add_argument(
+        "--bootstrap-steps",
+        type=int,
+        default=None,
+        help="override sept's default schedule (for a quick smoke run only)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run(args.workdir, budget_fraction=args.budget_fraction, seed=args.seed, random_seeds=args.random_seeds,
-        ray_address=args.ray_address, bootstrap_steps=args.bootstrap_steps)
+    run(
+        args.workdir,
+        budget_fraction=args.budget_fraction,
+        seed=args.seed,
+        random_seeds=args.random_seeds,
+        ray_address=args.ray_address,
+        bootstrap_steps=args.bootstrap_steps,
+    )
 
 
 if __name__ == "__main__":

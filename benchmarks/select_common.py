@@ -37,11 +37,30 @@ def two_node_cluster(cpus_per_node: int = 2, port: int = 6395):
     """Yields the address of a fresh two-node Ray cluster; the environment carries its auth token."""
     temp_dir = tempfile.mkdtemp(prefix="sept-bench-ray-", dir="/tmp")
     common = [f"--num-cpus={cpus_per_node}", "--disable-usage-stats", f"--node-ip-address={NODE_IP}"]
-    head = [RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-            f"--ray-client-server-port={port + 1}", f"--dashboard-agent-listen-port={port + 2}",
-            f"--metrics-export-port={port + 3}", "--min-worker-port=24000", "--max-worker-port=24999", *common]
-    worker = [RAY, "start", f"--address={NODE_IP}:{port}", f"--dashboard-agent-listen-port={port + 4}",
-              f"--metrics-export-port={port + 5}", "--min-worker-port=25000", "--max-worker-port=25999", *common]
+    head = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=false",
+        f"--ray-client-server-port={port + 1}",
+        f"--dashboard-agent-listen-port={port + 2}",
+        f"--metrics-export-port={port + 3}",
+        "--min-worker-port=24000",
+        "--max-worker-port=24999",
+        *common,
+    ]
+    worker = [
+        RAY,
+        "start",
+        f"--address={NODE_IP}:{port}",
+        f"--dashboard-agent-listen-port={port + 4}",
+        f"--metrics-export-port={port + 5}",
+        "--min-worker-port=25000",
+        "--max-worker-port=25999",
+        *common,
+    ]
     try:
         subprocess.run(head, check=True, capture_output=True, timeout=180)
         subprocess.run(worker, check=True, capture_output=True, timeout=180)
@@ -69,16 +88,36 @@ def synthetic_vectors(n: int, d: int, seed: int = 0, clusters: int = 256) -> np.
     return x
 
 
-def build_index_store(path: str, x: np.ndarray, factory: str, nshards: int, *, metric: str = "ip", nprobe: int = 16,
-                      train_size: int = 50_000, seed: int = 0) -> IndexStore:
+def build_index_store(
+    path: str,
+    x: np.ndarray,
+    factory: str,
+    nshards: int,
+    *,
+    metric: str = "ip",
+    nprobe: int = 16,
+    train_size: int = 50_000,
+    seed: int = 0,
+) -> IndexStore:
     """An index store as `sept index` writes it, over `x` with ids 0..n-1, in `nshards` contiguous shards."""
-    trained = train_index(faiss.index_factory(x.shape[1], factory, METRICS[metric]),
-                          x[np.random.default_rng(seed).choice(len(x), min(len(x), train_size), replace=False)],
-                          seed=seed)
+    trained = train_index(
+        faiss.index_factory(x.shape[1], factory, METRICS[metric]),
+        x[np.random.default_rng(seed).choice(len(x), min(len(x), train_size), replace=False)],
+        seed=seed,
+    )
     bounds = np.linspace(0, len(x), nshards + 1).astype(int)
-    store = IndexStore.create(path, trained=trained, attrs=dict(
-        metric=metric, dim=x.shape[1], nprobe=nprobe, ntotal=len(x), assignment=[[j] for j in range(nshards)],
-        spec=dict(factory=factory, metric=metric, shards=nshards)))
+    store = IndexStore.create(
+        path,
+        trained=trained,
+        attrs=dict(
+            metric=metric,
+            dim=x.shape[1],
+            nprobe=nprobe,
+            ntotal=len(x),
+            assignment=[[j] for j in range(nshards)],
+            spec=dict(factory=factory, metric=metric, shards=nshards),
+        ),
+    )
     for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
         store.write_shard(j, *encode_shard(trained, x[a:b], np.arange(a, b, dtype=np.int64)))
     store.update_attrs(complete=True)
@@ -94,8 +133,8 @@ def monolithic_index(store: IndexStore) -> faiss.Index:
     ids, codes, sizes = [], [], []
     for lst in range(nlist):
         for offsets, pid, pcodes in parts:
-            ids.append(pid[offsets[lst]:offsets[lst + 1]])
-            codes.append(pcodes[offsets[lst]:offsets[lst + 1]])
+            ids.append(pid[offsets[lst] : offsets[lst + 1]])
+            codes.append(pcodes[offsets[lst] : offsets[lst + 1]])
         sizes.append(sum(int(p[0][lst + 1] - p[0][lst]) for p in parts))
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     index = index_from_codes(store.trained_index(), offsets, np.concatenate(ids), np.concatenate(codes))

@@ -47,9 +47,14 @@ def write_pool(folder: str, shards: int, samples: int, seed: int = 0) -> list[st
         with wds.TarWriter(path, encoder=False) as sink:
             for i in range(samples):
                 key = f"{s:05d}{i:04d}"
-                sink.write({"__key__": key, "jpg": jpegs[(s + i) % len(jpegs)],
-                            "json": json.dumps({"key": key, "url": f"bench://{key}", "status": "success"}).encode(),
-                            "txt": f"a sample image {key}".encode()})
+                sink.write(
+                    {
+                        "__key__": key,
+                        "jpg": jpegs[(s + i) % len(jpegs)],
+                        "json": json.dumps({"key": key, "url": f"bench://{key}", "status": "success"}).encode(),
+                        "txt": f"a sample image {key}".encode(),
+                    }
+                )
         paths.append(path)
     return paths
 
@@ -83,8 +88,11 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--samples", type=int, default=1000, help="samples per source shard")
     ap.add_argument("--fraction", type=float, default=0.5, help="fraction of the pool selected")
-    ap.add_argument("--cold", action="store_true",
-                    help="evict the source shards from the page cache before each timed read (disk-bound rates)")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the source shards from the page cache before each timed read (disk-bound rates)",
+    )
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     prepare = (lambda: evict(pool)) if args.cold else (lambda: sequential_read(pool))
@@ -97,8 +105,12 @@ def main() -> None:
     work = args.workdir or tempfile.mkdtemp(prefix="sept-bench-materialize-")
     pool = write_pool(os.path.join(work, "pool"), args.shards, args.samples)
     rng = np.random.default_rng(0)
-    ids = np.concatenate([make_ids(s, np.sort(rng.choice(args.samples, int(args.samples * args.fraction), replace=False)))
-                          for s in range(args.shards)])
+    ids = np.concatenate(
+        [
+            make_ids(s, np.sort(rng.choice(args.samples, int(args.samples * args.fraction), replace=False)))
+            for s in range(args.shards)
+        ]
+    )
     prepare()  # warm (or, with --cold, empty) the page cache before every measurement
     t0 = time.time()
     nbytes = sequential_read(pool)
@@ -131,14 +143,28 @@ def main() -> None:
     written = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".tar"))
     assert len(rows) == len(ids)
     read_mbs, mat_mbs = nbytes / read_s / 1e6, nbytes / mat_s / 1e6
-    print(json.dumps(dict(
-        page_cache="cold (evicted before each read)" if args.cold else "warm", source_shards=args.shards, samples_per_shard=args.samples, selected=len(ids), source_mb=round(nbytes / 1e6, 1),
-        written_mb=round(written / 1e6, 1), cpus=os.cpu_count(), ray_nodes=2,
-        sequential_read_mb_per_s=round(read_mbs, 1), materialize_mb_per_s=round(mat_mbs, 1),
-        ratio_materialize_vs_read=round(mat_mbs / read_mbs, 3), materialize_seconds=round(mat_s, 2),
-        copy_one_core_no_ray_mb_per_s=round(nbytes / one_core_s / 1e6, 1),
-        tarfile_sample_read_mb_per_s=round(nbytes / tar_s / 1e6, 1),
-        ratio_materialize_vs_tarfile_read=round(mat_mbs / (nbytes / tar_s / 1e6), 3)), indent=2))
+    print(
+        json.dumps(
+            dict(
+                page_cache="cold (evicted before each read)" if args.cold else "warm",
+                source_shards=args.shards,
+                samples_per_shard=args.samples,
+                selected=len(ids),
+                source_mb=round(nbytes / 1e6, 1),
+                written_mb=round(written / 1e6, 1),
+                cpus=os.cpu_count(),
+                ray_nodes=2,
+                sequential_read_mb_per_s=round(read_mbs, 1),
+                materialize_mb_per_s=round(mat_mbs, 1),
+                ratio_materialize_vs_read=round(mat_mbs / read_mbs, 3),
+                materialize_seconds=round(mat_s, 2),
+                copy_one_core_no_ray_mb_per_s=round(nbytes / one_core_s / 1e6, 1),
+                tarfile_sample_read_mb_per_s=round(nbytes / tar_s / 1e6, 1),
+                ratio_materialize_vs_tarfile_read=round(mat_mbs / (nbytes / tar_s / 1e6), 3),
+            ),
+            indent=2,
+        )
+    )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -53,7 +53,9 @@ def main() -> None:
     rng = np.random.default_rng(1)
     t0 = time.time()
     x = synthetic_vectors(args.n, args.d)
-    xq = x[rng.choice(args.n, args.queries, replace=False)] + 0.05 * rng.normal(size=(args.queries, args.d)).astype(np.float32)
+    xq = x[rng.choice(args.n, args.queries, replace=False)] + 0.05 * rng.normal(size=(args.queries, args.d)).astype(
+        np.float32
+    )
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     xh = x[rng.choice(args.n, args.heldout, replace=False)]
     store = build_index_store(os.path.join(work, "index.zarr"), x, args.factory, args.shards, nprobe=args.nprobe)
@@ -69,7 +71,7 @@ def main() -> None:
     mono_s = time.time() - t0
     # The reference: the same top-k with ties at the k-th place broken by id, as the merge does.
     D_ref, I_ref = canonical_order(*mono.search(xq, args.k + TIE_MARGIN), metric="ip")
-    D_mono, I_mono = D_ref[:, :args.k], I_ref[:, :args.k]
+    D_mono, I_mono = D_ref[:, : args.k], I_ref[:, : args.k]
     del mono
 
     with two_node_cluster() as address:
@@ -91,21 +93,38 @@ def main() -> None:
             k = neighbours_needed(args.budget, args.queries, args.n)
             De, Ie = search_index(store.path, np.concatenate([xq, xh]), max(k, 32))
             S = to_similarity(De, Ie, "ip")
-            leaked, _ = leaked_ids(S[args.queries:, :32], Ie[args.queries:, :32], 0.97)
-            choice = choose(S[:args.queries, :k], Ie[:args.queries, :k], args.budget, excluded=set(leaked))
+            leaked, _ = leaked_ids(S[args.queries :, :32], Ie[args.queries :, :32], 0.97)
+            choice = choose(S[: args.queries, :k], Ie[: args.queries, :k], args.budget, excluded=set(leaked))
             e2e_s = time.time() - t0
         finally:
             ray.shutdown()
 
     qps_mono, qps_sharded = args.queries / mono_s, args.queries / sharded_s
     result = dict(
-        n=args.n, d=args.d, queries=args.queries, factory=args.factory, nprobe=args.nprobe, k=args.k,
-        shards=args.shards, ray_nodes=nodes, cpus=os.cpu_count(), build_seconds=round(build_s, 1),
-        monolithic_qps=round(qps_mono, 1), sharded_qps=round(qps_sharded, 1),
-        qps_ratio_sharded_vs_monolithic=round(qps_sharded / qps_mono, 3), identical_results=identical,
+        n=args.n,
+        d=args.d,
+        queries=args.queries,
+        factory=args.factory,
+        nprobe=args.nprobe,
+        k=args.k,
+        shards=args.shards,
+        ray_nodes=nodes,
+        cpus=os.cpu_count(),
+        build_seconds=round(build_s, 1),
+        monolithic_qps=round(qps_mono, 1),
+        sharded_qps=round(qps_sharded, 1),
+        qps_ratio_sharded_vs_monolithic=round(qps_sharded / qps_mono, 3),
+        identical_results=identical,
         searcher_start_and_load_seconds=round(load_s, 2),
-        end_to_end=dict(seconds=round(e2e_s, 2), budget=args.budget, k=k, heldout=args.heldout,
-                        selected=len(choice), leaked=len(leaked)))
+        end_to_end=dict(
+            seconds=round(e2e_s, 2),
+            budget=args.budget,
+            k=k,
+            heldout=args.heldout,
+            selected=len(choice),
+            leaked=len(leaked),
+        ),
+    )
     print(json.dumps(result, indent=2))
     if not args.workdir:
         import shutil

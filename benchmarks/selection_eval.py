@@ -80,13 +80,16 @@ def per_class_precision(selected_keys, truth: dict[str, str]) -> dict[str, float
 
 def grey_thumbnail(images: list[Image.Image], size: int = 16) -> np.ndarray:
     """Mean-centred, L2-normalised grayscale pixels of a ``size`` x ``size`` thumbnail."""
-    x = np.stack([np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32).ravel() for im in images])
+    x = np.stack(
+        [np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32).ravel() for im in images]
+    )
     x -= x.mean(axis=1, keepdims=True)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def refinement_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarray, budget: int, *,
-                          seed: int = 0) -> dict[str, Selection]:
+def refinement_selections(
+    xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarray, budget: int, *, seed: int = 0
+) -> dict[str, Selection]:
     """Each selection rule of ``sept.index.query_refine`` / ``sept.index.strategies`` on the same
     embeddings and budget; ids are row indices of ``xb``."""
     from sept.index import query_refine as qr
@@ -101,8 +104,9 @@ def refinement_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarr
     protos, _ = qr.class_prototypes(xq, query_labels)
     Dp, Ip = search(protos, xb, k)
     out["instances + class prototypes as queries"] = choose(np.concatenate([D, Dp]), np.concatenate([I, Ip]), budget)
-    out["50% instances, 50% class prototypes"] = fill(qr.mix_streams(
-        [instance_streams(D, I), instance_streams(Dp, Ip)], [0.5, 0.5]), budget)
+    out["50% instances, 50% class prototypes"] = fill(
+        qr.mix_streams([instance_streams(D, I), instance_streams(Dp, Ip)], [0.5, 0.5]), budget
+    )
 
     for top in (1, 3):
         xe = qr.expand_queries(xq, xb[I[:, :top]], D[:, :top], alpha=3.0)
@@ -119,11 +123,13 @@ def refinement_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarr
     pool = lambda: iter([(xb, np.arange(len(xb)))])  # noqa: E731
     streams, _, _ = cluster_streams(centroids, xq, pool, budget)
     out["pool clusters (cluster strategy)"] = fill(streams, budget)
-    out["50% instances, 50% pool clusters"] = fill(qr.mix_streams([instance_streams(D, I), streams], [0.5, 0.5]),
-                                                   budget)
+    out["50% instances, 50% pool clusters"] = fill(
+        qr.mix_streams([instance_streams(D, I), streams], [0.5, 0.5]), budget
+    )
     out["global top-k (topk strategy)"] = choose(D, I, budget, strategy="topk")
-    out["50% instances, 50% global top-k"] = fill(qr.mix_streams([instance_streams(D, I), topk_streams(D, I)],
-                                                                 [0.5, 0.5]), budget)
+    out["50% instances, 50% global top-k"] = fill(
+        qr.mix_streams([instance_streams(D, I), topk_streams(D, I)], [0.5, 0.5]), budget
+    )
     return out
 
 
@@ -149,8 +155,11 @@ def rule_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarray, bu
 
     k = max(neighbours_needed(budget, len(xq), len(xb)), min(len(xb), budget))
     D, I = search(xq, xb, k)
-    return {DEFAULT_RULE: choose(D, I, budget, balance=SelectConfig.balance, query_class=query_labels,
-                                 topk_share=SelectConfig.topk_share),
-            "round robin": choose(D, I, budget),
-            "class-balanced": choose(D, I, budget, balance="class", query_class=query_labels),
-            "global top-k": choose(D, I, budget, strategy="topk")}
+    return {
+        DEFAULT_RULE: choose(
+            D, I, budget, balance=SelectConfig.balance, query_class=query_labels, topk_share=SelectConfig.topk_share
+        ),
+        "round robin": choose(D, I, budget),
+        "class-balanced": choose(D, I, budget, balance="class", query_class=query_labels),
+        "global top-k": choose(D, I, budget, strategy="topk"),
+    }

@@ -71,18 +71,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=300, help="images per arm (the demo's 10%% budget)")
     parser.add_argument("--steps", type=int, default=demo.pretrain_steps)
     parser.add_argument("--method", default="simclr")
-    parser.add_argument("--no-random", action="store_true",
-                        help="skip the random arm (in-domain against off-domain alone decides the verdict)")
-    parser.add_argument("--target-val-per-class", type=int, default=10,
-                        help="val images per digit class (the demo's 10 measure to about +-5 points per run)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="further PretrainConfig values for every arm, e.g. image_size=16 color_jitter=1.0")
+    parser.add_argument(
+        "--no-random",
+        action="store_true",
+        help="skip the random arm (in-domain against off-domain alone decides the verdict)",
+    )
+    parser.add_argument(
+        "--target-val-per-class",
+        type=int,
+        default=10,
+        help="val images per digit class (the demo's 10 measure to about +-5 points per run)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further PretrainConfig values for every arm, e.g. image_size=16 color_jitter=1.0",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    corpus = make_demo_corpus(os.path.join(args.workdir, f"corpus-val{args.target_val_per_class}"),
-                              pool_size=demo.pool_size, shards=demo.pool_shards, seed=demo.seed,
-                              target_val_per_class=args.target_val_per_class)
+    corpus = make_demo_corpus(
+        os.path.join(args.workdir, f"corpus-val{args.target_val_per_class}"),
+        pool_size=demo.pool_size,
+        shards=demo.pool_shards,
+        seed=demo.seed,
+        target_val_per_class=args.target_val_per_class,
+    )
     pool = list_shards(corpus.pool_spec)
     extra = dict(kv.split("=", 1) for kv in args.set)
     results: dict[str, list[dict]] = {}
@@ -93,12 +109,24 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             data = write_subset(pool, keys, os.path.join(args.workdir, "subsets", f"{arm}-s{seed}"))
             run_dir = os.path.join(args.workdir, "runs", f"{arm}-s{seed}")
-            cfg = load_config(None, dict(extra, data=data, out=run_dir, steps=args.steps, seed=seed,
-                                         batch_size=demo.batch_size, method=args.method))
+            cfg = load_config(
+                None,
+                dict(
+                    extra,
+                    data=data,
+                    out=run_dir,
+                    steps=args.steps,
+                    seed=seed,
+                    batch_size=demo.batch_size,
+                    method=args.method,
+                ),
+            )
             train(cfg, distributed_run=False)
             scores = evaluate(os.path.join(run_dir, "encoder.pt"), corpus.target_dir)
             results.setdefault(arm, []).append(dict(seed=seed, linear_probe=scores["linear_probe"], knn=scores["knn"]))
-            print(f"seed {seed} {arm:>10}: linear probe {scores['linear_probe']:.3f}  kNN {scores['knn']:.3f}", flush=True)
+            print(
+                f"seed {seed} {arm:>10}: linear probe {scores['linear_probe']:.3f}  kNN {scores['knn']:.3f}", flush=True
+            )
 
     print(f"\n{args.method}, {args.steps} steps, {args.budget} images per arm, settings {extra or 'defaults'}")
     print("| arm | linear probe | kNN |\n|---|---|---|")
@@ -109,10 +137,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {arm} | {100 * lp:.1f}% ± {100 * lp_std:.1f} | {100 * knn:.1f}% ± {100 * knn_std:.1f} |")
     margin = summary["in-domain"]["linear_probe"] - summary["off-domain"]["linear_probe"]
     spread = max(summary["in-domain"]["linear_probe_std"], summary["off-domain"]["linear_probe_std"])
-    verdict = ("holds" if margin > 2 * spread else "does not hold" if margin < -2 * spread
-               else "is not shown (within two standard deviations)")
-    print(f"\nin-domain - off-domain (linear probe): {100 * margin:+.1f} points, {100 * spread:.1f} the larger "
-          f"standard deviation; the premise {verdict} here. Wall time {(time.time() - started) / 60:.1f} min")
+    verdict = (
+        "holds"
+        if margin > 2 * spread
+        else "does not hold"
+        if margin < -2 * spread
+        else "is not shown (within two standard deviations)"
+    )
+    print(
+        f"\nin-domain - off-domain (linear probe): {100 * margin:+.1f} points, {100 * spread:.1f} the larger "
+        f"standard deviation; the premise {verdict} here. Wall time {(time.time() - started) / 60:.1f} min"
+    )
     with open(os.path.join(args.workdir, "premise.json"), "w") as f:
         json.dump(dict(args=vars(args), runs=results, summary=summary, margin=margin, verdict=verdict), f, indent=2)
 

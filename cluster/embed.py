@@ -26,7 +26,7 @@ from sept.cluster.runtime import ray_session
 from sept.data.decode import DEFAULT_MAX_PIXELS
 from sept.data.embed_shard import BAD_KINDS
 from sept.data.shards import list_shards
-from sept.errors import SeptError
+from sept.errors import SeptError, first_line, task_cause
 from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,14 @@ class EmbedWorker:
         device = str(self.encoder.device)
         if self.device == "cuda":
             device += f" ({torch.cuda.get_device_name(self.encoder.device)})"
-        return dict(pid=os.getpid(), host=host, node_id=ray.get_runtime_context().get_node_id(), device=device,
-                    torch_threads=torch.get_num_threads(), decode_threads=int(self.cfg["decode_threads"]))
+        return dict(
+            pid=os.getpid(),
+            host=host,
+            node_id=ray.get_runtime_context().get_node_id(),
+            device=device,
+            torch_threads=torch.get_num_threads(),
+            decode_threads=int(self.cfg["decode_threads"]),
+        )
 
     def embed(self, shard_index: int, shard_path: str) -> dict:
         from sept.data.embed_shard import embed_shard
@@ -87,12 +93,22 @@ class EmbedWorker:
 
         start = time.perf_counter()
         x, ids, report = embed_shard(
-            self.encoder, shard_path, shard_index, batch_size=int(self.cfg["batch_size"]),
-            decode_threads=int(self.cfg["decode_threads"]), max_pixels=int(self.cfg["max_pixels"]),
+            self.encoder,
+            shard_path,
+            shard_index,
+            batch_size=int(self.cfg["batch_size"]),
+            decode_threads=int(self.cfg["decode_threads"]),
+            max_pixels=int(self.cfg["max_pixels"]),
         )
         self.store.write_shard(shard_index, x, ids, report=report)
-        return dict(shard=shard_index, embedded=len(ids), bad=report["bad"], seconds=time.perf_counter() - start,
-                    pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id())
+        return dict(
+            shard=shard_index,
+            embedded=len(ids),
+            bad=report["bad"],
+            seconds=time.perf_counter() - start,
+            pid=os.getpid(),
+            node_id=ray.get_runtime_context().get_node_id(),
+        )
 
 
 def embed_pool(cfg: EmbedConfig) -> dict:
@@ -199,7 +215,7 @@ class _EmbedRun:
                     continue
                 dead.add(actor)
                 where = "while starting" if shard is None else f"on shard {self.shards[shard]}"
-                log.warning("embed: worker died %s (%s); replacing it", where, _first_line(exc))
+                log.warning("embed: worker died %s (%s); replacing it", where, first_line(exc, 200))
                 if actor in idle:
                     idle.remove(actor)
                 ray.kill(actor)
@@ -207,14 +223,14 @@ class _EmbedRun:
                 if shard is None and not self.workers:
                     start_failures += 1
                     if start_failures > 3 * n_workers:
-                        raise SeptError(f"embed: workers keep dying while starting: {_first_line(exc)}") from None
+                        raise SeptError(f"embed: workers keep dying while starting: {first_line(exc, 200)}") from None
                 start_worker()
                 continue
             except RayTaskError as exc:
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                cause = task_cause(exc)
                 if shard is None:  # setup raised: a configuration problem no retry can fix
-                    raise SeptError(str(cause).strip().splitlines()[0]) from None
-                why = _first_line(cause)
+                    raise SeptError(first_line(cause)) from None
+                why = first_line(cause, 200)
                 log.warning("embed: shard %s failed (attempt %d): %s", self.shards[shard], attempts[shard], why)
                 idle.append(actor)
                 self._retry_or_fail(shard, attempts, queue, failed, why)
@@ -223,24 +239,38 @@ class _EmbedRun:
                 if not self.workers:
                     self.first_ready = time.perf_counter()
                 self.workers.append(result)
-                log.info("embed: worker pid=%d on %s (node %s): device %s, %d torch thread(s), %d decode thread(s)",
-                         result["pid"], result["host"], result["node_id"][:12], result["device"],
-                         result["torch_threads"], result["decode_threads"])
+                log.info(
+                    "embed: worker pid=%d on %s (node %s): device %s, %d torch thread(s), %d decode thread(s)",
+                    result["pid"],
+                    result["host"],
+                    result["node_id"][:12],
+                    result["device"],
+                    result["torch_threads"],
+                    result["decode_threads"],
+                )
                 continue
             idle.append(actor)
             reports.append(result)
             bar.update(1)
             elapsed = time.perf_counter() - (self.first_ready or start)
-            bar.set_postfix(img_s=f"{sum(r['embedded'] for r in reports) / max(elapsed, 1e-9):.0f}",
-                            bad=sum(r["bad"] for r in reports))
+            bar.set_postfix(
+                img_s=f"{sum(r['embedded'] for r in reports) / max(elapsed, 1e-9):.0f}",
+                bad=sum(r["bad"] for r in reports),
+            )
         bar.close()
         for actor in {id(a): a for a, _ in inflight.values()}.values():
             ray.kill(actor)
         for actor in idle:
             ray.kill(actor)
         end = time.perf_counter()
-        return dict(reports=reports, failed=failed, workers=self.workers, replaced=self.replaced,
-                    seconds=end - start, embed_seconds=end - (self.first_ready or start))
+        return dict(
+            reports=reports,
+            failed=failed,
+            workers=self.workers,
+            replaced=self.replaced,
+            seconds=end - start,
+            embed_seconds=end - (self.first_ready or start),
+        )
 
     def _retry_or_fail(self, shard: int, attempts: dict, queue: deque, failed: dict, why: str) -> None:
         if attempts[shard] < self.cfg.max_attempts:
@@ -262,11 +292,6 @@ def _resolve_gpus(requested: float | None) -> float:
             "pass --num-gpus-per-worker 0 for a CPU run"
         )
     return float(requested)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _summarize(store: EmbeddingStore, cfg: EmbedConfig, run: dict) -> dict:

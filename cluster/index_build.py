@@ -10,10 +10,8 @@ shards embedded since (new index shards, the trained quantizer reused), never a 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,6 +24,7 @@ from sept.index.codes import ShardEncoder, train_index
 from sept.index.embedding_store import CHUNK_ROWS, EmbeddingStore
 from sept.index.spec import IndexSpec, choose_factory, format_bytes, index_bytes, make_index
 from sept.index.store import IndexStore
+from sept.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,9 @@ def _fingerprint(identity: str, pool: list[str], counts: dict[int, int]) -> str:
 
 
 @ray.remote(num_cpus=1)
-def encode_index_shard(embeddings: str, index_path: str, index_shard: int, pool_shards: list[int],
-                       batch_rows: int = CHUNK_ROWS) -> int:
+def encode_index_shard(
+    embeddings: str, index_path: str, index_shard: int, pool_shards: list[int], batch_rows: int = CHUNK_ROWS
+) -> int:
     import faiss
 
     faiss.omp_set_num_threads(1)
@@ -111,13 +111,21 @@ def build_index(cfg: IndexConfig) -> dict:
     if encoded != expected:
         raise SeptError(f"index shards hold {encoded} vectors but the embeddings hold {expected}; rerun `sept index`")
     store.update_attrs(complete=True, ntotal=expected)
-    summary = dict(factory=attrs["spec"]["factory"], reason=attrs["factory_reason"], ntotal=expected, dim=dim,
-                   shards=store.nshards, nprobe=attrs.get("nprobe"), path=store.path,
-                   left_out_incomplete=[emb.pool[i] for i in missing])
+    summary = dict(
+        factory=attrs["spec"]["factory"],
+        reason=attrs["factory_reason"],
+        ntotal=expected,
+        dim=dim,
+        shards=store.nshards,
+        nprobe=attrs.get("nprobe"),
+        path=store.path,
+        left_out_incomplete=[emb.pool[i] for i in missing],
+    )
     if added is not None:
         summary["added"] = added
-    _write_json(os.path.join(store.path, "config.json"),
-                dict(config=dict(asdict(cfg), spec=attrs["spec"]), summary=summary))
+    _write_json(
+        os.path.join(store.path, "config.json"), dict(config=dict(asdict(cfg), spec=attrs["spec"]), summary=summary)
+    )
     return summary
 
 
@@ -132,8 +140,10 @@ def _resolve_factory(cfg: IndexConfig, n: int, dim: int) -> tuple[str, str]:
         except (AttributeError, ValueError):  # a factory form the estimate does not know
             need = None
         if need is not None and need > cfg.memory_budget:
-            raise SeptError(f"--factory {spec.factory} needs about {format_bytes(need)} for {n} vectors, over "
-                            f"--memory-budget {format_bytes(cfg.memory_budget)}")
+            raise SeptError(
+                f"--factory {spec.factory} needs about {format_bytes(need)} for {n} vectors, over "
+                f"--memory-budget {format_bytes(cfg.memory_budget)}"
+            )
     return spec.factory, why
 
 
@@ -154,8 +164,10 @@ def _open_or_create(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int
     if not index.is_trained:
         sample = emb.sample(spec.train_size, seed=spec.seed)
         if len(sample) < _min_train(index):
-            raise SeptError(f"factory {factory!r} needs at least {_min_train(index)} training vectors; "
-                            f"the embeddings hold {len(sample)}")
+            raise SeptError(
+                f"factory {factory!r} needs at least {_min_train(index)} training vectors; "
+                f"the embeddings hold {len(sample)}"
+            )
         log.info("index: training %s on %d sampled vectors (seed %d)", factory, len(sample), spec.seed)
         train_index(index, sample, seed=spec.seed)
         del sample
@@ -183,17 +195,22 @@ def _reopen(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int], finge
     check_same_encoder(old, emb, cfg.out)
     if old["embeddings"]["fingerprint"] != fingerprint:
         old_counts = {int(i): int(c) for i, c in old.get("indexed_counts", {}).items()}
-        if old_counts and all(i < len(emb.pool) and counts.get(i) == c and emb.pool[i] == old["pool"][i]
-                              for i, c in old_counts.items()):
+        if old_counts and all(
+            i < len(emb.pool) and counts.get(i) == c and emb.pool[i] == old["pool"][i] for i, c in old_counts.items()
+        ):
             new = len(set(counts) - set(old_counts))
-            raise SeptError(f"{cfg.out} indexes {len(old_counts)} shard(s) of these embeddings and {new} were "
-                            "embedded since: pass --add to encode only those, or choose another --out")
+            raise SeptError(
+                f"{cfg.out} indexes {len(old_counts)} shard(s) of these embeddings and {new} were "
+                "embedded since: pass --add to encode only those, or choose another --out"
+            )
         raise SeptError(f"{cfg.out} already holds an index of other embeddings; choose another --out or delete it")
     spec = cfg.spec
     given = dict(metric=spec.metric, **({"factory": spec.factory} if spec.factory else {}))
     if any(old["spec"].get(key) != value for key, value in given.items()):
-        raise SeptError(f"{cfg.out} already holds an index with another spec ({old['spec']['factory']}, "
-                        f"metric {old['spec']['metric']}); choose another --out or delete it")
+        raise SeptError(
+            f"{cfg.out} already holds an index with another spec ({old['spec']['factory']}, "
+            f"metric {old['spec']['metric']}); choose another --out or delete it"
+        )
     return store
 
 
@@ -205,11 +222,15 @@ def _grow(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int]) -> tupl
     old_counts = {int(i): int(c) for i, c in attrs["indexed_counts"].items()}
     for i, c in sorted(old_counts.items()):
         if i >= len(emb.pool) or emb.pool[i] != attrs["pool"][i]:
-            raise SeptError(f"{cfg.embeddings} does not list pool shard {attrs['pool'][i]} where index {cfg.out} "
-                            "has it; --add needs the same pool listing, grown at its end")
+            raise SeptError(
+                f"{cfg.embeddings} does not list pool shard {attrs['pool'][i]} where index {cfg.out} "
+                "has it; --add needs the same pool listing, grown at its end"
+            )
         if counts.get(i) != c:
-            raise SeptError(f"pool shard {emb.pool[i]} holds {counts.get(i, 'no')} vectors in {cfg.embeddings} but "
-                            f"{c} in index {cfg.out}; rebuild the index")
+            raise SeptError(
+                f"pool shard {emb.pool[i]} holds {counts.get(i, 'no')} vectors in {cfg.embeddings} but "
+                f"{c} in index {cfg.out}; rebuild the index"
+            )
     new = sorted(set(counts) - set(old_counts))
     if not new:
         log.info("index --add: no pool shard was embedded since %s was built", cfg.out)
@@ -218,10 +239,14 @@ def _grow(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int]) -> tupl
     groups = [new[k : k + per] for k in range(0, len(new), per)]
     all_counts = {**old_counts, **{i: counts[i] for i in new}}
     # recorded before any encoding: a crash mid-add resumes with the same assignment
-    store.update_attrs(assignment=attrs["assignment"] + groups, indexed_counts={str(i): c for i, c in all_counts.items()},
-                       pool=emb.pool, complete=False, ntotal=sum(all_counts.values()),
-                       embeddings=dict(path=emb.path, fingerprint=_fingerprint(emb.encoder.identity, emb.pool,
-                                                                                all_counts)))
+    store.update_attrs(
+        assignment=attrs["assignment"] + groups,
+        indexed_counts={str(i): c for i, c in all_counts.items()},
+        pool=emb.pool,
+        complete=False,
+        ntotal=sum(all_counts.values()),
+        embeddings=dict(path=emb.path, fingerprint=_fingerprint(emb.encoder.identity, emb.pool, all_counts)),
+    )
     added = sum(counts[i] for i in new)
     log.info("index --add: %d new pool shard(s), %d vectors, into %d new index shard(s)", len(new), added, len(groups))
     return store, added
@@ -243,10 +268,7 @@ def _encode_missing(cfg: IndexConfig, emb: EmbeddingStore, store: IndexStore) ->
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)
 
 
 def _min_train(index) -> int:

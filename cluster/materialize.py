@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,13 +36,13 @@ from ray.exceptions import RayTaskError
 from tqdm import tqdm
 
 from sept.data.identity import make_ids, split_ids
-from sept.errors import SeptError
+from sept.errors import SeptError, first_line, task_cause
+from sept.io import atomic_write_json, is_staging_name, staging_dir
 
 log = logging.getLogger(__name__)
 
 CATALOG = ".catalog"
 PART_PREFIX = "part-"
-JOB_TMP_PREFIX = ".job-"
 MAX_SAMPLES_PER_PART = 10_000
 SAMPLES_PER_JOB = 2000  # a job closes once it holds this many samples (about 60 MB of web images)
 SOURCES_PER_BLOCK = 16  # and never reads beyond its block of this many consecutive source shards
@@ -119,7 +118,7 @@ def materialize_job(job: Job, pool: dict[int, str], out_dir: str, max_per_part: 
     if os.path.exists(marker):
         with open(marker) as f:
             return json.load(f)
-    tmp_dir = os.path.join(out_dir, f"{JOB_TMP_PREFIX}{job.name}-{uuid.uuid4().hex[:8]}")
+    tmp_dir = staging_dir(os.path.join(out_dir, job.name))
     try:
         try:
             rows, parts = _copy_raw(job, pool, tmp_dir, max_per_part)
@@ -127,9 +126,12 @@ def materialize_job(job: Job, pool: dict[int, str], out_dir: str, max_per_part: 
             log.info("materialize: job %s reads its shards with tarfile (%s)", job.name, why)
             shutil.rmtree(tmp_dir, ignore_errors=True)
             rows, parts = _copy_with_tarfile(job, pool, tmp_dir, max_per_part)
-        record = dict(job=job.name, sources=[[s, pool[s], len(p)] for s, p in job.sources],
-                      parts={os.path.basename(path): dict(size=size, sha256=sha) for path, size, sha in parts},
-                      rows=rows)
+        record = dict(
+            job=job.name,
+            sources=[[s, pool[s], len(p)] for s, p in job.sources],
+            parts={os.path.basename(path): dict(size=size, sha256=sha) for path, size, sha in parts},
+            rows=rows,
+        )
         # The marker is written inside the private folder and moved last: a run that cleaned up after
         # this job's driver died has removed that folder, so a late job can no longer publish a marker.
         staged = os.path.join(tmp_dir, "marker.json")
@@ -143,8 +145,16 @@ def materialize_job(job: Job, pool: dict[int, str], out_dir: str, max_per_part: 
 
 
 def _row(job_source: int, source: str, key: str, position: int, part: str, members: dict[str, bytes]) -> dict:
-    return dict(id=int(make_ids(job_source, [position])[0]), key=key, shard=part, source_shard=source,
-                source_index=job_source, position=position, members=sorted(members), sha256=sample_digest(members))
+    return dict(
+        id=int(make_ids(job_source, [position])[0]),
+        key=key,
+        shard=part,
+        source_shard=source,
+        source_index=job_source,
+        position=position,
+        members=sorted(members),
+        sha256=sample_digest(members),
+    )
 
 
 class _RawPartWriter:
@@ -295,7 +305,7 @@ def writer_lock(out_dir: str):
 def _clean(out_dir: str) -> None:
     """Remove what a crashed run left: job folders, parts no done-marker names; drop jobs with damaged parts."""
     for name in os.listdir(out_dir):
-        if name.startswith(JOB_TMP_PREFIX):
+        if is_staging_name(name):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     catalog = read_catalog(out_dir)  # read after the job folders are gone: no marker can appear any more
     for name in os.listdir(out_dir):
@@ -306,10 +316,15 @@ def _clean(out_dir: str) -> None:
     for job in catalog.jobs:
         with open(os.path.join(folder, f"{job}.json")) as f:
             record = json.load(f)
-        broken = [p for p, info in record["parts"].items()
-                  if not os.path.exists(os.path.join(out_dir, p)) or os.path.getsize(os.path.join(out_dir, p)) != info["size"]]
+        broken = [
+            p
+            for p, info in record["parts"].items()
+            if not os.path.exists(os.path.join(out_dir, p)) or os.path.getsize(os.path.join(out_dir, p)) != info["size"]
+        ]
         if broken:
-            log.warning("materialize: part %s of job %s is missing or changed; copying its samples again", broken[0], job)
+            log.warning(
+                "materialize: part %s of job %s is missing or changed; copying its samples again", broken[0], job
+            )
             os.remove(os.path.join(folder, f"{job}.json"))
             for p in record["parts"]:
                 if os.path.exists(os.path.join(out_dir, p)):
@@ -333,11 +348,21 @@ def materialize(ids, pool: list[str], out_dir: str, *, max_per_part: int = MAX_S
             bad = [int(s) for s in np.unique(split_ids(new)[0]) if s >= n_pool]
             if bad:
                 raise SeptError(f"sample ids name pool shard {bad[0]} but the pool lists only {n_pool} shards")
-        log.info("materialize: %d samples wanted, %d already in %s, %d to copy in %d job(s)",
-                 len(ids), len(ids) - len(new), out_dir, len(new), len(jobs))
+        log.info(
+            "materialize: %d samples wanted, %d already in %s, %d to copy in %d job(s)",
+            len(ids),
+            len(ids) - len(new),
+            out_dir,
+            len(new),
+            len(jobs),
+        )
         if jobs:
-            refs = [materialize_job.remote(job, {s: pool[s] for s, _ in job.sources}, os.path.abspath(out_dir),
-                                           max_per_part) for job in jobs]
+            refs = [
+                materialize_job.remote(
+                    job, {s: pool[s] for s, _ in job.sources}, os.path.abspath(out_dir), max_per_part
+                )
+                for job in jobs
+            ]
             with tqdm(total=len(new), desc="materialize", unit="sample", disable=None) as bar:
                 pending = refs
                 while pending:
@@ -345,24 +370,20 @@ def materialize(ids, pool: list[str], out_dir: str, *, max_per_part: int = MAX_S
                     try:
                         record = ray.get(done[0])
                     except RayTaskError as err:
-                        if isinstance(err.cause, SeptError):  # bad input (a changed pool shard): one line
-                            raise SeptError(str(err.cause)) from None
+                        if isinstance(task_cause(err), SeptError):  # bad input (a changed pool shard): one line
+                            raise SeptError(first_line(task_cause(err))) from None
                         raise
                     bar.update(len(record["rows"]))
             catalog = read_catalog(out_dir)
     missing = [i for i in ids.tolist() if i not in catalog.rows]
     if missing:
         shard, position = (int(v[0]) for v in split_ids([missing[0]]))
-        raise SeptError(f"{len(missing)} selected samples were not copied, first position {position} of "
-                        f"{pool[shard]}; the pool shard changed since it was indexed")
+        raise SeptError(
+            f"{len(missing)} selected samples were not copied, first position {position} of "
+            f"{pool[shard]}; the pool shard changed since it was indexed"
+        )
     return [catalog.rows[i] for i in ids.tolist()]
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, sort_keys=True, indent=None)

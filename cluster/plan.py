@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 from sept.errors import SeptError
 from sept.index.spec import choose_factory
+from sept.io import atomic_write_json
 
 GIB = 1024**3
 
@@ -35,12 +36,14 @@ class Profile:
     image_bytes: float  # mean size of one pool image as stored in the shards
 
     @classmethod
-    def load(cls, path: str) -> "Profile":
+    def load(cls, path: str) -> Profile:
         try:
             with open(path) as f:
                 raw = json.load(f)
         except FileNotFoundError:
-            raise SeptError(f"profile not found: {path} (write one with `sept plan --calibrate --profile {path}`)") from None
+            raise SeptError(
+                f"profile not found: {path} (write one with `sept plan --calibrate --profile {path}`)"
+            ) from None
         except json.JSONDecodeError as exc:
             raise SeptError(f"profile {path} is not valid JSON: {exc}") from None
         names = {f.name for f in fields(cls)}
@@ -50,10 +53,7 @@ class Profile:
         return cls(**{k: raw[k] for k in names})
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, path)
+        atomic_write_json(path, asdict(self))
 
 
 @dataclass
@@ -109,15 +109,20 @@ def estimate(inp: PlanInputs, prof: Profile) -> dict:
         factory=factory,
         factory_reason=why,
         stages=dict(
-            embed=dict(seconds=embed_s, images_per_s=n / embed_s,
-                       bound="read" if embed_read_s > embed_compute_s else "compute"),
+            embed=dict(
+                seconds=embed_s, images_per_s=n / embed_s, bound="read" if embed_read_s > embed_compute_s else "compute"
+            ),
             index=dict(seconds=index_s, memory_gib=idx_bytes / GIB, disk_gib=idx_bytes / GIB, shards=shards),
-            select=dict(seconds=search_s + materialize_s, searchers=searchers, waves=waves,
-                        queries_per_s=inp.queries / search_s),
+            select=dict(
+                seconds=search_s + materialize_s, searchers=searchers, waves=waves, queries_per_s=inp.queries / search_s
+            ),
             pretrain=dict(seconds=pretrain_s, images=selected, epochs=inp.pretrain_epochs),
         ),
-        storage_gib=dict(embeddings=n * (inp.dim * 2 + 8) / GIB, index=idx_bytes / GIB,
-                         selected_shards=selected * prof.image_bytes / GIB),
+        storage_gib=dict(
+            embeddings=n * (inp.dim * 2 + 8) / GIB,
+            index=idx_bytes / GIB,
+            selected_shards=selected * prof.image_bytes / GIB,
+        ),
     )
 
 
@@ -206,10 +211,11 @@ def calibrate(path: str, *, seconds_per_probe: float = 3.0) -> Profile:
     read_rate = rate(read_probe, 64) / 1.048576
     os.remove(probe)
     prof = Profile(
-        name=f"{platform.node()} ({os.cpu_count()} CPUs, no GPU)" if not torch.cuda.is_available()
+        name=f"{platform.node()} ({os.cpu_count()} CPUs, no GPU)"
+        if not torch.cuda.is_available()
         else f"{platform.node()} ({torch.cuda.get_device_name(0)})",
         source=f"sept plan --calibrate on {time.strftime('%Y-%m-%d')}: resnet18_small at 32 px, "
-               "IVF256,PQ32 on 128-d vectors, a 64 MiB file read",
+        "IVF256,PQ32 on 128-d vectors, a 64 MiB file read",
         embed_images_per_s_per_device=round(embed_rate, 1),
         index_encode_vectors_per_s_per_node=round(encode_rate, 1),
         index_train_s=round(train_s, 2),

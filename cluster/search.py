@@ -20,8 +20,8 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import ray
@@ -60,8 +60,12 @@ class ShardSearcher:
         gc.collect()  # free the previous wave's shards before reading the next ones
         for j in index_shards:
             self.shards[j] = self.store.load_shard(j)
-        return dict(pid=os.getpid(), node=socket.gethostname(), node_id=ray.get_runtime_context().get_node_id(),
-                    shards=list(index_shards))
+        return dict(
+            pid=os.getpid(),
+            node=socket.gethostname(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            shards=list(index_shards),
+        )
 
     def search(self, xq: np.ndarray, k: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
@@ -82,11 +86,19 @@ class SearchStats:
     seconds: float = 0.0
 
 
-def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | None = None,
-                 memory_per_searcher: int | str | None = None, batch_size: int = DEFAULT_QUERY_BATCH,
-                 max_in_flight: int = 2, stats: SearchStats | None = None,
-                 on_batch: Callable[[int, int], None] | None = None,
-                 pool: SearcherPool | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search_index(
+    index_path: str,
+    xq: np.ndarray,
+    k: int,
+    *,
+    searchers: int | None = None,
+    memory_per_searcher: int | str | None = None,
+    batch_size: int = DEFAULT_QUERY_BATCH,
+    max_in_flight: int = 2,
+    stats: SearchStats | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    pool: SearcherPool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Global top-k (D, I) of every query over every index shard. Needs a Ray session.
 
     ``searchers`` defaults to one per index shard, at most the cluster's CPUs. ``on_batch(done,
@@ -111,8 +123,9 @@ def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | No
     trained_bytes = int(np.prod(_zarr_shape(store.path, "trained")))
     query_bytes = min(nq, batch_size) * xq.shape[1] * 4 * (max_in_flight + 1)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    plan = plan_waves(footprints, searchers or min(store.nshards, max(1, cpus)), memory,
-                      base=trained_bytes + query_bytes)
+    plan = plan_waves(
+        footprints, searchers or min(store.nshards, max(1, cpus)), memory, base=trained_bytes + query_bytes
+    )
     _check_memory_fits(memory)
     stats.waves, stats.group_bytes = plan.waves, plan.group_bytes
     bounds = list(range(0, nq, batch_size)) + [nq]
@@ -125,8 +138,15 @@ def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | No
     pool.stats = stats
     total = sum(len(w) for w in plan.waves) * len(batches)
     done = 0
-    log.info("search: %d queries in %d batches, k=%d, %d index shards on %d searchers in %d wave(s)",
-             nq, len(batches), k, store.nshards, plan.searchers, len(plan.waves))
+    log.info(
+        "search: %d queries in %d batches, k=%d, %d index shards on %d searchers in %d wave(s)",
+        nq,
+        len(batches),
+        k,
+        store.nshards,
+        plan.searchers,
+        len(plan.waves),
+    )
     try:
         with tqdm(total=total, desc="search", unit="batch", disable=None) as bar:
             for wave_number, groups in enumerate(plan.waves):
@@ -149,8 +169,13 @@ def search_index(index_path: str, xq: np.ndarray, k: int, *, searchers: int | No
                         for r in [r for r, (ss, _) in inflight.items() if ss == s]:
                             del inflight[r]
                         todo[s].extendleft(reversed(lost))
-                        log.warning("search: searcher %d (shards %s) died (%s); restarting it, redoing %d batch(es)",
-                                    s, groups[s], type(err).__name__, len(lost))
+                        log.warning(
+                            "search: searcher %d (shards %s) died (%s); restarting it, redoing %d batch(es)",
+                            s,
+                            groups[s],
+                            type(err).__name__,
+                            len(lost),
+                        )
                         pool.restart(s, groups[s])
                         continue
                     for _, D, I in answers:
@@ -188,7 +213,7 @@ class SearcherPool:
         self.pids: list[int] = []
         self.restarts: dict[int, int] = {}
 
-    def __enter__(self) -> "SearcherPool":
+    def __enter__(self) -> SearcherPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -203,9 +228,9 @@ class SearcherPool:
             return
         while len(self.actors) < len(groups):
             self.actors.append(self._new())
-        for extra in self.actors[len(groups):]:
+        for extra in self.actors[len(groups) :]:
             ray.kill(extra)
-        self.actors = self.actors[:len(groups)]
+        self.actors = self.actors[: len(groups)]
         self.stats.searcher_pids = [0] * len(groups)
         self.pids = [0] * len(groups)
         refs = [a.load.remote(g) for a, g in zip(self.actors, groups)]

@@ -34,7 +34,15 @@ from sept.errors import SeptError
 from sept.index.budget import neighbours_needed
 from sept.index.dedup import NearDuplicateFilter, leaked_ids, to_similarity
 from sept.index.store import IndexStore
-from sept.index.strategies import BALANCES, STRATEGIES, Choice, choose, choose_by_clusters, query_neighbours, train_clusters
+from sept.index.strategies import (
+    BALANCES,
+    STRATEGIES,
+    Choice,
+    choose,
+    choose_by_clusters,
+    query_neighbours,
+    train_clusters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,9 @@ class SelectConfig:
     min_similarity: float | None = None
     near_dup_threshold: float | None = None
     leakage_guard: bool = True
-    leakage_threshold: float = 0.97  # cosine; distinct images of one class reach ~0.975 with the demo encoder, copies ~0.998
+    leakage_threshold: float = (
+        0.97  # cosine; distinct images of one class reach ~0.975 with the demo encoder, copies ~0.998
+    )
     clusters: int | None = None
     seed: int = 0
     # how, not what: these never change the selection
@@ -104,8 +114,11 @@ def _check_options(cfg: SelectConfig) -> None:
         raise SeptError(f"--strategy {cfg.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
     if cfg.balance not in BALANCES:
         raise SeptError(f"--balance {cfg.balance!r} is unknown; use one of {', '.join(BALANCES)}")
-    for name, value in (("--min-similarity", cfg.min_similarity), ("--near-dup-threshold", cfg.near_dup_threshold),
-                        ("--leakage-threshold", cfg.leakage_threshold)):
+    for name, value in (
+        ("--min-similarity", cfg.min_similarity),
+        ("--near-dup-threshold", cfg.near_dup_threshold),
+        ("--leakage-threshold", cfg.leakage_threshold),
+    ):
         if value is not None and not -1.0 <= value <= 1.0:
             raise SeptError(f"{name} {value} is not a cosine similarity in [-1, 1]")
     if not 0.0 <= cfg.topk_share <= 1.0:
@@ -140,14 +153,24 @@ def select(cfg: SelectConfig) -> dict:
     for spec in specs:
         target = load_target(spec.target, name=spec.name)
         refs = [ref for ref, _ in target.train]
-        tasks.append(_Task(spec=spec, classes=target.classes, query_refs=refs,
-                           query_names=[os.path.relpath(r, spec.target) for r in refs],
-                           query_class=np.asarray(target.labels("train"), np.int64),
-                           heldout_refs=heldout_refs(spec.target, [ref for ref, _ in target.val])))
+        tasks.append(
+            _Task(
+                spec=spec,
+                classes=target.classes,
+                query_refs=refs,
+                query_names=[os.path.relpath(r, spec.target) for r in refs],
+                query_class=np.asarray(target.labels("train"), np.int64),
+                heldout_refs=heldout_refs(spec.target, [ref for ref, _ in target.val]),
+            )
+        )
 
     out = os.path.abspath(cfg.out)
-    shared = dict(index=store.path, index_spec=attrs["spec"], embeddings=attrs["embeddings"]["fingerprint"],
-                  encoder=encoder.identity)
+    shared = dict(
+        index=store.path,
+        index_spec=attrs["spec"],
+        embeddings=attrs["embeddings"]["fingerprint"],
+        encoder=encoder.identity,
+    )
     os.makedirs(out, exist_ok=True)
     with writer_lock(out):
         files.claim_selection(out, shared, cfg.out)
@@ -168,7 +191,9 @@ def select(cfg: SelectConfig) -> dict:
                     t.xq = encoder.embed_images(load_image_refs(t.query_refs))
                     refs = t.heldout_refs if cfg.leakage_guard else []
                     t.heldout = len(refs)
-                    t.xh = encoder.embed_images(load_image_refs(refs)) if refs else np.zeros((0, encoder.dim), np.float32)
+                    t.xh = (
+                        encoder.embed_images(load_image_refs(refs)) if refs else np.zeros((0, encoder.dim), np.float32)
+                    )
                 summaries.update(_choose_tasks(cfg, store, attrs, pending, n_clusters, out))
             union = _union_of_choices(out)
             pool = attrs["pool"]
@@ -177,13 +202,26 @@ def select(cfg: SelectConfig) -> dict:
         for name in files.tasks_in(out):
             _write_manifest(out, name, catalog)
     for t in tasks:
-        summaries.setdefault(t.spec.name, files.read_json(os.path.join(files.task_dir(out, t.spec.name),
-                                                                        files.TASK_FILE))["summary"])
+        summaries.setdefault(
+            t.spec.name, files.read_json(os.path.join(files.task_dir(out, t.spec.name), files.TASK_FILE))["summary"]
+        )
     copied = len(union - held)
-    log.info("select: %d task(s), %d samples in %d shared shards (%d copied now) in %.1fs", len(tasks),
-             len(catalog.rows), len(catalog.parts), copied, time.time() - started)
-    return dict(tasks=summaries, out=out, samples=len(union), copied=copied, shards=sorted(catalog.parts),
-                seconds=round(time.time() - started, 1))
+    log.info(
+        "select: %d task(s), %d samples in %d shared shards (%d copied now) in %.1fs",
+        len(tasks),
+        len(catalog.rows),
+        len(catalog.parts),
+        copied,
+        time.time() - started,
+    )
+    return dict(
+        tasks=summaries,
+        out=out,
+        samples=len(union),
+        copied=copied,
+        shards=sorted(catalog.parts),
+        seconds=round(time.time() - started, 1),
+    )
 
 
 def _topk_share(cfg: SelectConfig) -> float | None:
@@ -193,18 +231,28 @@ def _topk_share(cfg: SelectConfig) -> float | None:
 
 def _task_config(cfg: SelectConfig, spec: TaskSpec, n_clusters: int) -> dict:
     """What decides a task's selection (and nothing that only decides how it is computed)."""
-    return dict(target=spec.target, budget=spec.budget, strategy=cfg.strategy, balance=cfg.balance,
-                topk_share=_topk_share(cfg), min_similarity=cfg.min_similarity, near_dup_threshold=cfg.near_dup_threshold,
-                leakage_guard=cfg.leakage_guard, leakage_threshold=cfg.leakage_threshold if cfg.leakage_guard else None,
-                clusters=n_clusters if cfg.strategy == "cluster" else None,
-                seed=cfg.seed if cfg.strategy == "cluster" else None)
+    return dict(
+        target=spec.target,
+        budget=spec.budget,
+        strategy=cfg.strategy,
+        balance=cfg.balance,
+        topk_share=_topk_share(cfg),
+        min_similarity=cfg.min_similarity,
+        near_dup_threshold=cfg.near_dup_threshold,
+        leakage_guard=cfg.leakage_guard,
+        leakage_threshold=cfg.leakage_threshold if cfg.leakage_guard else None,
+        clusters=n_clusters if cfg.strategy == "cluster" else None,
+        seed=cfg.seed if cfg.strategy == "cluster" else None,
+    )
 
 
 def _union_of_choices(out: str, exclude: set[str] = frozenset()) -> set[int]:
     ids: set[int] = set()
     for name in files.tasks_in(out):
         if name not in exclude:
-            ids.update(int(r["id"]) for r in files.read_jsonl(os.path.join(files.task_dir(out, name), files.CHOICE_FILE)))
+            ids.update(
+                int(r["id"]) for r in files.read_jsonl(os.path.join(files.task_dir(out, name), files.CHOICE_FILE))
+            )
     return ids
 
 
@@ -227,12 +275,15 @@ def _effective_queries(t: _Task, balance: str) -> int:
     return int(counts.min() * len(counts))
 
 
-def _choose_tasks(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list[_Task], n_clusters: int,
-                  out: str) -> dict[str, dict]:
+def _choose_tasks(
+    cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list[_Task], n_clusters: int, out: str
+) -> dict[str, dict]:
     ntotal = int(attrs["ntotal"])
     search_based = cfg.strategy != "cluster"
-    k = {t.spec.name: neighbours_needed(t.spec.budget, _effective_queries(t, cfg.balance), ntotal) if search_based else 0
-         for t in tasks}
+    k = {
+        t.spec.name: neighbours_needed(t.spec.budget, _effective_queries(t, cfg.balance), ntotal) if search_based else 0
+        for t in tasks
+    }
     k_leak = {t.spec.name: min(ntotal, LEAK_NEIGHBOURS) if len(t.xh) else 0 for t in tasks}
     centroids = None
     if cfg.strategy == "cluster":
@@ -244,9 +295,18 @@ def _choose_tasks(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list
         return _search_and_choose(cfg, store, attrs, tasks, n_clusters, out, k, k_leak, centroids, pool)
 
 
-def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list[_Task], n_clusters: int,
-                       out: str, k: dict[str, int], k_leak: dict[str, int], centroids: np.ndarray | None,
-                       pool: SearcherPool) -> dict[str, dict]:
+def _search_and_choose(
+    cfg: SelectConfig,
+    store: IndexStore,
+    attrs: dict,
+    tasks: list[_Task],
+    n_clusters: int,
+    out: str,
+    k: dict[str, int],
+    k_leak: dict[str, int],
+    centroids: np.ndarray | None,
+    pool: SearcherPool,
+) -> dict[str, dict]:
     """Search for every task still to do, choose; tasks that need more neighbours go round again."""
     ntotal, metric = int(attrs["ntotal"]), attrs["metric"]
     search_based = cfg.strategy != "cluster"
@@ -266,16 +326,30 @@ def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks:
         results: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         if blocks:
             stats = SearchStats()
-            D, I = search_index(store.path, np.concatenate(blocks), kk, searchers=cfg.searchers,
-                                memory_per_searcher=cfg.memory_per_searcher, batch_size=cfg.query_batch, stats=stats,
-                                pool=pool)
+            D, I = search_index(
+                store.path,
+                np.concatenate(blocks),
+                kk,
+                searchers=cfg.searchers,
+                memory_per_searcher=cfg.memory_per_searcher,
+                batch_size=cfg.query_batch,
+                stats=stats,
+                pool=pool,
+            )
             searches += 1
-            log.info("select: searched %d queries of %d task(s), k=%d, in %.1fs (%d wave(s), %d restart(s))",
-                     len(D), len(todo), kk, stats.seconds, len(stats.waves), stats.restarts)
+            log.info(
+                "select: searched %d queries of %d task(s), k=%d, in %.1fs (%d wave(s), %d restart(s))",
+                len(D),
+                len(todo),
+                kk,
+                stats.seconds,
+                len(stats.waves),
+                stats.restarts,
+            )
             S = to_similarity(D, I, metric)
             row = 0
             for name, kind, n in owners:
-                results[(name, kind)] = (S[row:row + n], I[row:row + n])
+                results[(name, kind)] = (S[row : row + n], I[row : row + n])
                 row += n
         again = []
         for t in todo:
@@ -283,24 +357,38 @@ def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks:
             leaked, incomplete = {}, False
             if k_leak[name]:
                 Sh, Ih = results[(name, "h")]
-                leaked, incomplete = leaked_ids(Sh[:, :k_leak[name]], Ih[:, :k_leak[name]], cfg.leakage_threshold)
+                leaked, incomplete = leaked_ids(Sh[:, : k_leak[name]], Ih[:, : k_leak[name]], cfg.leakage_threshold)
             if incomplete and k_leak[name] < ntotal:
                 k_leak[name] = min(ntotal, 2 * k_leak[name])
                 again.append(t)
                 continue
             if search_based:
                 Sq, Iq = results[(name, "q")]
-                Sq, Iq = Sq[:, :k[name]], Iq[:, :k[name]]
+                Sq, Iq = Sq[:, : k[name]], Iq[:, : k[name]]
                 near_dup = _near_dup_filter(cfg, attrs, Iq)
-                choice = choose(Sq, Iq, t.spec.budget, strategy=cfg.strategy, balance=cfg.balance,
-                                query_class=t.query_class, min_similarity=cfg.min_similarity, excluded=set(leaked),
-                                near_dup=near_dup, topk_share=_topk_share(cfg) or 0.0)
+                choice = choose(
+                    Sq,
+                    Iq,
+                    t.spec.budget,
+                    strategy=cfg.strategy,
+                    balance=cfg.balance,
+                    query_class=t.query_class,
+                    min_similarity=cfg.min_similarity,
+                    excluded=set(leaked),
+                    near_dup=near_dup,
+                    topk_share=_topk_share(cfg) or 0.0,
+                )
                 if choice.needs_more_neighbours and kk < ntotal:
                     # The search returned kk neighbours per image (the largest k of any task): search
                     # again with twice what was searched, never with a k already searched.
                     k[name] = min(ntotal, 2 * kk)
-                    log.info("select: task %s needs more than the %d neighbours per target image searched; "
-                             "searching again with k=%d", name, kk, k[name])
+                    log.info(
+                        "select: task %s needs more than the %d neighbours per target image searched; "
+                        "searching again with k=%d",
+                        name,
+                        kk,
+                        k[name],
+                    )
                     again.append(t)
                     continue
                 neighbours = query_neighbours(choice, Sq, Iq, len(t.xq), NEIGHBOURS_SHOWN)
@@ -308,14 +396,26 @@ def _search_and_choose(cfg: SelectConfig, store: IndexStore, attrs: dict, tasks:
             else:
                 emb = _embeddings(attrs, cfg)
                 # Not named `pool`: that is the searcher pool the next round's search still needs.
-                pool_vectors = lambda: ((x, ids) for _, x, ids in emb.iter_shards())  # noqa: E731
+                pool_vectors = lambda emb=emb: ((x, ids) for _, x, ids in emb.iter_shards())  # noqa: E731
                 near_dup = _near_dup_filter(cfg, attrs, None, emb=emb)
-                choice, plan = choose_by_clusters(centroids, t.xq, pool_vectors, t.spec.budget, query_class=t.query_class,
-                                                  balance=cfg.balance, min_similarity=cfg.min_similarity,
-                                                  excluded=set(leaked), near_dup=near_dup)
+                choice, plan = choose_by_clusters(
+                    centroids,
+                    t.xq,
+                    pool_vectors,
+                    t.spec.budget,
+                    query_class=t.query_class,
+                    balance=cfg.balance,
+                    min_similarity=cfg.min_similarity,
+                    excluded=set(leaked),
+                    near_dup=near_dup,
+                )
                 neighbours = query_neighbours(choice, None, None, len(t.xq), NEIGHBOURS_SHOWN)
-                extra = dict(clusters=n_clusters, clusters_kept=len(plan.weights), cluster_probes=plan.probes,
-                             cluster_members=plan.members)
+                extra = dict(
+                    clusters=n_clusters,
+                    clusters_kept=len(plan.weights),
+                    cluster_probes=plan.probes,
+                    cluster_members=plan.members,
+                )
             summaries[name] = _write_choice(cfg, out, t, choice, neighbours, leaked, extra)
         todo = again
     log.info("select: %d task(s) chosen with %d search(es)", len(tasks), searches)
@@ -366,53 +466,111 @@ class _LazyVectors(dict):
         return self[pid]
 
 
-def _write_choice(cfg: SelectConfig, out: str, t: _Task, choice: Choice, neighbours,
-                  leaked: dict[int, tuple[int, float]], extra: dict) -> dict:
+def _write_choice(
+    cfg: SelectConfig, out: str, t: _Task, choice: Choice, neighbours, leaked: dict[int, tuple[int, float]], extra: dict
+) -> dict:
     names, classes = t.query_names, t.classes
     cls_of = [classes[c] for c in t.query_class.tolist()]
-    rows = [dict(id=int(pid), score=float(score), chosen_by=names[q], cls=cls_of[q],
-                 retrieved_by=[names[r] for r in retrievers])
-            for pid, score, q, retrievers in zip(choice.ids.tolist(), choice.scores.tolist(),
-                                                 choice.chosen_by.tolist(), choice.retrieved_by)]
-    queries = [dict(image=names[q], ref=t.query_refs[q], cls=cls_of[q], neighbours=[[int(i), float(s)] for i, s in nb])
-               for q, nb in enumerate(neighbours)]
+    rows = [
+        dict(
+            id=int(pid),
+            score=float(score),
+            chosen_by=names[q],
+            cls=cls_of[q],
+            retrieved_by=[names[r] for r in retrievers],
+        )
+        for pid, score, q, retrievers in zip(
+            choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist(), choice.retrieved_by
+        )
+    ]
+    queries = [
+        dict(image=names[q], ref=t.query_refs[q], cls=cls_of[q], neighbours=[[int(i), float(s)] for i, s in nb])
+        for q, nb in enumerate(neighbours)
+    ]
     images = np.bincount(t.query_class, minlength=len(classes))
-    chosen = np.bincount(t.query_class[choice.chosen_by], minlength=len(classes)) if len(choice) else np.zeros(len(classes), int)
+    chosen = (
+        np.bincount(t.query_class[choice.chosen_by], minlength=len(classes))
+        if len(choice)
+        else np.zeros(len(classes), int)
+    )
     if cfg.balance == "class":
         share = np.full(len(classes), t.spec.budget / max(1, int((images > 0).sum())))
     else:
         share = t.spec.budget * images / max(1, images.sum())
     summary = dict(
-        task=t.spec.name, budget=t.spec.budget, selected=len(choice), queries=len(names), strategy=cfg.strategy,
-        balance=cfg.balance, topk_share=_topk_share(cfg), min_similarity=cfg.min_similarity,
-        scores=dict(min=float(choice.scores.min()) if len(choice) else None,
-                    max=float(choice.scores.max()) if len(choice) else None,
-                    mean=float(choice.scores.mean()) if len(choice) else None),
-        per_class={classes[c]: dict(images=int(images[c]), share=round(float(share[c]), 2), selected=int(chosen[c]))
-                   for c in range(len(classes))},
-        duplicates=dict(retrieved_by_several=int(sum(len(r) > 1 for r in choice.retrieved_by)),
-                        near_dup_threshold=cfg.near_dup_threshold, near_duplicates_dropped=len(choice.near_duplicates)),
-        leakage=dict(enabled=cfg.leakage_guard, threshold=cfg.leakage_threshold if cfg.leakage_guard else None,
-                     heldout_images=t.heldout, pool_matches=len(leaked), skipped=choice.leaked_skipped),
-        **extra)
+        task=t.spec.name,
+        budget=t.spec.budget,
+        selected=len(choice),
+        queries=len(names),
+        strategy=cfg.strategy,
+        balance=cfg.balance,
+        topk_share=_topk_share(cfg),
+        min_similarity=cfg.min_similarity,
+        scores=dict(
+            min=float(choice.scores.min()) if len(choice) else None,
+            max=float(choice.scores.max()) if len(choice) else None,
+            mean=float(choice.scores.mean()) if len(choice) else None,
+        ),
+        per_class={
+            classes[c]: dict(images=int(images[c]), share=round(float(share[c]), 2), selected=int(chosen[c]))
+            for c in range(len(classes))
+        },
+        duplicates=dict(
+            retrieved_by_several=int(sum(len(r) > 1 for r in choice.retrieved_by)),
+            near_dup_threshold=cfg.near_dup_threshold,
+            near_duplicates_dropped=len(choice.near_duplicates),
+        ),
+        leakage=dict(
+            enabled=cfg.leakage_guard,
+            threshold=cfg.leakage_threshold if cfg.leakage_guard else None,
+            heldout_images=t.heldout,
+            pool_matches=len(leaked),
+            skipped=choice.leaked_skipped,
+        ),
+        **extra,
+    )
     if len(leaked) > 10 * max(1, t.heldout):
-        log.warning("select: task %s: %d pool samples are within %.3f of its %d held-out images; the encoder may "
-                    "not tell images apart at that similarity: consider a higher --leakage-threshold",
-                    t.spec.name, len(leaked), cfg.leakage_threshold, t.heldout)
+        log.warning(
+            "select: task %s: %d pool samples are within %.3f of its %d held-out images; the encoder may "
+            "not tell images apart at that similarity: consider a higher --leakage-threshold",
+            t.spec.name,
+            len(leaked),
+            cfg.leakage_threshold,
+            t.heldout,
+        )
     if len(choice) < t.spec.budget:
-        log.warning("select: task %s got %d of its budget %d (similarity floor, leakage guard or a small pool)",
-                    t.spec.name, len(choice), t.spec.budget)
+        log.warning(
+            "select: task %s got %d of its budget %d (similarity floor, leakage guard or a small pool)",
+            t.spec.name,
+            len(choice),
+            t.spec.budget,
+        )
     folder = files.task_dir(out, t.spec.name)
     config = files.read_json(os.path.join(folder, files.TASK_FILE))["config"]
     files.write_jsonl(os.path.join(folder, files.QUERIES_FILE), queries)
     shard_idx, positions = split_ids(np.asarray(sorted(leaked), np.int64))
-    files.write_jsonl(os.path.join(folder, files.LEAKAGE_FILE), [
-        dict(id=pid, source_index=int(s), position=int(p), heldout=os.path.relpath(t.heldout_refs[leaked[pid][0]], t.spec.target),
-             similarity=leaked[pid][1]) for pid, s, p in zip(sorted(leaked), shard_idx.tolist(), positions.tolist())])
+    files.write_jsonl(
+        os.path.join(folder, files.LEAKAGE_FILE),
+        [
+            dict(
+                id=pid,
+                source_index=int(s),
+                position=int(p),
+                heldout=os.path.relpath(t.heldout_refs[leaked[pid][0]], t.spec.target),
+                similarity=leaked[pid][1],
+            )
+            for pid, s, p in zip(sorted(leaked), shard_idx.tolist(), positions.tolist())
+        ],
+    )
     files.write_json(os.path.join(folder, files.TASK_FILE), dict(config=config, summary=summary))
     files.write_jsonl(os.path.join(folder, files.CHOICE_FILE), rows)  # last: its presence means chosen
-    log.info("select: task %s: %d chosen, %d leaked pool samples skipped, %d near-duplicates dropped",
-             t.spec.name, len(choice), choice.leaked_skipped, len(choice.near_duplicates))
+    log.info(
+        "select: task %s: %d chosen, %d leaked pool samples skipped, %d near-duplicates dropped",
+        t.spec.name,
+        len(choice),
+        choice.leaked_skipped,
+        len(choice.near_duplicates),
+    )
     return summary
 
 
@@ -423,7 +581,15 @@ def _write_manifest(out: str, name: str, catalog) -> None:
     for row in choice:
         where = catalog.rows[int(row["id"])]
         parts[where["shard"]] = catalog.parts[where["shard"]]
-        manifest.append(dict(row, key=where["key"], shard=where["shard"], source_shard=where["source_shard"],
-                             position=where["position"], sha256=where["sha256"]))
+        manifest.append(
+            dict(
+                row,
+                key=where["key"],
+                shard=where["shard"],
+                source_shard=where["source_shard"],
+                position=where["position"],
+                sha256=where["sha256"],
+            )
+        )
     files.write_json(os.path.join(folder, files.SHARDS_FILE), dict(sorted(parts.items())))
     files.write_jsonl(os.path.join(folder, files.MANIFEST), manifest)

@@ -52,9 +52,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise BadSample(_short(f"corrupt image data: {type(err).__name__}: {err}")) from None
 
 
-def decode_sample(
-    sample: PoolSample, stats: ShardStats, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Image.Image | None:
+def decode_sample(sample: PoolSample, stats: ShardStats, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:
     """The sample's image as RGB, or None after recording why it was skipped in ``stats``."""
     found = image_member(sample)
     if found is None:
@@ -74,9 +72,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # 16-bit grey: keep the top 8 bits rather than letting convert() clip everything to white.
         pixels = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8))
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from sept.errors import SeptError
+from sept.io import staging_dir
 
 DOMAINS = ("digits", "shapes", "textures", "gradients")
 TARGET_DOMAIN = "digits"
@@ -103,8 +103,7 @@ def make_demo_corpus(
         return existing
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become the corpus folder's mode
+    tmp = staging_dir(root)
     try:
         _build(tmp, params)
         try:
@@ -133,9 +132,7 @@ def _check_params(p: DemoCorpusParams) -> None:
     if not 8 <= p.image_size <= 512:
         raise SeptError(f"demo corpus image_size must be in [8, 512], got {p.image_size}")
     if p.target_train_per_class < 1 or p.target_val_per_class < 0:
-        raise SeptError(
-            "demo corpus needs target_train_per_class >= 1 and target_val_per_class >= 0"
-        )
+        raise SeptError("demo corpus needs target_train_per_class >= 1 and target_val_per_class >= 0")
     held_out = p.target_train_per_class + p.target_val_per_class
     smallest_class = int(np.bincount(_load_digits()[1]).min())
     if held_out > smallest_class - 10:
@@ -162,9 +159,7 @@ def _existing_corpus(root: str, params: DemoCorpusParams) -> DemoCorpus | None:
         raise SeptError(f"unreadable demo corpus record {record}: {err}") from None
     wanted = _record(params)
     if recorded != wanted:
-        raise SeptError(
-            f"{root} holds a different demo corpus ({_describe(recorded)}); wanted {_describe(wanted)}"
-        )
+        raise SeptError(f"{root} holds a different demo corpus ({_describe(recorded)}); wanted {_describe(wanted)}")
     return _paths(root, params)
 
 
@@ -195,22 +190,16 @@ def _paths(root: str, params: DemoCorpusParams) -> DemoCorpus:
 
 def _build(root: str, p: DemoCorpusParams) -> None:
     images, labels = _load_digits()
-    split_rng, pool_rng, target_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(p.seed).spawn(3)
-    )
+    split_rng, pool_rng, target_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(p.seed).spawn(3))
     pool_digits, target_train, target_val = split_digits(
         labels, p.target_train_per_class, p.target_val_per_class, split_rng
     )
-    truth, pool_provenance = _write_pool(
-        os.path.join(root, POOL_DIR), p, images, pool_digits, pool_rng
-    )
+    truth, pool_provenance = _write_pool(os.path.join(root, POOL_DIR), p, images, pool_digits, pool_rng)
     target_provenance = _write_target(
         os.path.join(root, TARGET_DIR), p, images, labels, target_train, target_val, target_rng
     )
     _write_json(os.path.join(root, TRUTH_FILE), truth)
-    _write_json(
-        os.path.join(root, PROVENANCE_FILE), {"pool": pool_provenance, "target": target_provenance}
-    )
+    _write_json(os.path.join(root, PROVENANCE_FILE), {"pool": pool_provenance, "target": target_provenance})
     _write_json(os.path.join(root, CORPUS_FILE), _record(p))  # last: its presence means complete
 
 
@@ -239,18 +228,14 @@ def _write_pool(
     rng: np.random.Generator,
 ) -> tuple[dict[str, str], dict[str, int]]:
     os.makedirs(pool_dir)
-    counts = [
-        p.pool_size // len(DOMAINS) + (d < p.pool_size % len(DOMAINS)) for d in range(len(DOMAINS))
-    ]
+    counts = [p.pool_size // len(DOMAINS) + (d < p.pool_size % len(DOMAINS)) for d in range(len(DOMAINS))]
     domain_of_slot = rng.permutation(np.repeat(np.arange(len(DOMAINS)), counts))
     # Each pool digit is used once before any is reused (with a fresh augmentation).
     digit_sources = iter(np.resize(rng.permutation(pool_digits), counts[DOMAINS.index("digits")]))
     truth: dict[str, str] = {}
     provenance: dict[str, int] = {}
     for shard, slots in enumerate(np.array_split(domain_of_slot, p.shards)):
-        with wds.TarWriter(
-            os.path.join(pool_dir, f"{shard:05d}.tar"), encoder=False, mtime=_TAR_MTIME
-        ) as sink:
+        with wds.TarWriter(os.path.join(pool_dir, f"{shard:05d}.tar"), encoder=False, mtime=_TAR_MTIME) as sink:
             for i, domain_index in enumerate(slots):
                 key = f"{shard:05d}{i:04d}"
                 domain = DOMAINS[domain_index]
@@ -308,9 +293,7 @@ def _write_target(
             rel = f"{split}/{label}/{n:04d}.png"
             path = os.path.join(target_dir, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(render_digit(images[source], p.image_size, rng)).save(
-                path, format="PNG"
-            )
+            Image.fromarray(render_digit(images[source], p.image_size, rng)).save(path, format="PNG")
             provenance[rel] = int(source)
     return provenance
 
@@ -359,9 +342,7 @@ def render_digit(digit: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     """An 8x8 digit (values 0..16) upsampled to ``size``, randomly scaled, shifted and coloured."""
     side = max(8, int(round(size * rng.uniform(0.6, 1.0))))
     glyph = Image.fromarray(np.uint8(np.clip(digit / 16.0, 0, 1) * 255))
-    glyph = (
-        np.asarray(glyph.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
-    )
+    glyph = np.asarray(glyph.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
     mask = np.zeros((size, size))
     top, left = rng.integers(0, size - side + 1, size=2)
     mask[top : top + side, left : left + side] = np.clip(glyph, 0, 1)
@@ -400,9 +381,7 @@ def _render_shape(size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]
     return _blend(mask, fg, bg, rng), f"a {'filled' if filled else 'outlined'} {kind}"
 
 
-def _polygon(
-    cx: float, cy: float, radii: np.ndarray, angle: float, n: int
-) -> list[tuple[float, float]]:
+def _polygon(cx: float, cy: float, radii: np.ndarray, angle: float, n: int) -> list[tuple[float, float]]:
     theta = angle + 2 * np.pi * np.arange(n) / n
     return [(float(cx + r * np.cos(t)), float(cy + r * np.sin(t))) for r, t in zip(radii, theta)]
 
@@ -413,10 +392,7 @@ def _render_texture(size: int, rng: np.random.Generator) -> tuple[np.ndarray, st
     if kind == "stripes":
         angle = rng.uniform(0, np.pi)
         cycles = rng.uniform(2, 7)
-        wave = np.sin(
-            2 * np.pi * cycles * (xx * np.cos(angle) + yy * np.sin(angle)) / size
-            + rng.uniform(0, 2 * np.pi)
-        )
+        wave = np.sin(2 * np.pi * cycles * (xx * np.cos(angle) + yy * np.sin(angle)) / size + rng.uniform(0, 2 * np.pi))
         mask = (wave > 0).astype(np.float64) if rng.integers(2) else 0.5 + 0.5 * wave
     elif kind == "checkerboard":
         cell = rng.uniform(3, max(4, size / 3))
@@ -448,9 +424,7 @@ def _render_gradient(size: int, rng: np.random.Generator) -> tuple[np.ndarray, s
     for _ in range(int(rng.integers(1, 4))):
         cx, cy = rng.uniform(0, 1, size=2)
         sigma = rng.uniform(0.1, 0.3)
-        strength = rng.uniform(0.5, 1.0) * np.exp(
-            -((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)
-        )
+        strength = rng.uniform(0.5, 1.0) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
         out = out * (1 - strength[..., None]) + rng.uniform(0, 255, size=3) * strength[..., None]
     out += rng.normal(0.0, 2.0, size=out.shape)
     return np.clip(out, 0, 255).round().astype(np.uint8), "a smooth colour gradient with soft blobs"

@@ -17,15 +17,16 @@ import io
 import logging
 import multiprocessing
 import os
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from sept.data.decode import BadSample, decode_image
 from sept.data.samples import ShardStats, image_member, iter_samples
+from sept.io import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,13 @@ def add_masks_to_shard(src: str, dst: str, pool, params: MaskParams = MaskParams
     stats = ShardStats()
     import webdataset as wds  # here, not at import: pool processes load this module and need none of it
 
-    tmp = dst + ".tmp"
     with closing(iter_samples(src, stats)) as samples_iter:
         samples = list(samples_iter)
     jobs = []
     for sample in samples:
         found = image_member(sample)
         jobs.append((found[1] if found else b"", params))
-    try:
+    with atomic_target(dst) as tmp:
         with wds.TarWriter(tmp, encoder=False, mtime=_TAR_MTIME) as writer:
             for sample, mask in zip(samples, pool.imap(_mask_member, jobs, chunksize=chunksize)):
                 members = {ext: data for ext, data in sample.members.items() if ext != MASK_EXT}
@@ -121,11 +121,6 @@ def add_masks_to_shard(src: str, dst: str, pool, params: MaskParams = MaskParams
                 else:
                     stats.add_bad(sample.key, mask or "no image member")
                 writer.write({"__key__": sample.key, **members})
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return stats
 
 

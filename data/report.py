@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from sept.data.samples import image_bytes, iter_samples
 from sept.data.selection_files import LEAKAGE_FILE, QUERIES_FILE, TASK_FILE, read_json, read_jsonl
 from sept.data.task_subset import SHARDS_DIR, list_tasks, read_manifest, task_dir
 from sept.errors import SeptError
+from sept.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def write_report(cfg: ReportConfig) -> dict:
         sections.append(section)
         numbers[task] = nums
     page = _page(cfg, [_overview(cfg, tasks)] + sections)
-    _write_bytes(os.path.join(cfg.out, "index.html"), page.encode("utf-8"))
+    atomic_write_bytes(os.path.join(cfg.out, "index.html"), page.encode("utf-8"))
     log.info("report: %d task(s) written to %s", len(tasks), os.path.join(cfg.out, "index.html"))
     return dict(page=os.path.abspath(os.path.join(cfg.out, "index.html")), tasks=numbers)
 
@@ -101,9 +101,13 @@ def _overview(cfg: ReportConfig, tasks: list[str]) -> str:
     for task in tasks:
         for r in read_manifest(cfg.selection, task):
             ids[int(r["id"])] += 1
-    rows = [("tasks", ", ".join(tasks)), ("shared shards", len(shards)), ("bytes in shared shards", f"{size:,}"),
-            ("distinct samples of these tasks", len(ids)), ("samples selected by more than one task",
-                                                            sum(1 for n in ids.values() if n > 1))]
+    rows = [
+        ("tasks", ", ".join(tasks)),
+        ("shared shards", len(shards)),
+        ("bytes in shared shards", f"{size:,}"),
+        ("distinct samples of these tasks", len(ids)),
+        ("samples selected by more than one task", sum(1 for n in ids.values() if n > 1)),
+    ]
     return "<section id=overview><h2>Shared shards</h2>" + _table(rows) + "</section>"
 
 
@@ -120,13 +124,18 @@ def _read_truth(path: str) -> dict[str, str]:
 
 # ---- one task ------------------------------------------------------------------------------------
 
+
 def _task_report(cfg: ReportConfig, task: str, truth: dict[str, str] | None, domain: str | None) -> tuple[str, dict]:
     folder = task_dir(cfg.selection, task)
     manifest = read_manifest(cfg.selection, task)
     meta = read_json(os.path.join(folder, TASK_FILE))
     summary, config = meta.get("summary") or {}, meta.get("config") or {}
-    queries = read_jsonl(os.path.join(folder, QUERIES_FILE)) if os.path.exists(os.path.join(folder, QUERIES_FILE)) else []
-    leaked = read_jsonl(os.path.join(folder, LEAKAGE_FILE)) if os.path.exists(os.path.join(folder, LEAKAGE_FILE)) else []
+    queries = (
+        read_jsonl(os.path.join(folder, QUERIES_FILE)) if os.path.exists(os.path.join(folder, QUERIES_FILE)) else []
+    )
+    leaked = (
+        read_jsonl(os.path.join(folder, LEAKAGE_FILE)) if os.path.exists(os.path.join(folder, LEAKAGE_FILE)) else []
+    )
     by_id = {int(r["id"]): r for r in manifest}
     scores = np.asarray([r["score"] for r in manifest], dtype=np.float64)
 
@@ -136,8 +145,14 @@ def _task_report(cfg: ReportConfig, task: str, truth: dict[str, str] | None, dom
     files["classes"] = _class_chart(cfg, task, summary.get("per_class", {}))
 
     precision = _precision(manifest, truth, domain) if truth is not None and domain else None
-    nums = dict(selected=len(manifest), budget=config.get("budget"), duplicates=summary.get("duplicates", {}),
-                leakage=summary.get("leakage", {}), precision=precision, files=files)
+    nums = dict(
+        selected=len(manifest),
+        budget=config.get("budget"),
+        duplicates=summary.get("duplicates", {}),
+        leakage=summary.get("leakage", {}),
+        precision=precision,
+        files=files,
+    )
     return _section(task, config, summary, manifest, precision, files, len(leaked)), nums
 
 
@@ -147,9 +162,13 @@ def _precision(manifest: list[dict], truth: dict[str, str], domain: str) -> dict
         per_class[r.get("cls", "?")].append(truth.get(r["key"]) == domain)
     hits = [h for v in per_class.values() for h in v]
     base = float(np.mean([d == domain for d in truth.values()])) if truth else 0.0
-    return dict(domain=domain, overall=float(np.mean(hits)) if hits else 0.0, base_rate=base,
-                per_class={c: float(np.mean(v)) for c, v in sorted(per_class.items())},
-                unknown=sum(1 for r in manifest if r["key"] not in truth))
+    return dict(
+        domain=domain,
+        overall=float(np.mean(hits)) if hits else 0.0,
+        base_rate=base,
+        per_class={c: float(np.mean(v)) for c, v in sorted(per_class.items())},
+        unknown=sum(1 for r in manifest if r["key"] not in truth),
+    )
 
 
 def _pool_images(cfg: ReportConfig, rows: list[dict]) -> dict[int, Image.Image | None]:
@@ -195,7 +214,7 @@ def _contact_sheet(cfg: ReportConfig, task: str, queries: list[dict], by_id: dic
     rng = np.random.default_rng(cfg.seed)
     pick = sorted(rng.choice(len(shown), size=min(cfg.samples, len(shown)), replace=False).tolist())
     rows = [shown[i] for i in pick]
-    needed = [by_id[int(pid)] for q in rows for pid, _ in q["neighbours"][:cfg.top] if int(pid) in by_id]
+    needed = [by_id[int(pid)] for q in rows for pid, _ in q["neighbours"][: cfg.top] if int(pid) in by_id]
     pool = _pool_images(cfg, needed)
     targets = _target_images([q["ref"] for q in rows])
     t, pad, label_h, left = cfg.tile, 6, 14, 150
@@ -211,7 +230,7 @@ def _contact_sheet(cfg: ReportConfig, task: str, queries: list[dict], by_id: dic
         x = left
         _paste(sheet, target, x, y, t, border=(30, 90, 200))
         draw.text((x, y + t + 1), "target", fill=(30, 90, 200), font=font)
-        for j, (pid, score) in enumerate(q["neighbours"][:cfg.top]):
+        for j, (pid, score) in enumerate(q["neighbours"][: cfg.top]):
             x = left + (j + 1) * (t + pad)
             _paste(sheet, pool.get(int(pid)), x, y, t)
             draw.text((x, y + t + 1), f"{score:.3f}", fill=(0, 0, 0), font=font)
@@ -229,15 +248,16 @@ def _paste(sheet: Image.Image, image: Image.Image | None, x: int, y: int, size: 
         tile.thumbnail((size, size), Image.Resampling.NEAREST if max(tile.size) < size else Image.Resampling.LANCZOS)
         if tile.size != (size, size):  # small images are scaled up, keeping their pixels sharp
             scale = size / max(tile.size)
-            tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
-                               Image.Resampling.NEAREST)
+            tile = tile.resize(
+                (max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), Image.Resampling.NEAREST
+            )
     sheet.paste(tile, (x + (size - tile.width) // 2, y + (size - tile.height) // 2))
     if border is not None:
         ImageDraw.Draw(sheet).rectangle([x - 2, y - 2, x + size + 1, y + size + 1], outline=border, width=2)
 
 
 def _ellipsis(text: str, n: int) -> str:
-    return text if len(text) <= n else "..." + text[-(n - 3):]
+    return text if len(text) <= n else "..." + text[-(n - 3) :]
 
 
 def _figure_png(fig, path: str) -> None:
@@ -246,7 +266,7 @@ def _figure_png(fig, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
-    _write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _score_histogram(cfg: ReportConfig, task: str, scores: np.ndarray, config: dict, leaked: list[dict]) -> str | None:
@@ -260,8 +280,13 @@ def _score_histogram(cfg: ReportConfig, task: str, scores: np.ndarray, config: d
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.hist(scores, bins=30, color="#3a6fc4", label=f"selected ({len(scores)})")
     if leaked:
-        ax.hist([r["similarity"] for r in leaked], bins=30, color="#d9534f", alpha=0.7,
-                label=f"excluded as leakage ({len(leaked)})")
+        ax.hist(
+            [r["similarity"] for r in leaked],
+            bins=30,
+            color="#d9534f",
+            alpha=0.7,
+            label=f"excluded as leakage ({len(leaked)})",
+        )
     if config.get("min_similarity") is not None:
         ax.axvline(config["min_similarity"], color="black", linestyle="--", label="similarity floor")
     if config.get("leakage_threshold") is not None:
@@ -288,7 +313,12 @@ def _class_chart(cfg: ReportConfig, task: str, per_class: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(names) + 2), 3))
     ax.bar(x - 0.2, [per_class[n]["share"] for n in names], width=0.4, color="#bbbbbb", label="share of the budget")
     ax.bar(x + 0.2, [per_class[n]["selected"] for n in names], width=0.4, color="#3a6fc4", label="selected")
-    ax.set_xticks(x, [_ellipsis(n, 12) for n in names], rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
+    ax.set_xticks(
+        x,
+        [_ellipsis(n, 12) for n in names],
+        rotation=45 if len(names) > 8 else 0,
+        ha="right" if len(names) > 8 else "center",
+    )
     ax.set_ylabel("pool samples")
     ax.set_title(f"{task}: budget use per class")
     ax.legend(fontsize=8)
@@ -299,6 +329,7 @@ def _class_chart(cfg: ReportConfig, task: str, per_class: dict) -> str | None:
 
 # ---- HTML ------------------------------------------------------------------------------------------
 
+
 def _table(rows: list[tuple], header: tuple | None = None) -> str:
     esc = lambda v: html.escape("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))  # noqa: E731
     head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
@@ -306,20 +337,25 @@ def _table(rows: list[tuple], header: tuple | None = None) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _section(task: str, config: dict, summary: dict, manifest: list[dict], precision: dict | None, files: dict,
-             leaked: int) -> str:
+def _section(
+    task: str, config: dict, summary: dict, manifest: list[dict], precision: dict | None, files: dict, leaked: int
+) -> str:
     dup = summary.get("duplicates", {})
     leak = summary.get("leakage", {})
     facts = [
-        ("target", config.get("target")), ("budget", config.get("budget")), ("selected", len(manifest)),
-        ("strategy", config.get("strategy")), ("balance", config.get("balance")),
+        ("target", config.get("target")),
+        ("budget", config.get("budget")),
+        ("selected", len(manifest)),
+        ("strategy", config.get("strategy")),
+        ("balance", config.get("balance")),
         ("share of the budget to top scores", config.get("topk_share")),
         ("similarity floor", config.get("min_similarity")),
         ("retrieved by several target images (kept once)", dup.get("retrieved_by_several")),
         ("near-duplicate threshold", dup.get("near_dup_threshold")),
         ("near-duplicates dropped", dup.get("near_duplicates_dropped")),
         ("leakage guard", "on" if leak.get("enabled") else "off"),
-        ("leakage threshold", leak.get("threshold")), ("held-out images checked", leak.get("heldout_images")),
+        ("leakage threshold", leak.get("threshold")),
+        ("held-out images checked", leak.get("heldout_images")),
         ("pool samples too close to a held-out image", leak.get("pool_matches", leaked)),
         ("of those, met while filling and skipped", leak.get("skipped")),
     ]
@@ -331,15 +367,24 @@ def _section(task: str, config: dict, summary: dict, manifest: list[dict], preci
     header = ("class", "target images", "share of budget", "selected", "precision" if precision else "")
     parts = [f'<section id="task-{html.escape(task)}"><h2>Task {html.escape(task)}</h2>', _table(facts)]
     if precision:
-        parts.append(f"<p class=precision>Precision ({html.escape(precision['domain'])} among selected): "
-                     f"<b>{precision['overall']:.1%}</b>, pool base rate {precision['base_rate']:.1%}"
-                     + (f"; {precision['unknown']} selected keys not in the truth file" if precision["unknown"] else "")
-                     + "</p>")
+        parts.append(
+            f"<p class=precision>Precision ({html.escape(precision['domain'])} among selected): "
+            f"<b>{precision['overall']:.1%}</b>, pool base rate {precision['base_rate']:.1%}"
+            + (f"; {precision['unknown']} selected keys not in the truth file" if precision["unknown"] else "")
+            + "</p>"
+        )
     if files.get("contacts"):
-        parts.append(f'<h3>Target images and their best chosen pool images</h3><img src="{files["contacts"]}" '
-                     f'alt="contact sheet of {html.escape(task)}">')
-    parts.append('<div class=charts>' + "".join(
-        f'<img src="{files[k]}" alt="{k} of {html.escape(task)}">' for k in ("scores", "classes") if files.get(k)) + "</div>")
+        parts.append(
+            f'<h3>Target images and their best chosen pool images</h3><img src="{files["contacts"]}" '
+            f'alt="contact sheet of {html.escape(task)}">'
+        )
+    parts.append(
+        "<div class=charts>"
+        + "".join(
+            f'<img src="{files[k]}" alt="{k} of {html.escape(task)}">' for k in ("scores", "classes") if files.get(k)
+        )
+        + "</div>"
+    )
     parts.append("<h3>Per class</h3>" + _table(class_rows, header))
     parts.append("</section>")
     return "\n".join(parts)
@@ -360,19 +405,15 @@ _SCRIPT = """window.addEventListener('load', function () {
 
 def _page(cfg: ReportConfig, sections: list[str]) -> str:
     title = f"sept selection report: {os.path.abspath(cfg.selection)}"
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
-            + "\n".join(sections) + "\n</body></html>\n")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
+        + "\n".join(sections)
+        + "\n</body></html>\n"
+    )
 
 
 def _save_png(image: Image.Image, path: str) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    _write_bytes(path, buf.getvalue())
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())

@@ -12,8 +12,8 @@ import logging
 import os
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from sept.errors import SeptError
 
@@ -61,9 +61,7 @@ class TruncatedShard(SeptError):
     """The tar ends (or is corrupt) before its end-of-archive marker."""
 
     def __init__(self, shard: str, samples_read: int, reason: str):
-        super().__init__(
-            f"truncated pool shard {shard} after {samples_read} complete samples: {reason}"
-        )
+        super().__init__(f"truncated pool shard {shard} after {samples_read} complete samples: {reason}")
         self.shard = shard
         self.samples_read = samples_read
         self.reason = reason
@@ -128,9 +126,7 @@ def _iter_open_tar(raw, path: str, stats: ShardStats | None) -> Iterator[PoolSam
                     continue
                 if pending is None or key != pending.key:
                     if key in finished_keys:
-                        raise SeptError(
-                            f"pool shard {path}: members of key {key!r} are not adjacent in the tar"
-                        )
+                        raise SeptError(f"pool shard {path}: members of key {key!r} are not adjacent in the tar")
                     # A new key's intact header proves the previous sample is complete.
                     if pending is not None:
                         finished_keys.add(pending.key)

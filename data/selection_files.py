@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 from sept.data.task_subset import MANIFEST, SHARDS_DIR, SHARDS_FILE, TASKS_DIR, task_dir
 from sept.errors import SeptError
+from sept.io import atomic_write_text
 
 SELECTION_FILE = "selection.json"
 TASK_FILE = "task.json"
@@ -32,9 +32,26 @@ QUERIES_FILE = "queries.jsonl"
 LEAKAGE_FILE = "leakage.jsonl"
 KIND = "sept-selection"
 
-__all__ = ["SELECTION_FILE", "TASK_FILE", "CHOICE_FILE", "QUERIES_FILE", "LEAKAGE_FILE", "MANIFEST", "SHARDS_FILE", "SHARDS_DIR",
-           "TASKS_DIR", "task_dir", "write_json", "write_jsonl", "read_json", "read_jsonl", "claim_selection",
-           "claim_task", "task_is_chosen", "tasks_in"]
+__all__ = [
+    "SELECTION_FILE",
+    "TASK_FILE",
+    "CHOICE_FILE",
+    "QUERIES_FILE",
+    "LEAKAGE_FILE",
+    "MANIFEST",
+    "SHARDS_FILE",
+    "SHARDS_DIR",
+    "TASKS_DIR",
+    "task_dir",
+    "write_json",
+    "write_jsonl",
+    "read_json",
+    "read_jsonl",
+    "claim_selection",
+    "claim_task",
+    "task_is_chosen",
+    "tasks_in",
+]
 
 
 def write_json(path: str, obj) -> None:
@@ -56,13 +73,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def claim_selection(out: str, shared: dict, out_as_given: str) -> None:
@@ -72,8 +83,10 @@ def claim_selection(out: str, shared: dict, out_as_given: str) -> None:
         old = read_json(record)
         if old.get("kind") != KIND or old.get("shared") != shared:
             changed = sorted(k for k in shared if (old.get("shared") or {}).get(k) != shared[k])
-            raise SeptError(f"{out_as_given} holds a selection from another index or encoder (differs in "
-                            f"{', '.join(changed) or 'kind'}); choose another --out")
+            raise SeptError(
+                f"{out_as_given} holds a selection from another index or encoder (differs in "
+                f"{', '.join(changed) or 'kind'}); choose another --out"
+            )
         return
     if os.path.exists(out) and [n for n in os.listdir(out) if n != ".lock"]:
         raise SeptError(f"{out_as_given} exists and does not hold a sept selection; choose another --out")
@@ -87,8 +100,10 @@ def claim_task(out: str, name: str, config: dict, out_as_given: str) -> None:
         old = read_json(path).get("config", {})
         if old != config:
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise SeptError(f"{out_as_given} already holds task {name!r} selected differently (differs in "
-                            f"{', '.join(changed)}); choose another --out or --task name")
+            raise SeptError(
+                f"{out_as_given} already holds task {name!r} selected differently (differs in "
+                f"{', '.join(changed)}); choose another --out or --task name"
+            )
         return
     write_json(path, dict(config=config, summary=None))
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import closing
-from typing import Iterable, Iterator
 
 import webdataset as wds
 
 from sept.data.samples import PoolSample, iter_samples
 from sept.errors import SeptError
+from sept.io import fsync_dir, staging_path
 
 log = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".tmp"
 _TAR_MTIME = 0.0  # fixed member times: the same selection gives byte-identical shards
 
 
@@ -106,21 +106,16 @@ class SelectionShardWriter:
         _check_key(key)
         for ext in sample.members:
             if not ext or ext.startswith("_") or "/" in ext:
-                raise SeptError(
-                    f"sample {sample.key!r} has a member extension tar cannot keep: {ext!r}"
-                )
+                raise SeptError(f"sample {sample.key!r} has a member extension tar cannot keep: {ext!r}")
         if self._tar is not None and (
-            self._count >= self.maxcount
-            or (self.maxsize is not None and self._size >= self.maxsize)
+            self._count >= self.maxcount or (self.maxsize is not None and self._size >= self.maxsize)
         ):
             self._finish_shard()
         if self._tar is None:
             self._open_shard()
         if key in self._keys:
             # Two samples with one key in a shard would be read back as one merged sample.
-            raise ValueError(
-                f"key {key!r} already written to shard {self._name}; pass a unique key"
-            )
+            raise ValueError(f"key {key!r} already written to shard {self._name}; pass a unique key")
         record = {"__key__": key, **sample.members}
         self._tar.write(record)
         self._keys.add(key)
@@ -158,12 +153,13 @@ class SelectionShardWriter:
             self.abort()
 
     def _tmp_path(self) -> str:
-        return os.path.join(self.out_dir, self._name + TMP_SUFFIX)
+        return self._staged
 
     def _open_shard(self) -> None:
         self._name = self.shard_name(self._next_index)
         self._next_index += 1
-        self._file = open(self._tmp_path(), "wb")
+        self._staged = staging_path(os.path.join(self.out_dir, self._name))
+        self._file = open(self._staged, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=_TAR_MTIME)
 
     def _finish_shard(self) -> None:
@@ -181,6 +177,7 @@ class SelectionShardWriter:
                 os.remove(tmp)
             raise
         os.replace(tmp, final)
+        fsync_dir(self.out_dir)
         log.debug("wrote %s (%d samples)", final, self._count)
         self.shards.append(final)
         self._reset()

@@ -51,9 +51,7 @@ def _expand(spec: str, base_dir: str) -> list[str]:
         found = sorted(
             os.path.join(path, name)
             for name in os.listdir(path)
-            if name.endswith(SHARD_SUFFIX)
-            and not name.startswith(".")
-            and os.path.isfile(os.path.join(path, name))
+            if name.endswith(SHARD_SUFFIX) and not name.startswith(".") and os.path.isfile(os.path.join(path, name))
         )
         if not found:
             raise SeptError(f"pool spec matches no shard: no *{SHARD_SUFFIX} in directory {path}")

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -87,10 +88,10 @@ def _checksum_ok(header: bytes) -> bool:
 
 def _pax_records(data: bytes) -> dict[str, str]:
     out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
+    while pos < len(data) and data[pos : pos + 1] not in (b"", b"\0"):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
-        record = data[space + 1:pos + length - 1]  # "key=value", without the newline
+        record = data[space + 1 : pos + length - 1]  # "key=value", without the newline
         key, _, value = record.partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
@@ -108,7 +109,7 @@ def _members(buf) -> Iterator[tuple[str, bytes, int, int, int, int]]:
     pending_size: int | None = None
     records_start: int | None = None
     while True:
-        header = buf[offset:offset + BLOCK]
+        header = buf[offset : offset + BLOCK]
         if len(header) == 0:
             raise UnsupportedTar("no end-of-archive marker")
         if len(header) < BLOCK:
@@ -124,7 +125,7 @@ def _members(buf) -> Iterator[tuple[str, bytes, int, int, int, int]]:
         if data + size > total:
             raise UnsupportedTar("truncated member data")
         if kind in (b"x", b"X"):
-            pax = _pax_records(buf[data:data + size])
+            pax = _pax_records(buf[data : data + size])
             if any(k.startswith("GNU.sparse") for k in pax):
                 raise UnsupportedTar("sparse member")
             if "path" in pax:
@@ -135,7 +136,7 @@ def _members(buf) -> Iterator[tuple[str, bytes, int, int, int, int]]:
             offset = data + -(-size // BLOCK) * BLOCK
             continue
         if kind == b"L":
-            pending_name = _nts(buf[data:data + size])
+            pending_name = _nts(buf[data : data + size])
             records_start = start
             offset = data + -(-size // BLOCK) * BLOCK
             continue
@@ -206,10 +207,10 @@ def scan_samples(buf) -> Iterator[SampleSpan]:
 
 def read_members(buf, sample: SampleSpan) -> dict[str, bytes]:
     """The sample's member bytes by extension, exactly as stored."""
-    return {m.ext: bytes(buf[m.data:m.data + m.size]) for m in sample.members}
+    return {m.ext: bytes(buf[m.data : m.data + m.size]) for m in sample.members}
 
 
-def copy_records(buf, sample: SampleSpan, sink: BinaryIO, digest: "hashlib._Hash | None" = None) -> int:
+def copy_records(buf, sample: SampleSpan, sink: BinaryIO, digest: hashlib._Hash | None = None) -> int:
     """Append the sample's raw tar records to ``sink`` (and to ``digest``); returns bytes written."""
     written = 0
     for a, b in sample.ranges:

@@ -83,24 +83,16 @@ def _load_folder_target(name: str, train_dir: str, val_dir: str | None) -> Targe
         val_classes = _class_folders(val_dir)
         unknown = sorted(set(val_classes) - set(classes))
         if unknown:
-            raise SeptError(
-                f"target val folder {val_dir} has classes missing from train: {', '.join(unknown)}"
-            )
+            raise SeptError(f"target val folder {val_dir} has classes missing from train: {', '.join(unknown)}")
         val = _folder_split(val_dir, val_classes, classes)
     return TargetTask(name=name, classes=classes, train=train, val=val)
 
 
 def _class_folders(split_dir: str) -> list[str]:
-    return sorted(
-        entry.name
-        for entry in os.scandir(split_dir)
-        if entry.is_dir() and not entry.name.startswith(".")
-    )
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _folder_split(
-    split_dir: str, class_names: list[str], all_classes: list[str]
-) -> list[tuple[str, int]]:
+def _folder_split(split_dir: str, class_names: list[str], all_classes: list[str]) -> list[tuple[str, int]]:
     items: list[tuple[str, int]] = []
     for class_name in class_names:
         class_dir = os.path.join(split_dir, class_name)
@@ -128,9 +120,7 @@ def _image_files(class_dir: str) -> list[str]:
 
 def _tar_shards(split_dir: str) -> list[str]:
     return sorted(
-        os.path.join(split_dir, f)
-        for f in os.listdir(split_dir)
-        if f.endswith(".tar") and not f.startswith(".")
+        os.path.join(split_dir, f) for f in os.listdir(split_dir) if f.endswith(".tar") and not f.startswith(".")
     )
 
 
@@ -170,9 +160,7 @@ def _class_index(shard: str, sample: PoolSample) -> int:
     try:
         label = int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        raise SeptError(
-            f"target shard {shard}: sample {sample.key!r} has a non-integer cls"
-        ) from None
+        raise SeptError(f"target shard {shard}: sample {sample.key!r} has a non-integer cls") from None
     if label < 0:
         raise SeptError(f"target shard {shard}: sample {sample.key!r} has a negative cls {label}")
     return label

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 
 from sept.data.samples import IMAGE_EXTS, iter_samples
-from sept.errors import SeptError
+from sept.errors import SeptError, first_line
 
 _TASK_KEYS = {"name", "target", "budget"}
 
@@ -31,8 +31,9 @@ class TaskSpec:
     budget: int
 
 
-def resolve_tasks(targets: list[str], names: list[str], budget: int | None, tasks_file: str | None,
-                  ntotal: int | None = None) -> list[TaskSpec]:
+def resolve_tasks(
+    targets: list[str], names: list[str], budget: int | None, tasks_file: str | None, ntotal: int | None = None
+) -> list[TaskSpec]:
     """The run's tasks, in the order given. Raises ``SeptError`` for a name given twice, a missing
     budget, a budget of zero or less, or (given ``ntotal``) a budget above the indexed pool."""
     specs: list[TaskSpec] = []
@@ -47,11 +48,15 @@ def resolve_tasks(targets: list[str], names: list[str], budget: int | None, task
     seen: dict[str, TaskSpec] = {}
     for spec in specs:
         if spec.name in seen:
-            raise SeptError(f"task name {spec.name!r} is given twice ({seen[spec.name].target} and {spec.target}); "
-                            "name each task once")
+            raise SeptError(
+                f"task name {spec.name!r} is given twice ({seen[spec.name].target} and {spec.target}); "
+                "name each task once"
+            )
         seen[spec.name] = spec
         if ntotal is not None and spec.budget > ntotal:
-            raise SeptError(f"budget {spec.budget} of task {spec.name!r} is larger than the pool's {ntotal} indexed samples")
+            raise SeptError(
+                f"budget {spec.budget} of task {spec.name!r} is larger than the pool's {ntotal} indexed samples"
+            )
     return specs
 
 
@@ -82,7 +87,7 @@ def _read_tasks_file(path: str, default_budget: int | None) -> list[TaskSpec]:
     except OSError as err:
         raise SeptError(f"cannot read task file {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise SeptError(f"task file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise SeptError(f"task file {path} is not valid YAML: {first_line(err)}") from None
     if isinstance(doc, dict):
         default_budget = doc.get("budget", default_budget)
         entries = doc.get("tasks")

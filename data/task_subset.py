@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from sept.data.samples import PoolSample, ShardStats, iter_samples
 from sept.errors import SeptError
@@ -85,12 +85,19 @@ def load_task_subset(selection_dir: str, task: str, *, verify: str = "hash") -> 
     keys: dict[str, set[str]] = {}
     for row in rows:
         if row["shard"] not in recorded:
-            raise SeptError(f"task {task!r}: {manifest_path} names shard {row['shard']} that {shards_path} does not record")
+            raise SeptError(
+                f"task {task!r}: {manifest_path} names shard {row['shard']} that {shards_path} does not record"
+            )
         keys.setdefault(os.path.join(shard_root, row["shard"]), set()).add(row["key"])
     for path in sorted(keys):
         check_shard(path, recorded[os.path.basename(path)], verify=verify, named_by=manifest_path)
-    return TaskSubset(task=task, selection_dir=os.path.abspath(selection_dir), rows=rows, shards=sorted(keys),
-                      keys={p: frozenset(k) for p, k in keys.items()})
+    return TaskSubset(
+        task=task,
+        selection_dir=os.path.abspath(selection_dir),
+        rows=rows,
+        shards=sorted(keys),
+        keys={p: frozenset(k) for p, k in keys.items()},
+    )
 
 
 def check_shard(path: str, record: dict, *, verify: str = "hash", named_by: str = "") -> None:
@@ -123,8 +130,9 @@ def iter_task_samples(subset: TaskSubset, stats: ShardStats | None = None) -> It
                     found += 1
                     yield sample
         if found != len(wanted):
-            raise SeptError(f"shared shard {path} holds {found} of the {len(wanted)} samples task "
-                            f"{subset.task!r} expects there")
+            raise SeptError(
+                f"shared shard {path} holds {found} of the {len(wanted)} samples task {subset.task!r} expects there"
+            )
 
 
 def open_task_data(path: str, *, verify: str = "size") -> TaskSubset:
@@ -153,15 +161,17 @@ def resolve_training_data(data: str, task: str | None = None) -> str:
         tasks = list_tasks(data)
         if task is None:
             if len(tasks) != 1:
-                raise SeptError(f"{data} is a selection of {len(tasks)} tasks ({', '.join(tasks) or 'none'}); "
-                                "name one with --task")
+                raise SeptError(
+                    f"{data} is a selection of {len(tasks)} tasks ({', '.join(tasks) or 'none'}); name one with --task"
+                )
             task = tasks[0]
         elif task not in tasks:
             raise SeptError(f"no task {task!r} in the selection {data} (tasks there: {', '.join(tasks) or 'none'})")
         return task_dir(data, task)
     if task is not None:
-        raise SeptError(f"--task {task} needs a selection folder, and {data} is not one (no {TASKS_DIR}/ and "
-                        f"{SHARDS_DIR}/ in it)")
+        raise SeptError(
+            f"--task {task} needs a selection folder, and {data} is not one (no {TASKS_DIR}/ and {SHARDS_DIR}/ in it)"
+        )
     return data
 
 

@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import zarr
 
 from sept.errors import SeptError
+from sept.io import atomic_file, publish_dir, remove_stale_staging, staging_dir
 
 KIND = "sept-embeddings"
 CHUNK_ROWS = 65536
-TMP_PREFIX = ".tmp-"
 QUARANTINE = "quarantine.jsonl"
 
 
@@ -52,7 +50,7 @@ class EncoderIdentity:
     image_size: int
 
     @classmethod
-    def of(cls, bundle) -> "EncoderIdentity":
+    def of(cls, bundle) -> EncoderIdentity:
         return cls(bundle.identity, bundle.arch, int(bundle.dim), int(bundle.image_size))
 
     def to_dict(self) -> dict:
@@ -67,7 +65,7 @@ class EmbeddingStore:
 
     # ---- creation -------------------------------------------------------------------------
     @classmethod
-    def create_or_open(cls, path: str, *, encoder: EncoderIdentity, pool: list[str]) -> "EmbeddingStore":
+    def create_or_open(cls, path: str, *, encoder: EncoderIdentity, pool: list[str]) -> EmbeddingStore:
         """Create the store, or reopen it for the same encoder. The pool may have grown since."""
         store = cls(path)
         if os.path.exists(os.path.join(store.path, "zarr.json")):
@@ -96,7 +94,7 @@ class EmbeddingStore:
         return store
 
     @classmethod
-    def open(cls, path: str) -> "EmbeddingStore":
+    def open(cls, path: str) -> EmbeddingStore:
         store = cls(path)
         if not os.path.exists(os.path.join(store.path, "zarr.json")):
             raise SeptError(f"embeddings store not found: {path}")
@@ -140,10 +138,10 @@ class EmbeddingStore:
     ) -> None:
         """Write one shard atomically: build it under a temporary name, then rename it into place."""
         final = self._shard_dir(shard_index)
-        tmp = os.path.join(self.path, "shards", f"{TMP_PREFIX}{shard_name(shard_index)}-{uuid.uuid4().hex[:8]}")
         n, dim = len(ids), self.dim
         if vectors.shape != (n, dim):
             raise ValueError(f"shard {shard_index}: vectors {vectors.shape} do not match ({n}, {dim})")
+        tmp = staging_dir(final)
         group = zarr.open_group(tmp, mode="w")
         chunk = max(1, min(n, CHUNK_ROWS))
         group.create_array("vectors", shape=(n, dim), dtype="float16", chunks=(chunk, dim))[...] = vectors.astype(
@@ -151,26 +149,13 @@ class EmbeddingStore:
         )
         group.create_array("ids", shape=(n,), dtype="int64", chunks=(chunk,))[...] = ids.astype(np.int64)
         group.attrs.update(shard=self.pool[shard_index], count=int(n), **(report or {}))
-        _fsync_tree(tmp)  # the rename below marks the shard complete: its data must be durable first
-        if os.path.exists(final):  # another attempt finished first; the data is the same
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        try:
-            os.rename(tmp, final)
-        except OSError:  # lost a race with another attempt at the same shard: keep the first
-            if not self.is_complete(shard_index):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        _fsync_dir(os.path.dirname(final))
+        # The rename marks the shard complete. When another attempt at the same shard finished
+        # first, its data is the same and it is kept.
+        publish_dir(tmp, final)
 
     def remove_partial_writes(self) -> int:
         """Delete temporary shard groups left by writers that died; call only while none is writing."""
-        shards_dir = os.path.join(self.path, "shards")
-        stale = [n for n in os.listdir(shards_dir) if n.startswith(TMP_PREFIX)] if os.path.isdir(shards_dir) else []
-        for name in stale:
-            shutil.rmtree(os.path.join(shards_dir, name), ignore_errors=True)
-        return len(stale)
+        return remove_stale_staging(os.path.join(self.path, "shards"))
 
     def set_attrs(self, **values) -> None:
         """Update the root attributes; only the coordinator calls this, never a shard writer."""
@@ -186,8 +171,7 @@ class EmbeddingStore:
         kinds = {kind: 0 for kind in BAD_KINDS}
         samples = bad = 0
         path = os.path.join(self.path, QUARANTINE)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(path, "w") as f:
             for i in self.complete_shards():
                 attrs = self.shard_attrs(i)
                 shard_bad = int(attrs.get("bad", 0))
@@ -196,14 +180,14 @@ class EmbeddingStore:
                 listed = attrs.get("bad_samples", [])
                 for key, reason in listed:
                     kind = bad_kind(reason)
-                    f.write(json.dumps(dict(shard_index=i, shard=attrs["shard"], key=key, kind=kind,
-                                            reason=reason)) + "\n")
+                    f.write(
+                        json.dumps(dict(shard_index=i, shard=attrs["shard"], key=key, kind=kind, reason=reason)) + "\n"
+                    )
                 for kind, count in (attrs.get("bad_kinds") or {}).items():
                     kinds[kind] = kinds.get(kind, 0) + int(count)
                 if "bad_kinds" not in attrs:  # a shard written before kinds were counted
                     for _, reason in listed:
                         kinds[bad_kind(reason)] += 1
-        os.replace(tmp, path)
         return dict(path=path, samples=samples, bad=bad, kinds=kinds)
 
     def shard_attrs(self, shard_index: int) -> dict:
@@ -225,8 +209,9 @@ class EmbeddingStore:
         group = zarr.open_group(self._shard_dir(shard_index), mode="r")
         return np.asarray(group["vectors"][start:stop], dtype=np.float32), np.asarray(group["ids"][start:stop])
 
-    def iter_batches(self, shard_indices: list[int], batch_rows: int = CHUNK_ROWS
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(
+        self, shard_indices: list[int], batch_rows: int = CHUNK_ROWS
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(vectors, ids) of the given shards, at most batch_rows at a time: memory is one batch."""
         for i in shard_indices:
             count = self.shard_count(i)
@@ -258,8 +243,9 @@ class EmbeddingStore:
         """
         return self.sample_with_ids(n, seed=seed)[0]
 
-    def sample_with_ids(self, n: int, *, seed: int = 0, shard_indices: list[int] | None = None
-                        ) -> tuple[np.ndarray, np.ndarray]:
+    def sample_with_ids(
+        self, n: int, *, seed: int = 0, shard_indices: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, ids) of up to n rows drawn uniformly without replacement from the given
         complete shards (default: all), in store order; one chunk in memory at a time."""
         shard_indices = self.complete_shards() if shard_indices is None else list(shard_indices)
@@ -284,30 +270,6 @@ class EmbeddingStore:
         if not xs:
             return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
         return np.concatenate(xs), np.concatenate(idss)
-
-
-def _fsync_tree(root: str) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _first_difference(a: list[str], b: list[str]) -> int:

@@ -11,11 +11,9 @@ stored with the index; `sept select` uses it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import faiss
@@ -25,6 +23,7 @@ from sept.errors import SeptError
 from sept.index.embedding_store import EmbeddingStore
 from sept.index.merge import merge_topk
 from sept.index.store import IndexStore
+from sept.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,12 @@ def _check_embeddings(store: IndexStore, emb: EmbeddingStore, index_path: str, e
         )
     counts = {int(i): int(c) for i, c in attrs.get("indexed_counts", {}).items()}
     for i, count in counts.items():
-        if i >= len(emb.pool) or emb.pool[i] != attrs["pool"][i] or not emb.is_complete(i) or emb.shard_count(i) != count:
+        if (
+            i >= len(emb.pool)
+            or emb.pool[i] != attrs["pool"][i]
+            or not emb.is_complete(i)
+            or emb.shard_count(i) != count
+        ):
             raise SeptError(
                 f"embeddings {emb_path} do not hold the vectors index {index_path} was built from "
                 f"(pool shard {attrs['pool'][i]} differs or is missing)"
@@ -128,19 +132,33 @@ def evaluate_index(cfg: EvalConfig) -> dict:
         D, I = merge_topk([index.search(xq, k + 1) for index in indexes], k + 1, metric=metric)
         seconds = time.perf_counter() - t0
         I = drop_self(I, qids, k)
-        rows.append(dict(nprobe=nprobe or None, recall_at_1=recall_at(I, I_exact, 1),
-                         recall_at_k=recall_at(I, I_exact, k), qps=nq / seconds if seconds > 0 else float("inf")))
+        rows.append(
+            dict(
+                nprobe=nprobe or None,
+                recall_at_1=recall_at(I, I_exact, 1),
+                recall_at_k=recall_at(I, I_exact, k),
+                qps=nq / seconds if seconds > 0 else float("inf"),
+            )
+        )
     chosen, rule = _choose(rows, cfg.target_recall, k)
-    result = dict(index=store.path, embeddings=emb.path, factory=attrs["spec"]["factory"], ntotal=int(attrs["ntotal"]),
-                  queries=nq, k=k, metric=metric, threads=faiss.omp_get_max_threads(),
-                  exact=dict(qps=nq / exact_s if exact_s > 0 else float("inf"), seconds=exact_s),
-                  rows=rows, target_recall=cfg.target_recall, chosen_nprobe=chosen, rule=rule,
-                  config=asdict(cfg))
+    result = dict(
+        index=store.path,
+        embeddings=emb.path,
+        factory=attrs["spec"]["factory"],
+        ntotal=int(attrs["ntotal"]),
+        queries=nq,
+        k=k,
+        metric=metric,
+        threads=faiss.omp_get_max_threads(),
+        exact=dict(qps=nq / exact_s if exact_s > 0 else float("inf"), seconds=exact_s),
+        rows=rows,
+        target_recall=cfg.target_recall,
+        chosen_nprobe=chosen,
+        rule=rule,
+        config=asdict(cfg),
+    )
     out = cfg.out or os.path.join(store.path, "eval.json")
-    tmp = f"{out}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(out, result)
     result["json"] = out
     if chosen is not None:
         store.update_attrs(nprobe=chosen, nprobe_reason=rule, eval=out)
@@ -155,15 +173,19 @@ def _choose(rows: list[dict], target: float, k: int) -> tuple[int | None, str]:
         if row["recall_at_k"] >= target:
             return row["nprobe"], f"nprobe {row['nprobe']}: the smallest reaching recall@{k} >= {target}"
     best = max(rows, key=lambda r: (r["recall_at_k"], -r["nprobe"]))
-    return best["nprobe"], (f"nprobe {best['nprobe']}: no nprobe reached recall@{k} >= {target}; "
-                            f"this one gave the best, {best['recall_at_k']:.3f}")
+    return best["nprobe"], (
+        f"nprobe {best['nprobe']}: no nprobe reached recall@{k} >= {target}; "
+        f"this one gave the best, {best['recall_at_k']:.3f}"
+    )
 
 
 def format_eval_table(result: dict) -> str:
     k = result["k"]
-    lines = [f"index {result['index']} ({result['factory']}, {result['ntotal']} vectors): "
-             f"{result['queries']} held-out queries, {result['threads']} thread(s)",
-             f"{'nprobe':>8} {'recall@1':>9} {f'recall@{k}':>10} {'QPS':>10}"]
+    lines = [
+        f"index {result['index']} ({result['factory']}, {result['ntotal']} vectors): "
+        f"{result['queries']} held-out queries, {result['threads']} thread(s)",
+        f"{'nprobe':>8} {'recall@1':>9} {f'recall@{k}':>10} {'QPS':>10}",
+    ]
     for row in result["rows"]:
         nprobe = "-" if row["nprobe"] is None else str(row["nprobe"])
         lines.append(f"{nprobe:>8} {row['recall_at_1']:>9.3f} {row['recall_at_k']:>10.3f} {row['qps']:>10.0f}")

@@ -15,7 +15,7 @@ and the monolithic reference, for a few more than k before cutting makes the cho
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -81,7 +81,9 @@ class TopK:
         return self.D.copy(), self.I.copy()
 
 
-def merge_topk(results: Iterable[tuple[np.ndarray, np.ndarray]], k: int, *, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+    results: Iterable[tuple[np.ndarray, np.ndarray]], k: int, *, metric: str = "ip"
+) -> tuple[np.ndarray, np.ndarray]:
     """Merge shard results [(D_s, I_s), ...], each (nq, k_s), into the global (D, I) of shape (nq, k).
 
     Ids of -1 (a shard with fewer than k vectors) never displace real results. Rows are sorted

@@ -21,7 +21,7 @@ ids < 0 in search results are padding, as faiss returns them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

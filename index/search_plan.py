@@ -20,9 +20,22 @@ from sept.errors import SeptError
 # at about 45 bytes a vector. IVF lists hold just the code and the id.
 _IDMAP_BYTES_PER_VECTOR = 48
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
-               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
-               "tib": 1 << 40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -73,8 +86,9 @@ def group_peak(shards: list[int], footprints: list[ShardFootprint], base: int) -
     return base + sum(footprints[j].resident for j in shards) + max(footprints[j].loading for j in shards)
 
 
-def plan_waves(footprints: list[ShardFootprint], searchers: int, memory_per_searcher: int | None = None, *,
-               base: int = 0) -> SearchPlan:
+def plan_waves(
+    footprints: list[ShardFootprint], searchers: int, memory_per_searcher: int | None = None, *, base: int = 0
+) -> SearchPlan:
     """Assign index shards to searchers, in as few waves as memory allows.
 
     ``base`` is what a searcher needs besides its shards (the trained quantizer, the queries).
@@ -115,7 +129,7 @@ def plan_waves(footprints: list[ShardFootprint], searchers: int, memory_per_sear
         else:
             bins.append([j])
     bins = [sorted(b) for b in bins]
-    waves = [bins[w:w + searchers] for w in range(0, len(bins), searchers)]
+    waves = [bins[w : w + searchers] for w in range(0, len(bins), searchers)]
     return SearchPlan(waves=waves, group_bytes=[[group_peak(g, footprints, base) for g in w] for w in waves])
 
 

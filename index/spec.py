@@ -95,30 +95,39 @@ def _nlist(n: int, train_size: int | None) -> tuple[int, str]:
         fit = min(n, train_size) // MIN_POINTS_PER_LIST
         if fit < nlist:
             nlist = 1 << max(0, fit.bit_length() - 1)
-            why = (f"IVF with {nlist} lists (4*sqrt(n) capped so that each list gets {MIN_POINTS_PER_LIST}+ of the "
-                   f"{min(n, train_size)} training vectors; raise --train-size for more)")
+            why = (
+                f"IVF with {nlist} lists (4*sqrt(n) capped so that each list gets {MIN_POINTS_PER_LIST}+ of the "
+                f"{min(n, train_size)} training vectors; raise --train-size for more)"
+            )
     return nlist, why
 
 
 def _candidates(dim: int, nlist: int) -> list[tuple[str, str]]:
     """Factory strings from the most to the least accurate, with what their codes are."""
-    out = [(f"IVF{nlist},Flat", "uncompressed float32 vectors"),
-           (f"IVF{nlist},SQfp16", f"float16 scalar quantizer, {2 * dim} bytes a vector"),
-           (f"IVF{nlist},SQ8", f"8-bit scalar quantizer, {dim} bytes a vector")]
+    out = [
+        (f"IVF{nlist},Flat", "uncompressed float32 vectors"),
+        (f"IVF{nlist},SQfp16", f"float16 scalar quantizer, {2 * dim} bytes a vector"),
+        (f"IVF{nlist},SQ8", f"8-bit scalar quantizer, {dim} bytes a vector"),
+    ]
     m = dim // 2
     while m >= MIN_PQ_BYTES:
         if dim % m == 0:
             if dim // m >= 4:
-                out.append((f"OPQ{m}_{dim},IVF{nlist},PQ{m}",
-                            f"PQ codes of {m} bytes, each over {dim // m} dims, so an OPQ rotation pays"))
+                out.append(
+                    (
+                        f"OPQ{m}_{dim},IVF{nlist},PQ{m}",
+                        f"PQ codes of {m} bytes, each over {dim // m} dims, so an OPQ rotation pays",
+                    )
+                )
             else:
                 out.append((f"IVF{nlist},PQ{m}", f"PQ codes of {m} bytes, each over {dim // m} dims"))
         m //= 2
     return out
 
 
-def choose_factory(n: int, dim: int, memory_budget: int | None = None, train_size: int | None = None
-                   ) -> tuple[str, str]:
+def choose_factory(
+    n: int, dim: int, memory_budget: int | None = None, train_size: int | None = None
+) -> tuple[str, str]:
     """Pick a factory string for n vectors of dimension dim, and say why.
 
     Without a memory budget: Flat up to FLAT_MAX_VECTORS, else IVF (~4*sqrt(n) lists) with PQ
@@ -141,8 +150,9 @@ def choose_factory(n: int, dim: int, memory_budget: int | None = None, train_siz
         need = index_bytes(factory, n, dim)
         if need <= memory_budget:
             better = f"; {tried[-1]} would not fit" if tried else ""
-            return factory, (f"{n} vectors of dim {dim}: {list_why}; {codes}: about {format_bytes(need)}"
-                             f"{budget_text}{better}")
+            return factory, (
+                f"{n} vectors of dim {dim}: {list_why}; {codes}: about {format_bytes(need)}{budget_text}{better}"
+            )
         tried.append(f"{factory} ({format_bytes(need)})")
     raise SeptError(
         f"--memory-budget {format_bytes(memory_budget)} is too small for any index of {n} vectors of dim {dim}: "

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 
 import faiss
 import numpy as np
 import zarr
 
 from sept.errors import SeptError
+from sept.io import publish_dir, staging_dir
 
 KIND = "sept-index"
 
@@ -44,14 +43,14 @@ class IndexStore:
         self.path = os.path.abspath(path)
 
     @classmethod
-    def open(cls, path: str) -> "IndexStore":
+    def open(cls, path: str) -> IndexStore:
         store = cls(path)
         if not os.path.exists(os.path.join(store.path, "zarr.json")) or store.attrs.get("kind") != KIND:
             raise SeptError(f"not a sept index store: {path}")
         return store
 
     @classmethod
-    def create(cls, path: str, *, trained: faiss.Index, attrs: dict) -> "IndexStore":
+    def create(cls, path: str, *, trained: faiss.Index, attrs: dict) -> IndexStore:
         store = cls(path)
         group = zarr.open_group(store.path, mode="w")
         blob = faiss.serialize_index(trained)
@@ -84,7 +83,8 @@ class IndexStore:
 
     def write_shard(self, index_shard: int, offsets: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> None:
         """Write one index shard under a temporary name, then rename it into place."""
-        tmp = os.path.join(self.path, "shards", f".tmp-{shard_name(index_shard)}-{uuid.uuid4().hex[:8]}")
+        final = self._shard_dir(index_shard)
+        tmp = staging_dir(final)
         group = zarr.open_group(tmp, mode="w")
         n, code_size = codes.shape
         group.create_array("offsets", shape=offsets.shape, dtype="int64", chunks=(max(1, len(offsets)),))[...] = offsets
@@ -92,10 +92,7 @@ class IndexStore:
         group.create_array("ids", shape=(n,), dtype="int64", chunks=(chunk,))[...] = ids
         group.create_array("codes", shape=(n, code_size), dtype="uint8", chunks=(chunk, code_size))[...] = codes
         group.attrs.update(ntotal=int(n))
-        final = self._shard_dir(index_shard)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish_dir(tmp, final, replace=True)
 
     def read_shard(self, index_shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.is_complete(index_shard):

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -81,6 +81,7 @@ class Choice:
 
 # ---- building streams from search results ------------------------------------------------------
 
+
 def _valid(S: np.ndarray, I: np.ndarray, min_similarity: float | None) -> np.ndarray:
     valid = (I >= 0) & np.isfinite(S)
     if min_similarity is not None:
@@ -97,19 +98,29 @@ def _bound(S: np.ndarray, valid: np.ndarray, rows) -> float:
     return float(S[rows, -1][last].max()) if last.any() else -np.inf
 
 
-def instance_streams(S: np.ndarray, I: np.ndarray, query_class: np.ndarray | None = None, *,
-                     balance: str = "instance", min_similarity: float | None = None) -> list[Stream]:
+def instance_streams(
+    S: np.ndarray,
+    I: np.ndarray,
+    query_class: np.ndarray | None = None,
+    *,
+    balance: str = "instance",
+    min_similarity: float | None = None,
+) -> list[Stream]:
     """Per-instance streams: rank-major over a group's queries; one group, or one per class."""
     nq, k = I.shape
     valid = _valid(S, I, min_similarity)
     streams = []
     for name, rows in _groups(nq, query_class, balance):
         rank_major_valid = valid[rows].T.ravel()
-        streams.append(Stream(
-            ids=I[rows].T.ravel()[rank_major_valid].astype(np.int64),
-            scores=S[rows].T.ravel()[rank_major_valid].astype(np.float32),
-            queries=np.tile(rows, k)[rank_major_valid].astype(np.int64),
-            bound=_bound(S, valid, rows), name=name))
+        streams.append(
+            Stream(
+                ids=I[rows].T.ravel()[rank_major_valid].astype(np.int64),
+                scores=S[rows].T.ravel()[rank_major_valid].astype(np.float32),
+                queries=np.tile(rows, k)[rank_major_valid].astype(np.int64),
+                bound=_bound(S, valid, rows),
+                name=name,
+            )
+        )
     return streams
 
 
@@ -125,8 +136,14 @@ def _groups(nq: int, query_class: np.ndarray | None, balance: str) -> list[tuple
     return [("all", np.arange(nq))]
 
 
-def topk_streams(S: np.ndarray, I: np.ndarray, query_class: np.ndarray | None = None, *, balance: str = "instance",
-                 min_similarity: float | None = None) -> list[Stream]:
+def topk_streams(
+    S: np.ndarray,
+    I: np.ndarray,
+    query_class: np.ndarray | None = None,
+    *,
+    balance: str = "instance",
+    min_similarity: float | None = None,
+) -> list[Stream]:
     """Every distinct neighbour by its best similarity, best first (ties by id): one stream, or
     with ``balance="class"`` one stream of equal weight per class (its images' neighbours only)."""
     nq, k = I.shape
@@ -141,8 +158,16 @@ def topk_streams(S: np.ndarray, I: np.ndarray, query_class: np.ndarray | None = 
         ids, scores, queries = ids[order], scores[order], queries[order]
         _, first = np.unique(ids, return_index=True)  # the first occurrence is the best
         keep = np.sort(first)
-        streams.append(Stream(ids=ids[keep], scores=scores[keep], queries=queries[keep], bound=_bound(S, valid, rows),
-                              sorted_by_score=True, name="topk" if balance == "instance" else f"topk:{name}"))
+        streams.append(
+            Stream(
+                ids=ids[keep],
+                scores=scores[keep],
+                queries=queries[keep],
+                bound=_bound(S, valid, rows),
+                sorted_by_score=True,
+                name="topk" if balance == "instance" else f"topk:{name}",
+            )
+        )
     return streams
 
 
@@ -168,8 +193,14 @@ def mix_streams(groups: Sequence[Sequence[Stream]], fractions: Sequence[float]) 
 
 # ---- filling the budget ------------------------------------------------------------------------
 
-def fill(streams: list[Stream], budget: int, *, excluded: set[int] | frozenset = frozenset(),
-         near_dup: NearDuplicateFilter | None = None) -> Choice:
+
+def fill(
+    streams: list[Stream],
+    budget: int,
+    *,
+    excluded: set[int] | frozenset = frozenset(),
+    near_dup: NearDuplicateFilter | None = None,
+) -> Choice:
     """Take candidates from the streams, each turn from the one furthest below its weighted share."""
     if budget < 0:
         raise ValueError(f"budget must be non-negative, got {budget}")
@@ -214,12 +245,18 @@ def fill(streams: list[Stream], budget: int, *, excluded: set[int] | frozenset =
         heapq.heappush(turns, (taken[s] / st.weight, s))
     needs_more = any(
         st.bound > -np.inf and (ran_out[s] or (st.sorted_by_score and taken[s] and lowest[s] < st.bound))
-        for s, st in enumerate(streams))
-    return Choice(ids=np.asarray(ids, np.int64), scores=np.asarray(scores, np.float32),
-                  chosen_by=np.asarray(chosen_by, np.int64), stream_of=np.asarray(stream_of, np.int64),
-                  taken=taken, leaked_skipped=len(leaked),
-                  near_duplicates=dict(near_dup.duplicates) if near_dup is not None else {},
-                  needs_more_neighbours=needs_more)
+        for s, st in enumerate(streams)
+    )
+    return Choice(
+        ids=np.asarray(ids, np.int64),
+        scores=np.asarray(scores, np.float32),
+        chosen_by=np.asarray(chosen_by, np.int64),
+        stream_of=np.asarray(stream_of, np.int64),
+        taken=taken,
+        leaked_skipped=len(leaked),
+        near_duplicates=dict(near_dup.duplicates) if near_dup is not None else {},
+        needs_more_neighbours=needs_more,
+    )
 
 
 def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> Choice:
@@ -239,8 +276,9 @@ def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_simil
     return choice
 
 
-def query_neighbours(choice: Choice, S: np.ndarray | None, I: np.ndarray | None, nq: int, top: int = 16
-                     ) -> list[list[tuple[int, float]]]:
+def query_neighbours(
+    choice: Choice, S: np.ndarray | None, I: np.ndarray | None, nq: int, top: int = 16
+) -> list[list[tuple[int, float]]]:
     """For each query, its chosen neighbours best first (id, similarity), at most ``top``: what the report shows."""
     pairs: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
     chosen = set(choice.ids.tolist())
@@ -256,10 +294,19 @@ def query_neighbours(choice: Choice, S: np.ndarray | None, I: np.ndarray | None,
     return [sorted(p, key=lambda t: (-t[1], t[0]))[:top] for p in pairs]
 
 
-def choose(S: np.ndarray, I: np.ndarray, budget: int, *, strategy: str = "instance", balance: str = "instance",
-           query_class: np.ndarray | None = None, min_similarity: float | None = None,
-           excluded: set[int] | frozenset = frozenset(), near_dup: NearDuplicateFilter | None = None,
-           topk_share: float = 0.0) -> Choice:
+def choose(
+    S: np.ndarray,
+    I: np.ndarray,
+    budget: int,
+    *,
+    strategy: str = "instance",
+    balance: str = "instance",
+    query_class: np.ndarray | None = None,
+    min_similarity: float | None = None,
+    excluded: set[int] | frozenset = frozenset(),
+    near_dup: NearDuplicateFilter | None = None,
+    topk_share: float = 0.0,
+) -> Choice:
     """The search-based strategies end to end: streams, fill, retrievers.
 
     ``topk_share`` (instance strategy only) gives that fraction of the budget to the top scores
@@ -283,12 +330,21 @@ def choose(S: np.ndarray, I: np.ndarray, budget: int, *, strategy: str = "instan
 
 # ---- the cluster strategy ----------------------------------------------------------------------
 
+
 def train_clusters(sample: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20) -> np.ndarray:
     """Spherical k-means centroids (n_clusters, d) of a sample of pool embeddings."""
     x = normalize(sample)
     n_clusters = int(max(1, min(n_clusters, len(x))))
-    km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=seed, spherical=True, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max(256, -(-len(x) // n_clusters)))
+    km = faiss.Kmeans(
+        x.shape[1],
+        n_clusters,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, -(-len(x) // n_clusters)),
+    )
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
@@ -310,9 +366,16 @@ class ClusterPlan:
     members: int  # pool samples in the kept clusters
 
 
-def cluster_streams(centroids: np.ndarray, xq: np.ndarray, pool: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
-                    budget: int, *, query_class: np.ndarray | None = None, balance: str = "instance",
-                    min_similarity: float | None = None) -> tuple[list[Stream], ClusterPlan, list[list[int]]]:
+def cluster_streams(
+    centroids: np.ndarray,
+    xq: np.ndarray,
+    pool: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    budget: int,
+    *,
+    query_class: np.ndarray | None = None,
+    balance: str = "instance",
+    min_similarity: float | None = None,
+) -> tuple[list[Stream], ClusterPlan, list[list[int]]]:
     """Streams of the kept clusters' members, read from ``pool()`` (an iterable of (x, ids) blocks, read twice).
 
     Each target image falls into its nearest cluster; while those hold fewer than ``budget``
@@ -360,8 +423,13 @@ def cluster_streams(centroids: np.ndarray, xq: np.ndarray, pool: Callable[[], It
             rows = np.flatnonzero(a == cl)
             sims = xn[rows] @ q[probing[cl]].T
             best = sims.argmax(axis=1)
-            found[cl].append((np.asarray(ids)[rows].astype(np.int64), sims[np.arange(len(rows)), best].astype(np.float32),
-                              np.asarray(probing[cl])[best].astype(np.int64)))
+            found[cl].append(
+                (
+                    np.asarray(ids)[rows].astype(np.int64),
+                    sims[np.arange(len(rows)), best].astype(np.float32),
+                    np.asarray(probing[cl])[best].astype(np.int64),
+                )
+            )
     streams = []
     for cl in sorted(weights):
         parts = found[cl]
@@ -372,19 +440,41 @@ def cluster_streams(centroids: np.ndarray, xq: np.ndarray, pool: Callable[[], It
             keep = scores >= min_similarity
             ids, scores, queries = ids[keep], scores[keep], queries[keep]
         order = np.lexsort((ids, -scores))
-        streams.append(Stream(ids=ids[order], scores=scores[order], queries=queries[order], weight=weights[cl],
-                              sorted_by_score=True, name=f"cluster {cl}", cluster=cl))
-    plan = ClusterPlan(probes=probes, query_clusters=query_clusters, weights=weights,
-                       members=int(counts[np.asarray(sorted(weights))].sum()))
+        streams.append(
+            Stream(
+                ids=ids[order],
+                scores=scores[order],
+                queries=queries[order],
+                weight=weights[cl],
+                sorted_by_score=True,
+                name=f"cluster {cl}",
+                cluster=cl,
+            )
+        )
+    plan = ClusterPlan(
+        probes=probes,
+        query_clusters=query_clusters,
+        weights=weights,
+        members=int(counts[np.asarray(sorted(weights))].sum()),
+    )
     return streams, plan, query_clusters
 
 
-def choose_by_clusters(centroids: np.ndarray, xq: np.ndarray, pool: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
-                       budget: int, *, query_class: np.ndarray | None = None, balance: str = "instance",
-                       min_similarity: float | None = None, excluded: set[int] | frozenset = frozenset(),
-                       near_dup: NearDuplicateFilter | None = None) -> tuple[Choice, ClusterPlan]:
-    streams, plan, query_clusters = cluster_streams(centroids, xq, pool, budget, query_class=query_class,
-                                                    balance=balance, min_similarity=min_similarity)
+def choose_by_clusters(
+    centroids: np.ndarray,
+    xq: np.ndarray,
+    pool: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    budget: int,
+    *,
+    query_class: np.ndarray | None = None,
+    balance: str = "instance",
+    min_similarity: float | None = None,
+    excluded: set[int] | frozenset = frozenset(),
+    near_dup: NearDuplicateFilter | None = None,
+) -> tuple[Choice, ClusterPlan]:
+    streams, plan, query_clusters = cluster_streams(
+        centroids, xq, pool, budget, query_class=query_class, balance=balance, min_similarity=min_similarity
+    )
     choice = fill(streams, budget, excluded=excluded, near_dup=near_dup)
     probing: dict[int, list[int]] = {}
     for i, clusters in enumerate(query_clusters):
@@ -392,4 +482,3 @@ def choose_by_clusters(centroids: np.ndarray, xq: np.ndarray, pool: Callable[[],
             probing.setdefault(cl, []).append(i)
     choice.retrieved_by = [probing[streams[s].cluster] for s in choice.stream_of.tolist()]
     return choice, plan
-

@@ -34,11 +34,20 @@ class RayCluster:
         return run_sept(*args, "--ray-address", self.address, env=self.env, check=check, timeout=timeout)
 
 
-def run_sept(*args: str, env: dict | None = None, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
-    proc = subprocess.run([os.path.join(VENV_BIN, "sept"), *args], env=env or os.environ.copy(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_sept(
+    *args: str, env: dict | None = None, check: bool = True, timeout: int = 1500
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [os.path.join(VENV_BIN, "sept"), *args],
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"sept {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"sept {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -63,12 +72,32 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="sept-ray-", dir="/tmp")  # short: unix socket paths are limited
     port = _free_port()
     common = ["--num-cpus=2", "--disable-usage-stats", f"--node-ip-address={NODE_IP}"]
-    subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-                    "--resources", '{"sept_head": 1}', *common], env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=false",
+            "--resources",
+            '{"sept_head": 1}',
+            *common,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     cluster = RayCluster(address=f"{NODE_IP}:{port}", env=env)
     try:
-        subprocess.run([RAY, "start", f"--address={cluster.address}", "--resources", '{"sept_worker": 1}', *common],
-                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [RAY, "start", f"--address={cluster.address}", "--resources", '{"sept_worker": 1}', *common],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         _wait_for_nodes(cluster, 2)
         yield cluster
     finally:
@@ -105,8 +134,10 @@ def stop_ray_processes(temp_dir: str) -> None:
 
 
 def _wait_for_nodes(cluster: RayCluster, n: int, timeout: float = 60) -> None:
-    code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
-            "print(sum(1 for x in ray.nodes() if x['Alive']))" % cluster.address)
+    code = (
+        f"import ray; ray.init(address={cluster.address!r}, logging_level='ERROR'); "
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True)
@@ -124,5 +155,7 @@ def slurm_available() -> str | None:
     states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
     usable = [n for n, s in states.items() if s.rstrip("*") in ("idle", "mix", "alloc", "comp")]
     if len(usable) < 2:
-        return f"SLURM dev cluster not up ({out.stdout.strip() or out.stderr.strip()}): run `bash slurm/dev-cluster.sh up`"
+        return (
+            f"SLURM dev cluster not up ({out.stdout.strip() or out.stderr.strip()}): run `bash slurm/dev-cluster.sh up`"
+        )
     return None

@@ -79,8 +79,18 @@ def test_checkpoint_to_keep_prefers_later_steps_within_the_probe_noise():
 def test_bootstrap_keeps_the_weights_that_retrieve_best(pool, tmp_path):
     target = _target(tmp_path / "target", {"train": 3, "val": 2})
     out = str(tmp_path / "enc.pt")
-    bootstrap(pool, out, sample_size=16, steps=4, batch_size=8, image_size=16, width=4, min_shards=2, target=target,
-              eval_every=2)
+    bootstrap(
+        pool,
+        out,
+        sample_size=16,
+        steps=4,
+        batch_size=8,
+        image_size=16,
+        width=4,
+        min_shards=2,
+        target=target,
+        eval_every=2,
+    )
     with open(out + ".bootstrap/" + RETRIEVAL_LOG_FILENAME, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 2, 4]
@@ -124,11 +134,29 @@ def test_bootstrap_centres_the_features_on_its_subset(pool, tmp_path):
     bundle = load_encoder(out, device="cpu")
     assert bundle.center is not None and bundle.extra["center_of"] == 16
     items, _, _ = sample_pool(list_shards(pool), 16, seed=5, min_shards=2)
-    raw = EncoderBundle(model=bundle.model, arch=bundle.arch, image_size=16, mean=bundle.mean, std=bundle.std,
-                        dim=bundle.dim, identity="", device=torch.device("cpu"))
+    raw = EncoderBundle(
+        model=bundle.model,
+        arch=bundle.arch,
+        image_size=16,
+        mean=bundle.mean,
+        std=bundle.std,
+        dim=bundle.dim,
+        identity="",
+        device=torch.device("cpu"),
+    )
     np.testing.assert_allclose(bundle.center.numpy(), feature_center(raw, items), rtol=1e-5, atol=1e-6)
     # Off: no centre.
     plain = str(tmp_path / "plain.pt")
-    bootstrap(pool, plain, sample_size=16, steps=2, batch_size=8, image_size=16, width=4, min_shards=2, seed=5,
-              center_features=False)
+    bootstrap(
+        pool,
+        plain,
+        sample_size=16,
+        steps=2,
+        batch_size=8,
+        image_size=16,
+        width=4,
+        min_shards=2,
+        seed=5,
+        center_features=False,
+    )
     assert load_encoder(plain, device="cpu").center is None

@@ -38,7 +38,7 @@ def test_decodes_jpeg_png_webp_to_rgb():
 
 
 def test_grey_sixteen_bit_and_transparent_images_become_sensible_rgb():
-    grey16 = Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024))
+    grey16 = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)
     out = np.asarray(decode_image(_encode(grey16)))
     assert out.shape == (8, 8, 3)
     assert out[0, 1, 0] == 4 and out[-1, -1, 0] == 252  # top byte kept, not clipped to white

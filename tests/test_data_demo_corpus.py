@@ -15,10 +15,9 @@ from sept.data.samples import iter_samples
 from sept.data.shards import list_shards
 from sept.data.targets import load_target
 from sept.errors import SeptError
+from sept.io import is_staging_name
 
-SMALL = dict(
-    pool_size=202, shards=3, target_train_per_class=3, target_val_per_class=2, image_size=16, seed=7
-)
+SMALL = dict(pool_size=202, shards=3, target_train_per_class=3, target_val_per_class=2, image_size=16, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,7 @@ def test_existing_corpus_is_reused_or_refused(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     made = make_demo_corpus(str(tmp_path / "empty"), **{**SMALL, "pool_size": 8, "shards": 1})
     assert len(list_shards(made.pool_spec)) == 1
-    leftovers = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    leftovers = [n for n in os.listdir(tmp_path) if is_staging_name(n)]
     assert leftovers == []
 
 

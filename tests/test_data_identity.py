@@ -27,9 +27,7 @@ def test_ids_sort_by_shard_then_position_and_are_unique():
 
 
 def test_make_ids_accepts_lists_and_empty_input():
-    np.testing.assert_array_equal(
-        make_ids(2, [0, 4]), make_ids(2, np.array([0, 4], dtype=np.uint32))
-    )
+    np.testing.assert_array_equal(make_ids(2, [0, 4]), make_ids(2, np.array([0, 4], dtype=np.uint32)))
     assert make_ids(2, []).shape == (0,)
     shards, positions = split_ids(np.zeros(0, dtype=np.int64))
     assert shards.shape == positions.shape == (0,)

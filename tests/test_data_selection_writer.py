@@ -9,6 +9,7 @@ import webdataset as wds
 from sept.data.samples import PoolSample, iter_samples
 from sept.data.selection_writer import SelectionShardWriter, extract_samples
 from sept.errors import SeptError
+from sept.io import is_staging_name
 
 
 @pytest.fixture
@@ -50,10 +51,7 @@ def test_written_shards_read_back_byte_identical(source_shard, tmp_path):
     with SelectionShardWriter(str(out), maxcount=3) as writer:
         for sample in extract_samples(path, range(8)):
             names.append(writer.write(sample))
-    assert (
-        names
-        == ["selected-000000.tar"] * 3 + ["selected-000001.tar"] * 3 + ["selected-000002.tar"] * 2
-    )
+    assert names == ["selected-000000.tar"] * 3 + ["selected-000001.tar"] * 3 + ["selected-000002.tar"] * 2
     assert writer.shards == [str(out / n) for n in dict.fromkeys(names)]
     assert sorted(os.listdir(out)) == sorted(dict.fromkeys(names))  # no .tmp left behind
     read_back = [s for shard in writer.shards for s in iter_samples(shard)]
@@ -67,9 +65,11 @@ def test_unfinished_shard_only_exists_under_a_tmp_name(source_shard, tmp_path):
     writer = SelectionShardWriter(str(out), prefix="part", maxcount=2)
     writer.write(originals[0])
     writer.write(originals[1])
-    assert os.listdir(out) == ["part-000000.tar.tmp"]
+    (staged,) = os.listdir(out)
+    assert is_staging_name(staged) and staged.startswith(".part-000000.tar.")
     assert writer.write(originals[2]) == "part-000001.tar"  # the first shard is now finished
-    assert sorted(os.listdir(out)) == ["part-000000.tar", "part-000001.tar.tmp"]
+    staged, finished = sorted(os.listdir(out))  # a staged name starts with a dot
+    assert finished == "part-000000.tar" and is_staging_name(staged) and staged.startswith(".part-000001.tar.")
     writer.close()
     assert sorted(os.listdir(out)) == ["part-000000.tar", "part-000001.tar"]
     writer.close()  # closing twice is harmless
@@ -84,9 +84,7 @@ def test_crash_inside_with_leaves_only_finished_shards(source_shard, tmp_path):
                 writer.write(sample)
             raise RuntimeError("boom")
     assert os.listdir(out) == ["selected-000000.tar"]
-    assert [s.key for s in iter_samples(str(out / "selected-000000.tar"))] == [
-        s.key for s in originals[:2]
-    ]
+    assert [s.key for s in iter_samples(str(out / "selected-000000.tar"))] == [s.key for s in originals[:2]]
 
 
 def test_keys_must_be_unique_within_a_shard_and_can_be_renamed(source_shard, tmp_path):

@@ -150,8 +150,23 @@ def test_sept_pretrain_method_detcon_computes_masks_and_trains(tmp_path):
     config.write_text("image_size: 32\nwidth: 8\nlog_every: 1\noptimizer: adamw\nlr: 0.002\n")
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one compute thread: the test machine's cores are shared
-    proc = run_sept("pretrain", "--data", pool, "--out", str(run), "--method", "detcon", "--steps", "6",
-                    "--batch-size", "8", "--config", str(config), env=env, timeout=300)
+    proc = run_sept(
+        "pretrain",
+        "--data",
+        pool,
+        "--out",
+        str(run),
+        "--method",
+        "detcon",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--config",
+        str(config),
+        env=env,
+        timeout=300,
+    )
     summary = json.loads(proc.stdout)
     assert summary["method"] == "detcon_s" and summary["steps"] == 6
     masked = list_shards(str(run / "masked-shards"))

@@ -40,6 +40,7 @@ from sept.data.embed_shard import BAD_KINDS
 from sept.data.identity import make_ids, split_ids
 from sept.data.samples import ShardStats, iter_samples
 from sept.index.embedding_store import EmbeddingStore
+from sept.io import is_staging_name
 from sept.training.encoder import build_backbone, load_encoder, save_encoder
 
 pytestmark = pytest.mark.integration
@@ -76,8 +77,9 @@ class SeptProcess:
     """`sept embed` running in the background, its stderr read line by line as it comes."""
 
     def __init__(self, args: list[str], env: dict):
-        self.proc = subprocess.Popen([os.path.join(VENV_BIN, "sept"), *args], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [os.path.join(VENV_BIN, "sept"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -121,7 +123,7 @@ def _wait_until(predicate, timeout: float, what: str, run: SeptProcess):
 
 
 def _summary(stdout: str) -> dict:
-    return json.loads(stdout[stdout.index("{"):])
+    return json.loads(stdout[stdout.index("{") :])
 
 
 def _assert_every_sample_embedded_once(store_path: str, pool: list[str]) -> np.ndarray:
@@ -131,11 +133,14 @@ def _assert_every_sample_embedded_once(store_path: str, pool: list[str]) -> np.n
     expected = []
     for i, shard in enumerate(pool):
         stats = ShardStats()
-        expected.extend(make_ids(i, [s.position for s in iter_samples(shard, stats) if decode_sample(s, ShardStats())
-                                     is not None]).tolist())
+        expected.extend(
+            make_ids(
+                i, [s.position for s in iter_samples(shard, stats) if decode_sample(s, ShardStats()) is not None]
+            ).tolist()
+        )
     assert len(ids) == len(np.unique(ids)), "a sample was embedded twice"
     assert sorted(ids.tolist()) == sorted(expected)
-    assert not [n for n in os.listdir(os.path.join(store_path, "shards")) if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(os.path.join(store_path, "shards")) if is_staging_name(n)]
     return ids
 
 
@@ -155,13 +160,31 @@ def _assert_reembedding_matches(store_path: str, encoder_path: str, pool: list[s
 
 # ---- an actor killed mid-shard -------------------------------------------------------------
 
+
 def test_killed_actor_is_replaced_and_every_sample_embedded_once(ray_cluster, encoder_path, tmp_path):
     pool = _good_pool(tmp_path, shards=8, per_shard=40)
     out = str(tmp_path / "emb.zarr")
-    run = SeptProcess(["embed", "--pool", _listing(tmp_path, pool), "--encoder", encoder_path, "--out", out,
-                       "--workers", "2", "--batch-size", "8", "--ray-address", ray_cluster.address], ray_cluster.env)
-    victim = _wait_until(lambda: next((p for p in run.worker_pids() if _is_busy(p)), None), 240,
-                         "an embed actor at work", run)
+    run = SeptProcess(
+        [
+            "embed",
+            "--pool",
+            _listing(tmp_path, pool),
+            "--encoder",
+            encoder_path,
+            "--out",
+            out,
+            "--workers",
+            "2",
+            "--batch-size",
+            "8",
+            "--ray-address",
+            ray_cluster.address,
+        ],
+        ray_cluster.env,
+    )
+    victim = _wait_until(
+        lambda: next((p for p in run.worker_pids() if _is_busy(p)), None), 240, "an embed actor at work", run
+    )
     os.kill(victim, signal.SIGKILL)
     rc, stdout, stderr = run.wait()
     assert rc == 0, stderr[-4000:]
@@ -174,6 +197,7 @@ def test_killed_actor_is_replaced_and_every_sample_embedded_once(ray_cluster, en
 
 # ---- bad samples and a shard that always fails --------------------------------------------
 
+
 def test_failing_shard_is_named_and_bad_samples_are_counted_and_budgeted(ray_cluster, encoder_path, tmp_path):
     good = _good_pool(tmp_path, shards=1, per_shard=20)
     kinds, trunc, split = (str(tmp_path / n) for n in ("kinds.tar", "trunc.tar", "split.tar"))
@@ -182,8 +206,20 @@ def test_failing_shard_is_named_and_bad_samples_are_counted_and_budgeted(ray_clu
     write_non_adjacent_shard(split)
     pool = [*good, kinds, trunc, split]
     out = str(tmp_path / "emb.zarr")
-    proc = ray_cluster.run_sept("embed", "--pool", _listing(tmp_path, pool), "--encoder", encoder_path, "--out", out,
-                                "--workers", "2", "--batch-size", "4", check=False)
+    proc = ray_cluster.run_sept(
+        "embed",
+        "--pool",
+        _listing(tmp_path, pool),
+        "--encoder",
+        encoder_path,
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--batch-size",
+        "4",
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr[-4000:]
@@ -196,7 +232,8 @@ def test_failing_shard_is_named_and_bad_samples_are_counted_and_budgeted(ray_clu
         quarantined = [json.loads(line) for line in f]
     planted = dict(BAD_IN_SHARD)
     assert {(q["shard"], q["key"], q["kind"]) for q in quarantined if q["shard"] == kinds} == {
-        (kinds, key, kind) for key, kind in planted.items()}
+        (kinds, key, kind) for key, kind in planted.items()
+    }
     assert [(q["shard"], q["kind"]) for q in quarantined if q["shard"] != kinds] == [(trunc, "truncated")]
     last_run = store.attrs["last_run"]
     assert last_run["bad_kinds"] == {kind: 1 for kind in BAD_KINDS}
@@ -204,8 +241,19 @@ def test_failing_shard_is_named_and_bad_samples_are_counted_and_budgeted(ray_clu
 
     # the same samples within a budget that allows them: the run succeeds and prints the counts
     ok_out = str(tmp_path / "ok.zarr")
-    proc = ray_cluster.run_sept("embed", "--pool", _listing(tmp_path, pool[:3], "ok.txt"), "--encoder",
-                                encoder_path, "--out", ok_out, "--workers", "1", "--max-bad-fraction", "0.2")
+    proc = ray_cluster.run_sept(
+        "embed",
+        "--pool",
+        _listing(tmp_path, pool[:3], "ok.txt"),
+        "--encoder",
+        encoder_path,
+        "--out",
+        ok_out,
+        "--workers",
+        "1",
+        "--max-bad-fraction",
+        "0.2",
+    )
     summary = _summary(proc.stdout)
     assert summary["bad_kinds"] == {kind: 1 for kind in BAD_KINDS}
     assert (summary["bad_samples"], summary["vectors"], summary["samples"]) == (5, 20 + 3 + 3, 31)
@@ -213,14 +261,25 @@ def test_failing_shard_is_named_and_bad_samples_are_counted_and_budgeted(ray_clu
 
 def test_gpu_requested_on_a_cpu_cluster_is_an_error(ray_cluster, encoder_path, tmp_path):
     pool = _good_pool(tmp_path, shards=1, per_shard=2)
-    proc = ray_cluster.run_sept("embed", "--pool", pool[0], "--encoder", encoder_path, "--out",
-                                str(tmp_path / "emb.zarr"), "--num-gpus-per-worker", "1", check=False)
+    proc = ray_cluster.run_sept(
+        "embed",
+        "--pool",
+        pool[0],
+        "--encoder",
+        encoder_path,
+        "--out",
+        str(tmp_path / "emb.zarr"),
+        "--num-gpus-per-worker",
+        "1",
+        check=False,
+    )
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "--num-gpus-per-worker 1" in errors[0] and "0 GPU" in errors[0]
 
 
 # ---- the second node of a two-node cluster, killed mid-run ---------------------------------
+
 
 class OwnTwoNodeCluster(RayCluster):
     """A head and a worker node started by this module, each process tagged so it can be killed."""
@@ -236,8 +295,11 @@ class OwnTwoNodeCluster(RayCluster):
     def node_env(self, node: str) -> dict:
         env = dict(self.env, SEPT_TEST_RAY_NODE=f"{self.tag}-{node}")
         # a killed node is declared dead within ~2 s instead of Ray's default ~15 s
-        env.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
-                   RAY_health_check_initial_delay_ms="0")
+        env.update(
+            RAY_health_check_period_ms="500",
+            RAY_health_check_failure_threshold="3",
+            RAY_health_check_initial_delay_ms="0",
+        )
         return env
 
     def start(self) -> None:
@@ -246,13 +308,32 @@ class OwnTwoNodeCluster(RayCluster):
         # a 512 MiB object store, spilling to a directory of its own: vectors never go through Ray,
         # so nothing may ever be spilled there
         spill = json.dumps({"type": "filesystem", "params": {"directory_path": self.spill_dir}})
-        subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={self.temp_dir}",
-                        "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
-                        f"--object-store-memory={512 * 1024**2}",
-                        "--system-config", json.dumps({"object_spilling_config": spill}), *common],
-                       env=self.node_env("head"), check=True, capture_output=True, timeout=180)
-        subprocess.run([RAY, "start", f"--address={self.address}", *common], env=self.node_env("worker"),
-                       check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={port}",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={_free_port()}",
+                f"--object-store-memory={512 * 1024**2}",
+                "--system-config",
+                json.dumps({"object_spilling_config": spill}),
+                *common,
+            ],
+            env=self.node_env("head"),
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        subprocess.run(
+            [RAY, "start", f"--address={self.address}", *common],
+            env=self.node_env("worker"),
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         _wait_for_nodes(self, 2, timeout=120)
 
     def pids(self, node: str) -> list[int]:
@@ -302,11 +383,30 @@ def doomed_cluster():
 def test_killed_node_costs_only_its_shards_in_flight(doomed_cluster, encoder_path, tmp_path):
     pool = _good_pool(tmp_path, shards=8, per_shard=40)
     out = str(tmp_path / "emb.zarr")
-    run = SeptProcess(["embed", "--pool", _listing(tmp_path, pool), "--encoder", encoder_path, "--out", out,
-                       "--workers", "2", "--batch-size", "8", "--ray-address", doomed_cluster.address],
-                      doomed_cluster.env)
-    _wait_until(lambda: any(_is_busy(p) for p in doomed_cluster.pids("worker")), 240,
-                "an embed actor at work on the second node", run)
+    run = SeptProcess(
+        [
+            "embed",
+            "--pool",
+            _listing(tmp_path, pool),
+            "--encoder",
+            encoder_path,
+            "--out",
+            out,
+            "--workers",
+            "2",
+            "--batch-size",
+            "8",
+            "--ray-address",
+            doomed_cluster.address,
+        ],
+        doomed_cluster.env,
+    )
+    _wait_until(
+        lambda: any(_is_busy(p) for p in doomed_cluster.pids("worker")),
+        240,
+        "an embed actor at work on the second node",
+        run,
+    )
     assert doomed_cluster.kill("worker") > 0
     rc, stdout, stderr = run.wait()
     assert rc == 0, stderr[-4000:]
@@ -317,5 +417,3 @@ def test_killed_node_costs_only_its_shards_in_flight(doomed_cluster, encoder_pat
     _assert_reembedding_matches(out, encoder_path, pool, n=3)
     spilled = [f for _, _, files in os.walk(doomed_cluster.spill_dir) for f in files]
     assert not spilled, f"objects spilled from the 512 MiB object store: {spilled[:5]}"
-
-

@@ -6,12 +6,11 @@ plant is what they say (so a count matching in another test is a count of the pl
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import io
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import webdataset as wds
@@ -48,8 +47,12 @@ def write_good_shard(path: str, n: int, *, seed: int, size: int = 32, prefix: st
     return keys
 
 
-BAD_IN_SHARD = {"bad_undecodable": "undecodable", "bad_zero": "zero_byte", "bad_noimage": "no_image",
-                "bad_bomb": "too_large"}
+BAD_IN_SHARD = {
+    "bad_undecodable": "undecodable",
+    "bad_zero": "zero_byte",
+    "bad_noimage": "no_image",
+    "bad_bomb": "too_large",
+}
 """Planted by write_bad_kinds_shard: key -> the kind of bad sample it is."""
 
 

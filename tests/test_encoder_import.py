@@ -43,8 +43,9 @@ def test_a_timm_state_dict_with_its_head_and_a_wrapper_prefix_embeds_like_the_mo
     got = bundle.embed_images(images)
     batch = torch.stack([bundle.preprocess(im) for im in images])
     with torch.no_grad():
-        want = torch.nn.functional.normalize(timm_model.forward_head(timm_model.forward_features(batch),
-                                                                     pre_logits=True), dim=1).numpy()
+        want = torch.nn.functional.normalize(
+            timm_model.forward_head(timm_model.forward_features(batch), pre_logits=True), dim=1
+        ).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -57,8 +58,12 @@ def test_weights_that_do_not_fit_the_arch_name_the_file(timm_model, tmp_path):
     torch.save({f"net.{k}": v for k, v in timm_model.state_dict().items()}, prefixed)
     with pytest.raises(SeptError, match=r"net\.pth does not fit timm/resnet10t: .* missing .*--strip-prefix"):
         import_encoder(prefixed, "timm/resnet10t", str(tmp_path / "enc.pt"))
-    assert load_encoder(import_encoder(prefixed, "timm/resnet10t", str(tmp_path / "enc.pt"), prefixes=("net.",)),
-                        device="cpu").dim == timm_model.num_features
+    assert (
+        load_encoder(
+            import_encoder(prefixed, "timm/resnet10t", str(tmp_path / "enc.pt"), prefixes=("net.",)), device="cpu"
+        ).dim
+        == timm_model.num_features
+    )
     with pytest.raises(SeptError, match="unknown timm model"):
         import_encoder(weights, "timm/no_such_model_xyz", str(tmp_path / "enc.pt"))
     (tmp_path / "junk.pth").write_bytes(b"not torch")

@@ -14,15 +14,41 @@ pytestmark = pytest.mark.integration
 
 
 def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
-    corpus = make_demo_corpus(str(tmp_path / "corpus"), pool_size=160, shards=2, target_train_per_class=2,
-                              target_val_per_class=2, seed=3)
+    corpus = make_demo_corpus(
+        str(tmp_path / "corpus"), pool_size=160, shards=2, target_train_per_class=2, target_val_per_class=2, seed=3
+    )
     out = tmp_path / "exp"
     settings = tmp_path / "arms.yaml"
     settings.write_text("image_size: 24\ncrop_min_scale: 0.6\nsteps: 99\n")  # --pretrain-steps wins over steps
-    run_sept("experiment", "--pool", corpus.pool_spec, "--target", corpus.target_dir, "--out", str(out),
-             "--seeds", "1", "--budget-fraction", "0.25", "--pretrain-steps", "4", "--bootstrap-steps", "4",
-             "--batch-size", "16", "--truth", corpus.truth_path, "--truth-label", corpus.target_domain,
-             "--method", "detcon", "--preset", "fast", "--pretrain-config", str(settings))
+    run_sept(
+        "experiment",
+        "--pool",
+        corpus.pool_spec,
+        "--target",
+        corpus.target_dir,
+        "--out",
+        str(out),
+        "--seeds",
+        "1",
+        "--budget-fraction",
+        "0.25",
+        "--pretrain-steps",
+        "4",
+        "--bootstrap-steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--truth",
+        corpus.truth_path,
+        "--truth-label",
+        corpus.target_domain,
+        "--method",
+        "detcon",
+        "--preset",
+        "fast",
+        "--pretrain-config",
+        str(settings),
+    )
     results = json.loads(Path(out / "results.json").read_text())
     arms = results["fractions"]["0.25"]["arms"]
     assert set(arms) == {"selected", "random", "full"}
@@ -39,7 +65,9 @@ def test_tiny_experiment_writes_all_arms_and_plot(tmp_path):
     import yaml
 
     ran = yaml.safe_load(Path(out / "runs" / "selected-0.25-s0" / "config.yaml").read_text())
-    assert ran["method"] == "detcon_s" and ran["lr_schedule"] == "cyclic" and ran["progressive"] and ran["hard_positives"]
+    assert (
+        ran["method"] == "detcon_s" and ran["lr_schedule"] == "cyclic" and ran["progressive"] and ran["hard_positives"]
+    )
     assert (ran["image_size"], ran["crop_min_scale"], ran["steps"]) == (24, 0.6, 4)
     from sept.training.encoder import load_encoder
 
@@ -52,12 +80,34 @@ def test_arms_and_seeds_go_to_slurm_as_one_job_array(tmp_path):
     reason = slurm_available()
     if reason:
         pytest.skip(reason)
-    corpus = make_demo_corpus(str(tmp_path / "corpus"), pool_size=96, shards=2, target_train_per_class=2,
-                              target_val_per_class=2, seed=4)
+    corpus = make_demo_corpus(
+        str(tmp_path / "corpus"), pool_size=96, shards=2, target_train_per_class=2, target_val_per_class=2, seed=4
+    )
     out = tmp_path / "exp"
-    args = ["experiment", "--pool", corpus.pool_spec, "--target", corpus.target_dir, "--out", str(out), "--seeds", "2",
-            "--arms", "selected", "random", "--budget-fraction", "0.25", "--pretrain-steps", "3",
-            "--bootstrap-steps", "2", "--batch-size", "8", "--executor", "slurm"]
+    args = [
+        "experiment",
+        "--pool",
+        corpus.pool_spec,
+        "--target",
+        corpus.target_dir,
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--arms",
+        "selected",
+        "random",
+        "--budget-fraction",
+        "0.25",
+        "--pretrain-steps",
+        "3",
+        "--bootstrap-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--executor",
+        "slurm",
+    ]
     run_sept(*args)
     results = json.loads(Path(out / "results.json").read_text())
     runs = [r for arm in results["fractions"]["0.25"]["arms"].values() for r in arm]

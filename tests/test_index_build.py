@@ -45,8 +45,11 @@ def _vectors(shard: int, n: int = PER_SHARD, seed: int = 0) -> np.ndarray:
 
 
 def _store(path: str, shards: list[int], pool_len: int, *, identity: str = "enc-a", seed: int = 0) -> EmbeddingStore:
-    store = EmbeddingStore.create_or_open(path, encoder=EncoderIdentity(identity, "resnet18_small", DIM, 32),
-                                          pool=[f"/pool/shard-{i}.tar" for i in range(pool_len)])
+    store = EmbeddingStore.create_or_open(
+        path,
+        encoder=EncoderIdentity(identity, "resnet18_small", DIM, 32),
+        pool=[f"/pool/shard-{i}.tar" for i in range(pool_len)],
+    )
     for i in shards:
         if not store.is_complete(i):
             store.write_shard(i, _vectors(i, seed=seed), make_ids(i, range(PER_SHARD)))
@@ -121,8 +124,20 @@ def test_eval_sweeps_nprobe_and_stores_the_choice(ray_driver, tmp_path):
         assert json.load(f)["rows"] == result["rows"]
 
     # the same through the command line: a table with one row per nprobe and the exact baseline
-    proc = run_sept("index", "eval", "--index", index_path, "--embeddings", emb_path, "--queries", "100",
-                    "--nprobe-sweep", "1,32", "--out", str(tmp_path / "t.json"))
+    proc = run_sept(
+        "index",
+        "eval",
+        "--index",
+        index_path,
+        "--embeddings",
+        emb_path,
+        "--queries",
+        "100",
+        "--nprobe-sweep",
+        "1,32",
+        "--out",
+        str(tmp_path / "t.json"),
+    )
     lines = proc.stdout.splitlines()
     assert lines[1].split() == ["nprobe", "recall@1", "recall@10", "QPS"]
     assert [line.split()[0] for line in lines[2:5]] == ["1", "32", "exact"]

@@ -9,6 +9,7 @@ import pytest
 from sept.data.identity import make_ids
 from sept.errors import SeptError
 from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
+from sept.io import is_staging_name
 
 ENC = EncoderIdentity(identity="abc", arch="resnet18_small", dim=4, image_size=32)
 
@@ -23,7 +24,7 @@ def test_write_read_and_resume_bookkeeping(tmp_path):
     np.testing.assert_allclose(xr, x.astype(np.float16).astype(np.float32))
     assert ids.tolist() == make_ids(1, range(5)).tolist()
     assert store.shard_attrs(1)["bad"] == 2
-    assert not [n for n in os.listdir(tmp_path / "e.zarr" / "shards") if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(tmp_path / "e.zarr" / "shards") if is_staging_name(n)]
     # the pool may grow; a reopen keeps what is done
     again = EmbeddingStore.create_or_open(store.path, encoder=ENC, pool=pool + ["/p/3.tar"])
     assert again.missing_shards() == [0, 2, 3]
@@ -80,11 +81,18 @@ def test_two_processes_writing_at_once_store_each_shard_once(tmp_path):
 
 def test_quarantine_report_lists_every_bad_sample(tmp_path):
     store = EmbeddingStore.create_or_open(str(tmp_path / "e.zarr"), encoder=ENC, pool=["/a.tar", "/b.tar"])
-    store.write_shard(0, np.zeros((2, 4), np.float32), make_ids(0, [0, 2]),
-                      report=dict(bad=2, bad_samples=[["k1", "jpg: empty image bytes"],
-                                                      ["k3", "no image member (members: json)"]]))
-    store.write_shard(1, np.zeros((1, 4), np.float32), make_ids(1, [0]),
-                      report=dict(bad=1, bad_samples=[["", "truncated shard: no end-of-archive marker"]]))
+    store.write_shard(
+        0,
+        np.zeros((2, 4), np.float32),
+        make_ids(0, [0, 2]),
+        report=dict(bad=2, bad_samples=[["k1", "jpg: empty image bytes"], ["k3", "no image member (members: json)"]]),
+    )
+    store.write_shard(
+        1,
+        np.zeros((1, 4), np.float32),
+        make_ids(1, [0]),
+        report=dict(bad=1, bad_samples=[["", "truncated shard: no end-of-archive marker"]]),
+    )
     counts = store.write_quarantine()
     assert (counts["samples"], counts["bad"]) == (6, 3)
     assert counts["kinds"] == dict(undecodable=0, zero_byte=1, no_image=1, truncated=1, too_large=0)
@@ -92,4 +100,7 @@ def test_quarantine_report_lists_every_bad_sample(tmp_path):
 
     lines = [json.loads(line) for line in Path(counts["path"]).read_text().splitlines()]
     assert [(q["shard"], q["key"], q["kind"]) for q in lines] == [
-        ("/a.tar", "k1", "zero_byte"), ("/a.tar", "k3", "no_image"), ("/b.tar", "", "truncated")]
+        ("/a.tar", "k1", "zero_byte"),
+        ("/a.tar", "k3", "no_image"),
+        ("/b.tar", "", "truncated"),
+    ]

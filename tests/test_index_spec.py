@@ -19,14 +19,17 @@ def test_no_budget_keeps_the_legacy_rule():
     assert choose_factory(1_000_000_000, 256)[0] == "IVF65536,PQ128"
 
 
-@pytest.mark.parametrize("budget, expected", [
-    ("16G", "IVF2048,Flat"),           # 10M x (512 + 8) B = 4.8 GiB fits
-    ("3G", "IVF2048,SQfp16"),          # 10M x (256 + 8) B = 2.5 GiB
-    ("1.5G", "IVF2048,SQ8"),           # 10M x (128 + 8) B = 1.3 GiB
-    ("1G", "IVF2048,PQ64"),            # 10M x (64 + 8) B = 0.67 GiB
-    ("400M", "OPQ32_128,IVF2048,PQ32"),  # 4 dims per sub-quantizer: OPQ pays
-    ("160M", "OPQ8_128,IVF2048,PQ8"),   # 10M x (8 + 8) B = 153 MiB
-])
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        ("16G", "IVF2048,Flat"),  # 10M x (512 + 8) B = 4.8 GiB fits
+        ("3G", "IVF2048,SQfp16"),  # 10M x (256 + 8) B = 2.5 GiB
+        ("1.5G", "IVF2048,SQ8"),  # 10M x (128 + 8) B = 1.3 GiB
+        ("1G", "IVF2048,PQ64"),  # 10M x (64 + 8) B = 0.67 GiB
+        ("400M", "OPQ32_128,IVF2048,PQ32"),  # 4 dims per sub-quantizer: OPQ pays
+        ("160M", "OPQ8_128,IVF2048,PQ8"),  # 10M x (8 + 8) B = 153 MiB
+    ],
+)
 def test_budget_picks_the_most_accurate_index_that_fits(budget, expected):
     n, dim = 10_000_000, 128
     factory, why = choose_factory(n, dim, parse_bytes(budget), train_size=100_000)

@@ -15,7 +15,6 @@ import pytest
 from conftest import REPO
 
 
-
 def sept_modules() -> list[str]:
     """Every module of the installed-from-source package, by its import name."""
     import sept
@@ -39,14 +38,26 @@ def test_clean_venv_from_pyproject_imports_every_module(tmp_path):
         proc = subprocess.run([*pip, str(src)], capture_output=True, text=True, timeout=1100)
         assert proc.returncode == 0, proc.stderr[-3000:]
         modules = sept_modules()  # the extras (timm) are imported inside functions, never at module level
-        script = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint(len(sys.argv) - 1)"
-        proc = subprocess.run([str(venv / "bin" / "python"), "-c", script, *modules], capture_output=True, text=True,
-                              cwd=str(tmp_path), timeout=600)
+        script = (
+            "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint(len(sys.argv) - 1)"
+        )
+        proc = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", script, *modules],
+            capture_output=True,
+            text=True,
+            cwd=str(tmp_path),
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert int(proc.stdout.strip()) == len(modules) > 40
         # The installed package is the copy, not the development checkout.
-        where = subprocess.run([str(venv / "bin" / "python"), "-c", "import sept; print(sept.__file__)"],
-                               capture_output=True, text=True, cwd=str(tmp_path), check=True).stdout
+        where = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sept; print(sept.__file__)"],
+            capture_output=True,
+            text=True,
+            cwd=str(tmp_path),
+            check=True,
+        ).stdout
         assert str(venv) in where
     finally:
         shutil.rmtree(venv, ignore_errors=True)  # about 6 GB with torch's CUDA libraries

@@ -45,23 +45,67 @@ def _write_extra_shard(path: str) -> list[str]:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("pipeline")
-    corpus = make_demo_corpus(str(root / "corpus"), pool_size=480, shards=3, target_train_per_class=4,
-                              target_val_per_class=4, seed=1)
+    corpus = make_demo_corpus(
+        str(root / "corpus"), pool_size=480, shards=3, target_train_per_class=4, target_val_per_class=4, seed=1
+    )
     extra = str(root / "extra.tar")
     _write_extra_shard(extra)
     listing = root / "pool.txt"
     listing.write_text("\n".join(list_shards(corpus.pool_spec) + [extra]) + "\n")
-    paths = dict(root=root, corpus=corpus, pool=str(listing), encoder=str(root / "enc.pt"),
-                 emb=str(root / "emb.zarr"), index=str(root / "index.zarr"), selection=str(root / "sel"))
-    run_sept("bootstrap", "--pool", paths["pool"], "--out", paths["encoder"], "--sample-size", "480", "--steps", "150",
-             "--target", corpus.target_dir)
-    embed = ray_cluster.run_sept("embed", "--pool", paths["pool"], "--encoder", paths["encoder"], "--out",
-                                 paths["emb"], "--workers", "2", "--batch-size", "64")
-    paths["embed_summary"] = json.loads(embed.stdout[embed.stdout.index("{"):])
-    ray_cluster.run_sept("index", "--embeddings", paths["emb"], "--out", paths["index"], "--shards", "2",
-                         "--factory", "Flat")
-    ray_cluster.run_sept("select", "--index", paths["index"], "--encoder", paths["encoder"], "--target",
-                         corpus.target_dir, "--budget", str(BUDGET), "--out", paths["selection"], "--task", "digits")
+    paths = dict(
+        root=root,
+        corpus=corpus,
+        pool=str(listing),
+        encoder=str(root / "enc.pt"),
+        emb=str(root / "emb.zarr"),
+        index=str(root / "index.zarr"),
+        selection=str(root / "sel"),
+    )
+    run_sept(
+        "bootstrap",
+        "--pool",
+        paths["pool"],
+        "--out",
+        paths["encoder"],
+        "--sample-size",
+        "480",
+        "--steps",
+        "150",
+        "--target",
+        corpus.target_dir,
+    )
+    embed = ray_cluster.run_sept(
+        "embed",
+        "--pool",
+        paths["pool"],
+        "--encoder",
+        paths["encoder"],
+        "--out",
+        paths["emb"],
+        "--workers",
+        "2",
+        "--batch-size",
+        "64",
+    )
+    paths["embed_summary"] = json.loads(embed.stdout[embed.stdout.index("{") :])
+    ray_cluster.run_sept(
+        "index", "--embeddings", paths["emb"], "--out", paths["index"], "--shards", "2", "--factory", "Flat"
+    )
+    ray_cluster.run_sept(
+        "select",
+        "--index",
+        paths["index"],
+        "--encoder",
+        paths["encoder"],
+        "--target",
+        corpus.target_dir,
+        "--budget",
+        str(BUDGET),
+        "--out",
+        paths["selection"],
+        "--task",
+        "digits",
+    )
     return paths
 
 
@@ -107,7 +151,9 @@ def test_selection_is_byte_identical(pipeline):
     selected = {}
     for name in os.listdir(os.path.join(pipeline["selection"], "shards")):
         if name.endswith(".tar"):
-            selected.update({s.key: s.members for s in iter_samples(os.path.join(pipeline["selection"], "shards", name))})
+            selected.update(
+                {s.key: s.members for s in iter_samples(os.path.join(pipeline["selection"], "shards", name))}
+            )
     for r in rows:
         assert selected[r["key"]] == sources[(r["source_shard"], r["key"])]
         assert set(selected[r["key"]]) >= {"jpg", "json"}
@@ -129,19 +175,36 @@ def test_pretrain_on_two_slurm_nodes_then_evaluate(pipeline):
             pytest.fail(reason)
         pytest.skip(reason)
     run_dir = str(pipeline["root"] / "run")
-    proc = run_sept("pretrain", "--data", os.path.join(pipeline["selection"], "shards"), "--out", run_dir,
-                    "--executor", "slurm", "--nodes", "2", "--steps", "6", "--batch-size", "8", "--partition", "debug")
+    proc = run_sept(
+        "pretrain",
+        "--data",
+        os.path.join(pipeline["selection"], "shards"),
+        "--out",
+        run_dir,
+        "--executor",
+        "slurm",
+        "--nodes",
+        "2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--partition",
+        "debug",
+    )
     summary = json.loads(Path(os.path.join(run_dir, "summary.json")).read_text())
     assert summary["world_size"] == 2
     assert summary["allreduce_check"] == 3.0  # (0 + 1) + (1 + 1): both ranks took part
     assert "job" in proc.stdout.lower() or "job_id" in proc.stdout
-    ev = run_sept("evaluate", "--encoder", os.path.join(run_dir, "encoder.pt"), "--target",
-                  pipeline["corpus"].target_dir)
-    result = json.loads(ev.stdout[ev.stdout.index("{"):])
+    ev = run_sept(
+        "evaluate", "--encoder", os.path.join(run_dir, "encoder.pt"), "--target", pipeline["corpus"].target_dir
+    )
+    result = json.loads(ev.stdout[ev.stdout.index("{") :])
     assert 0.0 <= result["linear_probe"] <= 1.0 and 0.0 <= result["knn"] <= 1.0
 
 
 # ---- bad input: one clear line naming the item, and a non-zero exit ---------------------------
+
 
 def _error_line(proc) -> str:
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -153,21 +216,46 @@ def _error_line(proc) -> str:
 def test_missing_shard_is_named(pipeline, tmp_path):
     listing = tmp_path / "pool.txt"
     listing.write_text(f"{tmp_path}/nope-00042.tar\n")
-    proc = run_sept("embed", "--pool", str(listing), "--encoder", pipeline["encoder"], "--out", str(tmp_path / "e"),
-                    check=False)
+    proc = run_sept(
+        "embed", "--pool", str(listing), "--encoder", pipeline["encoder"], "--out", str(tmp_path / "e"), check=False
+    )
     assert "nope-00042.tar" in _error_line(proc)
 
 
 def test_target_without_images_is_named(pipeline, tmp_path):
     (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
-    proc = run_sept("select", "--index", pipeline["index"], "--encoder", pipeline["encoder"], "--target",
-                    str(tmp_path / "empty"), "--budget", "5", "--out", str(tmp_path / "s"), check=False)
+    proc = run_sept(
+        "select",
+        "--index",
+        pipeline["index"],
+        "--encoder",
+        pipeline["encoder"],
+        "--target",
+        str(tmp_path / "empty"),
+        "--budget",
+        "5",
+        "--out",
+        str(tmp_path / "s"),
+        check=False,
+    )
     assert "empty" in _error_line(proc)
 
 
 def test_budget_larger_than_pool(pipeline, tmp_path):
-    proc = run_sept("select", "--index", pipeline["index"], "--encoder", pipeline["encoder"], "--target",
-                    pipeline["corpus"].target_dir, "--budget", "100000", "--out", str(tmp_path / "s"), check=False)
+    proc = run_sept(
+        "select",
+        "--index",
+        pipeline["index"],
+        "--encoder",
+        pipeline["encoder"],
+        "--target",
+        pipeline["corpus"].target_dir,
+        "--budget",
+        "100000",
+        "--out",
+        str(tmp_path / "s"),
+        check=False,
+    )
     assert "100000" in _error_line(proc)
 
 
@@ -176,16 +264,41 @@ def test_encoder_of_other_dimension_is_refused(pipeline, tmp_path):
 
     path = str(tmp_path / "resnet18.pth")
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    proc = run_sept("select", "--index", pipeline["index"], "--encoder", path, "--target",
-                    pipeline["corpus"].target_dir, "--budget", "5", "--out", str(tmp_path / "s"), check=False)
+    proc = run_sept(
+        "select",
+        "--index",
+        pipeline["index"],
+        "--encoder",
+        path,
+        "--target",
+        pipeline["corpus"].target_dir,
+        "--budget",
+        "5",
+        "--out",
+        str(tmp_path / "s"),
+        check=False,
+    )
     line = _error_line(proc)
     assert "512" in line and "resnet18.pth" in line
 
 
 def test_output_holding_another_run_is_never_overwritten(pipeline):
     before = Path(os.path.join(pipeline["selection"], "tasks", "digits", "manifest.jsonl")).read_text()
-    proc = run_sept("select", "--index", pipeline["index"], "--encoder", pipeline["encoder"], "--target",
-                    pipeline["corpus"].target_dir, "--budget", str(BUDGET + 1), "--out", pipeline["selection"],
-                    "--task", "digits", check=False)
+    proc = run_sept(
+        "select",
+        "--index",
+        pipeline["index"],
+        "--encoder",
+        pipeline["encoder"],
+        "--target",
+        pipeline["corpus"].target_dir,
+        "--budget",
+        str(BUDGET + 1),
+        "--out",
+        pipeline["selection"],
+        "--task",
+        "digits",
+        check=False,
+    )
     assert pipeline["selection"] in _error_line(proc)
     assert Path(os.path.join(pipeline["selection"], "tasks", "digits", "manifest.jsonl")).read_text() == before

@@ -8,10 +8,17 @@ import pytest
 from sept.cluster.plan import GIB, PlanInputs, Profile, estimate
 from sept.errors import SeptError
 
-PROFILE = dict(name="toy", source="hand-written for the test", embed_images_per_s_per_device=1000.0,
-               index_encode_vectors_per_s_per_node=1_000_000.0, index_train_s=600.0,
-               search_queries_per_s_per_shard=500.0, pretrain_images_per_s_per_device=2000.0,
-               read_mb_per_s_per_node=1000.0, image_bytes=50_000.0)
+PROFILE = dict(
+    name="toy",
+    source="hand-written for the test",
+    embed_images_per_s_per_device=1000.0,
+    index_encode_vectors_per_s_per_node=1_000_000.0,
+    index_train_s=600.0,
+    search_queries_per_s_per_shard=500.0,
+    pretrain_images_per_s_per_device=2000.0,
+    read_mb_per_s_per_node=1000.0,
+    image_bytes=50_000.0,
+)
 
 
 @pytest.fixture
@@ -22,8 +29,16 @@ def profile(tmp_path):
 
 
 def test_hand_computed_billion_image_plan(profile):
-    inp = PlanInputs(images=1_000_000_000, dim=256, devices=64, nodes=8, memory_per_node_gib=64,
-                     budget_fraction=0.1, queries=10_000, pretrain_epochs=100)
+    inp = PlanInputs(
+        images=1_000_000_000,
+        dim=256,
+        devices=64,
+        nodes=8,
+        memory_per_node_gib=64,
+        budget_fraction=0.1,
+        queries=10_000,
+        pretrain_epochs=100,
+    )
     plan = estimate(inp, profile)
     # choose_factory: nlist = 2**(bit_length(4*sqrt(1e9)) - 1) = 2**16, PQ dim/2 = 128 bytes
     assert plan["factory"] == "IVF65536,PQ128"
@@ -57,6 +72,19 @@ def test_cli_prints_plan(tmp_path):
 
     path = tmp_path / "p.json"
     path.write_text(json.dumps(PROFILE))
-    out = run_sept("plan", "--images", "1000000000", "--dim", "256", "--gpus", "64", "--nodes", "8",
-                   "--memory-per-node", "64", "--profile", str(path)).stdout
+    out = run_sept(
+        "plan",
+        "--images",
+        "1000000000",
+        "--dim",
+        "256",
+        "--gpus",
+        "64",
+        "--nodes",
+        "8",
+        "--memory-per-node",
+        "64",
+        "--profile",
+        str(path),
+    ).stdout
     assert "IVF65536,PQ128" in out and "4 shard(s)" in out and "4h20m25s" in out

@@ -23,8 +23,7 @@ FENCE = re.compile(r"(?:<!-- readme-test: skip (?P<why>[^>]*?) -->\n)?```(?P<lan
 SKIPPED = {
     "make demo": "make test runs every test, this README's test among them",
     "pip install -e '.[timm]'": "installs packages",
-    ".venv/bin/python benchmarks/experiment_demo.py --workdir work/experiment_demo --publish docs":
-        "a 20-minute benchmark",
+    ".venv/bin/python benchmarks/experiment_demo.py --workdir work/experiment_demo --publish docs": "a 20-minute benchmark",
 }
 SHRUNK = {"STEPS": "4", "SEEDS": "1", "BOOTSTRAP_STEPS": "10"}
 
@@ -33,8 +32,15 @@ def readme_blocks() -> list[dict]:
     with open(README, encoding="utf-8") as f:
         text = f.read()
     # A block is named by its first command, without its comment.
-    return [dict(lang=m["lang"], skip=m["why"], body=m["body"], first=m["body"].strip().splitlines()[0].split(" #")[0].strip())
-            for m in FENCE.finditer(text)]
+    return [
+        dict(
+            lang=m["lang"],
+            skip=m["why"],
+            body=m["body"],
+            first=m["body"].strip().splitlines()[0].split(" #")[0].strip(),
+        )
+        for m in FENCE.finditer(text)
+    ]
 
 
 def test_every_fence_is_a_command_block_or_output():
@@ -81,10 +87,17 @@ def test_readme_commands_run_as_written(ray_cluster, tmp_path):
     for block in readme_blocks():
         if block["lang"] != "sh" or block["skip"]:
             continue
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block["body"]], cwd=work, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert proc.returncode == 0, (f"README block {block['first']!r} exited {proc.returncode}:\n"
-                                      f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block["body"]],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, (
+            f"README block {block['first']!r} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
         ran.append(block["first"])
     assert len(ran) >= 4
     # What the blocks promise is there.

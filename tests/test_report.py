@@ -21,8 +21,15 @@ from sept.data.selection_files import write_json, write_jsonl
 from sept.data.selection_writer import SelectionShardWriter
 from sept.errors import SeptError
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def _chromium() -> str | None:
@@ -33,11 +40,13 @@ def _chromium() -> str | None:
 def selection(tmp_path_factory):
     """A small selection folder as `sept select` lays it out: one shared shard, a task's files."""
     root = tmp_path_factory.mktemp("report")
-    corpus = make_demo_corpus(str(root / "corpus"), pool_size=60, shards=2, target_train_per_class=1,
-                              target_val_per_class=1, seed=3)
+    corpus = make_demo_corpus(
+        str(root / "corpus"), pool_size=60, shards=2, target_train_per_class=1, target_val_per_class=1, seed=3
+    )
     sel = root / "sel"
-    samples = [s for shard in sorted(os.listdir(corpus.pool_dir))
-               for s in iter_samples(os.path.join(corpus.pool_dir, shard))][:24]
+    samples = [
+        s for shard in sorted(os.listdir(corpus.pool_dir)) for s in iter_samples(os.path.join(corpus.pool_dir, shard))
+    ][:24]
     with SelectionShardWriter(str(sel / "shards"), prefix="part-00000-test") as writer:
         shard_of = {s.key: writer.write(s) for s in samples}
     sizes = {}
@@ -49,33 +58,65 @@ def selection(tmp_path_factory):
     rows, queries = [], []
     for q, ref in enumerate(train):
         cls = os.path.basename(os.path.dirname(ref))
-        mine = samples[2 * q:2 * q + 2]
+        mine = samples[2 * q : 2 * q + 2]
         scores = sorted(rng.uniform(0.8, 0.99, size=len(mine)).round(4).tolist(), reverse=True)
-        queries.append(dict(image=os.path.relpath(ref, corpus.target_dir), ref=ref, cls=cls,
-                            neighbours=[[1000 + 2 * q + j, s] for j, s in enumerate(scores)]))
+        queries.append(
+            dict(
+                image=os.path.relpath(ref, corpus.target_dir),
+                ref=ref,
+                cls=cls,
+                neighbours=[[1000 + 2 * q + j, s] for j, s in enumerate(scores)],
+            )
+        )
         for j, (sample, score) in enumerate(zip(mine, scores)):
-            rows.append(dict(id=1000 + 2 * q + j, key=sample.key, shard=shard_of[sample.key], score=score, cls=cls,
-                             chosen_by=queries[-1]["image"], retrieved_by=[queries[-1]["image"]]))
+            rows.append(
+                dict(
+                    id=1000 + 2 * q + j,
+                    key=sample.key,
+                    shard=shard_of[sample.key],
+                    score=score,
+                    cls=cls,
+                    chosen_by=queries[-1]["image"],
+                    retrieved_by=[queries[-1]["image"]],
+                )
+            )
     task = sel / "tasks" / "digits"
     per_class = {c: dict(images=1, share=2.0, selected=sum(r["cls"] == c for r in rows)) for c in map(str, range(10))}
-    write_json(str(task / "task.json"), dict(
-        config=dict(target=corpus.target_dir, budget=20, strategy="instance", balance="instance", min_similarity=None,
-                    leakage_threshold=0.97),
-        summary=dict(per_class=per_class, duplicates=dict(retrieved_by_several=0, near_dup_threshold=None,
-                                                          near_duplicates_dropped=0),
-                     leakage=dict(enabled=True, threshold=0.97, heldout_images=10, pool_matches=1, skipped=1))))
+    write_json(
+        str(task / "task.json"),
+        dict(
+            config=dict(
+                target=corpus.target_dir,
+                budget=20,
+                strategy="instance",
+                balance="instance",
+                min_similarity=None,
+                leakage_threshold=0.97,
+            ),
+            summary=dict(
+                per_class=per_class,
+                duplicates=dict(retrieved_by_several=0, near_dup_threshold=None, near_duplicates_dropped=0),
+                leakage=dict(enabled=True, threshold=0.97, heldout_images=10, pool_matches=1, skipped=1),
+            ),
+        ),
+    )
     write_jsonl(str(task / "manifest.jsonl"), rows)
     write_json(str(task / "shards.json"), sizes)
     write_jsonl(str(task / "queries.jsonl"), queries)
-    write_jsonl(str(task / "leakage.jsonl"), [dict(id=7, source_index=0, position=7, heldout="val/3/0000.png",
-                                                   similarity=0.985)])
+    write_jsonl(
+        str(task / "leakage.jsonl"),
+        [dict(id=7, source_index=0, position=7, heldout="val/3/0000.png", similarity=0.985)],
+    )
     return dict(sel=str(sel), corpus=corpus, rows=rows)
 
 
 def test_report_numbers_and_files(selection, tmp_path):
     out = str(tmp_path / "report")
-    result = write_report(ReportConfig(selection=selection["sel"], out=out, truth=selection["corpus"].truth_path,
-                                       domain="digits", samples=4, top=3))
+    result = write_report(
+        ReportConfig(
+            selection=selection["sel"], out=out, truth=selection["corpus"].truth_path, domain="digits", samples=4, top=3
+        )
+    )
     nums = result["tasks"]["digits"]
     truth = selection["corpus"].truth()
     rows = selection["rows"]
@@ -107,8 +148,12 @@ def test_report_page_loads_in_headless_chromium_with_every_image(selection, tmp_
     assert images == 3
     assert f'data-images-loaded="{images}"' in dom.stdout and 'data-images-broken="0"' in dom.stdout
     shot = tmp_path / "page.png"
-    subprocess.run([_chromium(), *flags, "--window-size=1200,1600", f"--screenshot={shot}", url], capture_output=True,
-                   timeout=120, check=True)
+    subprocess.run(
+        [_chromium(), *flags, "--window-size=1200,1600", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     with Image.open(shot) as im:
         assert im.size == (1200, 1600)
         colours = np.asarray(im.convert("RGB").resize((120, 160))).reshape(-1, 3)

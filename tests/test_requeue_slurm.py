@@ -79,14 +79,33 @@ def test_requeued_job_resumes_at_the_saved_step(tmp_path, interruption):
     # Under USR2 no periodic checkpoint is due before the end: resuming past step 0 proves the
     # job checkpointed on the signal.
     checkpoint_every = 4 if interruption == "scontrol-requeue" else 1000
-    cfg = load_config(None, dict(data=pool, out=str(run_dir), steps=STEPS, batch_size=8, image_size=16, width=8,
-                                 log_every=1, checkpoint_every=checkpoint_every, sample_log=True, cycle_steps=16),
-                      preset="fast")
+    cfg = load_config(
+        None,
+        dict(
+            data=pool,
+            out=str(run_dir),
+            steps=STEPS,
+            batch_size=8,
+            image_size=16,
+            width=8,
+            log_every=1,
+            checkpoint_every=checkpoint_every,
+            sample_log=True,
+            cycle_steps=16,
+        ),
+        preset="fast",
+    )
     info = launch_pretrain(cfg, executor="slurm", nodes=2, tasks_per_node=1, partition="debug", time_min=10, wait=False)
     job_id = info["job_id"]
     deadline = time.monotonic() + DEADLINE_S
     try:
-        _wait(lambda: _last_logged_step(run_dir) >= REQUEUE_AFTER_STEP, f"step {REQUEUE_AFTER_STEP}", job_id, run_dir, deadline)
+        _wait(
+            lambda: _last_logged_step(run_dir) >= REQUEUE_AFTER_STEP,
+            f"step {REQUEUE_AFTER_STEP}",
+            job_id,
+            run_dir,
+            deadline,
+        )
         step_at_requeue = _last_logged_step(run_dir)
         assert step_at_requeue < STEPS, "training finished before it could be requeued; raise STEPS"
         if interruption == "scontrol-requeue":
@@ -95,7 +114,9 @@ def test_requeued_job_resumes_at_the_saved_step(tmp_path, interruption):
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True, capture_output=True)
 
         # A requeued job waits (BeginTime) before it may start again; let it start now.
-        _wait(lambda: _job_state(job_id).startswith("PENDING"), "the job to be pending again", job_id, run_dir, deadline)
+        _wait(
+            lambda: _job_state(job_id).startswith("PENDING"), "the job to be pending again", job_id, run_dir, deadline
+        )
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
         _wait(lambda: (run_dir / "summary.json").exists(), "the requeued job to finish", job_id, run_dir, deadline)
     finally:

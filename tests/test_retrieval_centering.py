@@ -32,13 +32,32 @@ def backbone():
 
 def test_embed_subtracts_the_centre_and_normalises_again(backbone, tmp_path):
     model, dim = backbone
-    plain = load_encoder(save_encoder(str(tmp_path / "plain.pt"), model, arch="resnet18_small", image_size=16,
-                                      mean=IMAGENET_MEAN, std=IMAGENET_STD), device="cpu")
+    plain = load_encoder(
+        save_encoder(
+            str(tmp_path / "plain.pt"),
+            model,
+            arch="resnet18_small",
+            image_size=16,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        ),
+        device="cpu",
+    )
     images = _images(12)
     x = plain.embed_images(images)
     center = x.mean(axis=0)
-    centred = load_encoder(save_encoder(str(tmp_path / "c.pt"), model, arch="resnet18_small", image_size=16,
-                                        mean=IMAGENET_MEAN, std=IMAGENET_STD, center=center), device="cpu")
+    centred = load_encoder(
+        save_encoder(
+            str(tmp_path / "c.pt"),
+            model,
+            arch="resnet18_small",
+            image_size=16,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            center=center,
+        ),
+        device="cpu",
+    )
     assert plain.center is None and torch.allclose(centred.center, torch.as_tensor(center))
     y = centred.embed_images(images)
     expected = F.normalize(torch.as_tensor(x) - torch.as_tensor(center), dim=1).numpy()
@@ -50,15 +69,30 @@ def test_embed_subtracts_the_centre_and_normalises_again(backbone, tmp_path):
     # The centre is part of what the encoder is: another centre, another identity.
     assert centred.identity != plain.identity
     state = {k: v for k, v in model.state_dict().items()}
-    assert plain.identity == weights_identity(state, arch="resnet18_small", image_size=16, mean=IMAGENET_MEAN,
-                                              std=IMAGENET_STD)
+    assert plain.identity == weights_identity(
+        state, arch="resnet18_small", image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
 
 
 def test_a_centre_of_the_wrong_size_is_refused(backbone, tmp_path):
     model, dim = backbone
     with pytest.raises(ValueError, match="center has 3 values"):
-        save_encoder(str(tmp_path / "bad.pt"), model, arch="resnet18_small", image_size=16, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD, center=[0.0, 0.0, 0.0])
+        save_encoder(
+            str(tmp_path / "bad.pt"),
+            model,
+            arch="resnet18_small",
+            image_size=16,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            center=[0.0, 0.0, 0.0],
+        )
     with pytest.raises(ValueError, match="non-finite"):
-        save_encoder(str(tmp_path / "bad.pt"), model, arch="resnet18_small", image_size=16, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD, center=[float("nan")] * dim)
+        save_encoder(
+            str(tmp_path / "bad.pt"),
+            model,
+            arch="resnet18_small",
+            image_size=16,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            center=[float("nan")] * dim,
+        )

@@ -47,8 +47,16 @@ def test_probe_preprocesses_like_the_embed_stage_and_scores_a_backbone():
     probe = RetrievalProbe.from_images(images, labels, image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, k=3)
     torch.manual_seed(0)
     backbone, dim = build_backbone("resnet18_small", width=4)
-    bundle = EncoderBundle(model=backbone, arch="resnet18_small", image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                           dim=dim, identity="", device=torch.device("cpu"))
+    bundle = EncoderBundle(
+        model=backbone,
+        arch="resnet18_small",
+        image_size=16,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        dim=dim,
+        identity="",
+        device=torch.device("cpu"),
+    )
     expected = bundle.embed_images(images)
     np.testing.assert_allclose(probe.features(backbone), expected, rtol=1e-5, atol=1e-6)
     assert probe.score(backbone) == pytest.approx(knn_precision(expected, labels, 3))

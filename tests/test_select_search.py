@@ -20,8 +20,7 @@ from sept.index.store import IndexStore
 pytestmark = pytest.mark.integration
 
 
-def make_index_store(path: str, factory: str, metric: str, nshards: int = 4, n: int = 6000, d: int = 32,
-                     seed: int = 0):
+def make_index_store(path: str, factory: str, metric: str, nshards: int = 4, n: int = 6000, d: int = 32, seed: int = 0):
     """A real index store (as `sept index` writes it) and the monolithic faiss index of the same codes."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype("float32")
@@ -29,9 +28,18 @@ def make_index_store(path: str, factory: str, metric: str, nshards: int = 4, n: 
     ids = (np.arange(n, dtype=np.int64) * 7919) % (1 << 40)
     trained = train_index(faiss.index_factory(d, factory, METRICS[metric]), x[:4000], seed=seed)
     bounds = np.linspace(0, n, nshards + 1).astype(int)
-    store = IndexStore.create(path, trained=trained, attrs=dict(
-        metric=metric, dim=d, nprobe=6, ntotal=n, assignment=[[j] for j in range(nshards)],
-        spec=dict(factory=factory, metric=metric, shards=nshards)))
+    store = IndexStore.create(
+        path,
+        trained=trained,
+        attrs=dict(
+            metric=metric,
+            dim=d,
+            nprobe=6,
+            ntotal=n,
+            assignment=[[j] for j in range(nshards)],
+            spec=dict(factory=factory, metric=metric, shards=nshards),
+        ),
+    )
     mono = faiss.clone_index(trained)
     if faiss.try_extract_index_ivf(mono) is None:
         mono = faiss.IndexIDMap2(mono)
@@ -81,8 +89,9 @@ def test_sharded_search_equals_monolithic_in_waves(ray_driver, tmp_path, factory
     stats = SearchStats()
     D, I = search_index(store.path, xq, k, searchers=2, memory_per_searcher=one_shard, batch_size=32, stats=stats)
     assert len(stats.waves) == 2, f"expected two waves, got plan {stats.waves}"
-    assert all(len(g) == 1 and b <= one_shard for wave, bs in zip(stats.waves, stats.group_bytes)
-               for g, b in zip(wave, bs))
+    assert all(
+        len(g) == 1 and b <= one_shard for wave, bs in zip(stats.waves, stats.group_bytes) for g, b in zip(wave, bs)
+    )
     assert stats.batches == -(-len(xq) // 32)
     np.testing.assert_array_equal(I, Im)
     np.testing.assert_array_equal(D, Dm)

@@ -128,11 +128,12 @@ def test_cluster_strategy_keeps_the_clusters_the_target_falls_into():
 
     def pool():
         for a in range(0, len(x), 200):  # read in blocks, like shards of the embeddings store
-            yield x[a:a + 200], ids[a:a + 200]
+            yield x[a : a + 200], ids[a : a + 200]
 
     centroids = train_clusters(x, 4, seed=0)
-    xq = normalize(np.concatenate([centres[0] + rng.normal(size=(3, 8)) * 0.3,
-                                   centres[2] + rng.normal(size=(1, 8)) * 0.3]))
+    xq = normalize(
+        np.concatenate([centres[0] + rng.normal(size=(3, 8)) * 0.3, centres[2] + rng.normal(size=(1, 8)) * 0.3])
+    )
     c, plan = choose_by_clusters(centroids, xq, pool, 100)
     assert plan.probes == 1 and len(plan.weights) == 2
     chosen_blobs = blob_of[c.ids // 3]
@@ -161,7 +162,7 @@ def test_topk_share_gives_the_global_best_scores_their_share_and_the_rest_to_eve
     # Half the budget by round robin (at least one from every image's best), half by top score,
     # which all comes from query 0's list.
     assert per_image.min() >= 1 and per_image[0] >= 6
-    assert sorted(c.ids[c.chosen_by == 0].tolist()) == I[0, :per_image[0]].tolist()
+    assert sorted(c.ids[c.chosen_by == 0].tolist()) == I[0, : per_image[0]].tolist()
     assert c.taken == [6, 6]
     assert len(set(c.ids.tolist())) == 12
     # The two ends: 0 is the round robin, 1 the global top-k.

@@ -22,6 +22,7 @@ from sept.data.demo_corpus import make_demo_corpus
 from sept.data.samples import iter_samples
 from sept.data.task_subset import iter_task_samples, load_task_subset, open_task_data
 from sept.errors import SeptError
+from sept.io import is_staging_name
 
 pytestmark = pytest.mark.integration
 
@@ -93,10 +94,16 @@ def make_edge_encoder(path: str, calibration: list[Image.Image]) -> str:
     torch.manual_seed(0)
     model, _ = build_backbone("resnet18_small")
     sobel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
-    filters = [sobel, sobel.T, torch.tensor([[0.0, 1, 2], [-1, 0, 1], [-2, -1, 0]]),
-               torch.tensor([[2.0, 1, 0], [1, 0, -1], [0, -1, -2]]), torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]),
-               torch.tensor([[1.0, -2, 1], [-2, 4, -2], [1, -2, 1]]), torch.tensor([[1.0, 0, -1], [0, 0, 0], [-1, 0, 1]]),
-               torch.tensor([[-1.0, 2, -1], [-1, 2, -1], [-1, 2, -1]])]
+    filters = [
+        sobel,
+        sobel.T,
+        torch.tensor([[0.0, 1, 2], [-1, 0, 1], [-2, -1, 0]]),
+        torch.tensor([[2.0, 1, 0], [1, 0, -1], [0, -1, -2]]),
+        torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]),
+        torch.tensor([[1.0, -2, 1], [-2, 4, -2], [1, -2, 1]]),
+        torch.tensor([[1.0, 0, -1], [0, 0, 0], [-1, 0, 1]]),
+        torch.tensor([[-1.0, 2, -1], [-1, 2, -1], [-1, 2, -1]]),
+    ]
     stem = torch.zeros_like(model.conv1.weight)
     for i, f in enumerate(filters):
         stem[2 * i, :] = f / f.abs().sum() / 3
@@ -137,26 +144,54 @@ def world(tmp_path_factory, ray_cluster):
     from sept.data.shards import list_shards
 
     root = tmp_path_factory.mktemp("select_tasks")
-    corpus = make_demo_corpus(str(root / "corpus"), pool_size=480, shards=4, target_train_per_class=3,
-                              target_val_per_class=2, seed=2)
+    corpus = make_demo_corpus(
+        str(root / "corpus"), pool_size=480, shards=4, target_train_per_class=3, target_val_per_class=2, seed=2
+    )
     gradients = make_domain_target(str(root / "gradients"), "gradients")
-    val_digits = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(corpus.target_dir, "val")) for f in fs)
+    val_digits = sorted(
+        os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(corpus.target_dir, "val")) for f in fs
+    )
     leak = str(root / "leak.tar")
     write_leak_shard(leak, val_digits[:2])
     pool = root / "pool.txt"
     pool.write_text("\n".join(list_shards(corpus.pool_spec) + [leak]) + "\n")
-    calibration = [decode_image(s.members["jpg"]) for shard in list_shards(corpus.pool_spec)
-                   for s in iter_samples(shard)][::2]
+    calibration = [
+        decode_image(s.members["jpg"]) for shard in list_shards(corpus.pool_spec) for s in iter_samples(shard)
+    ][::2]
     encoder = make_edge_encoder(str(root / "enc.pt"), calibration)
-    w = dict(root=root, corpus=corpus, gradients=gradients, encoder=encoder, emb=str(root / "emb.zarr"),
-             index=str(root / "index.zarr"), sel=str(root / "sel"), truth=corpus.truth(), leak=leak)
-    ray_cluster.run_sept("embed", "--pool", str(pool), "--encoder", encoder, "--out", w["emb"], "--workers", "2",
-                         "--batch-size", "64")
+    w = dict(
+        root=root,
+        corpus=corpus,
+        gradients=gradients,
+        encoder=encoder,
+        emb=str(root / "emb.zarr"),
+        index=str(root / "index.zarr"),
+        sel=str(root / "sel"),
+        truth=corpus.truth(),
+        leak=leak,
+    )
+    ray_cluster.run_sept(
+        "embed", "--pool", str(pool), "--encoder", encoder, "--out", w["emb"], "--workers", "2", "--batch-size", "64"
+    )
     ray_cluster.run_sept("index", "--embeddings", w["emb"], "--out", w["index"], "--shards", "4", "--factory", "Flat")
-    w["two_tasks"] = ["--index", w["index"], "--encoder", encoder, "--target", corpus.target_dir, "--task", "digits",
-                      "--target", gradients, "--task", "gradients", "--budget", str(BUDGET)]
+    w["two_tasks"] = [
+        "--index",
+        w["index"],
+        "--encoder",
+        encoder,
+        "--target",
+        corpus.target_dir,
+        "--task",
+        "digits",
+        "--target",
+        gradients,
+        "--task",
+        "gradients",
+        "--budget",
+        str(BUDGET),
+    ]
     proc = ray_cluster.run_sept("select", *w["two_tasks"], "--out", w["sel"])
-    w["summary"] = json.loads(proc.stdout[proc.stdout.index("{"):])
+    w["summary"] = json.loads(proc.stdout[proc.stdout.index("{") :])
     w["first_run"] = _tree_digest(w["sel"])
     return w
 
@@ -176,8 +211,9 @@ def test_two_tasks_share_one_set_of_shards_and_are_precise(world):
         assert all(r["retrieved_by"] and r["chosen_by"] in r["retrieved_by"] for r in rows)
     summary = world["summary"]["tasks"]["digits"]
     assert sum(c["selected"] for c in summary["per_class"].values()) == BUDGET
-    assert {c: v["selected"] for c, v in summary["per_class"].items()} == \
-        {c: sum(r["cls"] == c for r in digits) for c in summary["per_class"]}
+    assert {c: v["selected"] for c, v in summary["per_class"].items()} == {
+        c: sum(r["cls"] == c for r in digits) for c in summary["per_class"]
+    }
 
 
 def test_leakage_guard_keeps_copies_of_val_images_out(world):
@@ -213,8 +249,16 @@ def test_report_shows_both_tasks_with_their_precision(world, tmp_path):
     from sept.data.report import ReportConfig, write_report
 
     out = str(tmp_path / "report")
-    result = write_report(ReportConfig(selection=world["sel"], out=out, truth=world["corpus"].truth_path,
-                                       domain=["digits=digits", "gradients=gradients"], samples=3, top=4))
+    result = write_report(
+        ReportConfig(
+            selection=world["sel"],
+            out=out,
+            truth=world["corpus"].truth_path,
+            domain=["digits=digits", "gradients=gradients"],
+            samples=3,
+            top=4,
+        )
+    )
     truth = world["truth"]
     for task in ("digits", "gradients"):
         got = result["tasks"][task]["precision"]["overall"]
@@ -229,9 +273,21 @@ def test_cluster_strategy_with_class_balance_and_near_duplicates(world, ray_clus
     from sept.cluster.select import SelectConfig, select
 
     out = str(tmp_path / "sel_cluster")
-    summary = select(SelectConfig(index=world["index"], encoder=world["encoder"], target=world["corpus"].target_dir,
-                                  task="digits", budget=BUDGET, out=out, strategy="cluster", balance="class",
-                                  clusters=12, near_dup_threshold=0.99, ray_address=ray_cluster.address))
+    summary = select(
+        SelectConfig(
+            index=world["index"],
+            encoder=world["encoder"],
+            target=world["corpus"].target_dir,
+            task="digits",
+            budget=BUDGET,
+            out=out,
+            strategy="cluster",
+            balance="class",
+            clusters=12,
+            near_dup_threshold=0.99,
+            ray_address=ray_cluster.address,
+        )
+    )
     task = summary["tasks"]["digits"]
     rows = _manifest(out, "digits")
     assert len(rows) == task["selected"] == BUDGET and len({r["key"] for r in rows}) == BUDGET
@@ -248,20 +304,28 @@ def test_rerun_of_the_same_command_reproduces_every_byte(world, ray_cluster, tmp
     assert _tree_digest(other) == world["first_run"]
     # and rerunning into the same folder is a no-op that changes nothing
     again = ray_cluster.run_sept("select", *world["two_tasks"], "--out", other)
-    assert json.loads(again.stdout[again.stdout.index("{"):])["copied"] == 0
+    assert json.loads(again.stdout[again.stdout.index("{") :])["copied"] == 0
     assert _tree_digest(other) == world["first_run"]
 
 
 def test_killed_run_resumes_without_duplicating_or_losing_a_sample(world, ray_cluster, tmp_path):
     out = str(tmp_path / "sel_killed")
-    args = [os.path.join(VENV_BIN, "sept"), "select", *world["two_tasks"], "--out", out,
-            "--ray-address", ray_cluster.address]
-    proc = subprocess.Popen(args, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    args = [
+        os.path.join(VENV_BIN, "sept"),
+        "select",
+        *world["two_tasks"],
+        "--out",
+        out,
+        "--ray-address",
+        ray_cluster.address,
+    ]
+    proc = subprocess.Popen(
+        args, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     shards = os.path.join(out, "shards")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # the first sign of copying: a job's folder
-        if os.path.isdir(shards) and any(n.startswith((".job-", "part-")) for n in os.listdir(shards)):
+        if os.path.isdir(shards) and any(is_staging_name(n) or n.startswith("part-") for n in os.listdir(shards)):
             break
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-materialization, without cleaning up
@@ -285,7 +349,7 @@ def test_resume_cleans_what_a_crash_leaves_and_redoes_unfinished_jobs(world, ray
         job = json.load(f)
     os.remove(marker)  # its parts stay: orphans that no marker names
     part = sorted(job["parts"])[0]
-    half = os.path.join(out, "shards", f".job-{job['job']}-deadbeef")
+    half = os.path.join(out, "shards", f".{job['job']}.deadbeef.tmp")
     os.makedirs(half)
     with open(os.path.join(half, part), "wb") as f:  # another attempt, cut mid-write
         f.write(Path(os.path.join(out, "shards", part)).read_bytes()[:1500])
@@ -303,13 +367,28 @@ def test_adding_a_task_later_copies_only_its_new_samples(world, ray_cluster, tmp
 
     sel = str(tmp_path / "sel_grow")
     shutil.copytree(world["sel"], sel)
-    before = {n: os.stat(os.path.join(sel, "shards", n)).st_mtime_ns for n in os.listdir(os.path.join(sel, "shards"))
-              if n.endswith(".tar")}
+    before = {
+        n: os.stat(os.path.join(sel, "shards", n)).st_mtime_ns
+        for n in os.listdir(os.path.join(sel, "shards"))
+        if n.endswith(".tar")
+    }
     old_union = {r["id"] for t in ("digits", "gradients") for r in _manifest(sel, t)}
-    proc = ray_cluster.run_sept("select", "--index", world["index"], "--encoder", world["encoder"], "--target",
-                                world["corpus"].target_dir, "--task", "digits-big", "--budget", str(2 * BUDGET),
-                                "--out", sel)
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    proc = ray_cluster.run_sept(
+        "select",
+        "--index",
+        world["index"],
+        "--encoder",
+        world["encoder"],
+        "--target",
+        world["corpus"].target_dir,
+        "--task",
+        "digits-big",
+        "--budget",
+        str(2 * BUDGET),
+        "--out",
+        sel,
+    )
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     big = _manifest(sel, "digits-big")
     new = {r["id"] for r in big} - old_union
     assert len(big) == 2 * BUDGET and new and summary["copied"] == len(new)
@@ -359,8 +438,22 @@ def test_bad_input_gets_one_clear_line(world, tmp_path, capsys):
     base = ["select", "--index", world["index"], "--encoder", world["encoder"]]
     target = world["corpus"].target_dir
     out = str(tmp_path / "s")
-    line = _error_line(capsys, *base, "--target", target, "--target", world["gradients"], "--task", "x", "--task", "x",
-                       "--budget", "5", "--out", out)
+    line = _error_line(
+        capsys,
+        *base,
+        "--target",
+        target,
+        "--target",
+        world["gradients"],
+        "--task",
+        "x",
+        "--task",
+        "x",
+        "--budget",
+        "5",
+        "--out",
+        out,
+    )
     assert "'x'" in line and "twice" in line
     assert "budget 0" in _error_line(capsys, *base, "--target", target, "--budget", "0", "--out", out)
     assert "483" in _error_line(capsys, *base, "--target", target, "--budget", "483", "--out", out)
@@ -369,14 +462,19 @@ def test_bad_input_gets_one_clear_line(world, tmp_path, capsys):
     empty_class.mkdir(parents=True)
     (tmp_path / "t" / "train" / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "t" / "train" / "a" / "0.png")
-    assert str(empty_class) in _error_line(capsys, *base, "--target", str(tmp_path / "t"), "--budget", "5", "--out", out)
+    assert str(empty_class) in _error_line(
+        capsys, *base, "--target", str(tmp_path / "t"), "--budget", "5", "--out", out
+    )
     # a task file naming a task twice
     tasks = tmp_path / "tasks.yaml"
-    tasks.write_text(f"budget: 5\ntasks:\n  - {{name: a, target: {target}}}\n  - {{name: a, target: {world['gradients']}}}\n")
+    tasks.write_text(
+        f"budget: 5\ntasks:\n  - {{name: a, target: {target}}}\n  - {{name: a, target: {world['gradients']}}}\n"
+    )
     assert "twice" in _error_line(capsys, *base, "--tasks", str(tasks), "--out", out)
     # a selection folder holding this task selected differently is never overwritten
-    line = _error_line(capsys, *base, "--target", target, "--task", "digits", "--budget", str(BUDGET + 1),
-                       "--out", world["sel"])
+    line = _error_line(
+        capsys, *base, "--target", target, "--task", "digits", "--budget", str(BUDGET + 1), "--out", world["sel"]
+    )
     assert world["sel"] in line and "budget" in line
     assert not os.path.exists(out), "nothing is written for bad input"
 
@@ -401,15 +499,28 @@ def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path
     keys = [subset.keys[s] for s in subset.shards]
     seen = []
     for rank in range(2):
-        stream = PretrainStream(subset.shards, augment=ViewAugment(16), batch_size=4, rank=rank, world_size=2, keys=keys)
+        stream = PretrainStream(
+            subset.shards, augment=ViewAugment(16), batch_size=4, rank=rank, world_size=2, keys=keys
+        )
         assert stream.num_samples == BUDGET and stream.batches_per_epoch == BUDGET // 2 // 4
         seen.append([k for batch in stream.epoch(0) for k in batch.keys])
     assert len(seen[0]) == len(seen[1]) == BUDGET // 2
     assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) <= wanted
     assert len(set(seen[0]) | set(seen[1])) == BUDGET
 
-    cfg = load_config(None, dict(data=folder, out=str(tmp_path / "run"), steps=3, batch_size=8, image_size=16,
-                                 width=4, sample_log=True, log_every=1))
+    cfg = load_config(
+        None,
+        dict(
+            data=folder,
+            out=str(tmp_path / "run"),
+            steps=3,
+            batch_size=8,
+            image_size=16,
+            width=4,
+            sample_log=True,
+            log_every=1,
+        ),
+    )
     train(cfg, distributed_run=False)
     with open(tmp_path / "run" / "samples-rank0.csv") as f:
         logged = {int(i) for row in csv.DictReader(f) for i in row["ids"].split()}
@@ -424,9 +535,16 @@ def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path
 def _two_tasks_config(world, out: str, ray_cluster, **kwargs):
     from sept.cluster.select import SelectConfig
 
-    return SelectConfig(index=world["index"], encoder=world["encoder"],
-                        target=[world["corpus"].target_dir, world["gradients"]], task=["digits", "gradients"],
-                        budget=BUDGET, out=out, ray_address=ray_cluster.address, **kwargs)
+    return SelectConfig(
+        index=world["index"],
+        encoder=world["encoder"],
+        target=[world["corpus"].target_dir, world["gradients"]],
+        task=["digits", "gradients"],
+        budget=BUDGET,
+        out=out,
+        ray_address=ray_cluster.address,
+        **kwargs,
+    )
 
 
 def test_cluster_strategy_with_two_tasks_and_a_leakage_retry(world, ray_cluster, tmp_path, monkeypatch, caplog):
@@ -456,8 +574,9 @@ def test_cluster_strategy_with_two_tasks_and_a_leakage_retry(world, ray_cluster,
         assert [r["id"] for r in rows] == [r["id"] for r in _manifest(reference, name)]
 
 
-def test_a_task_that_needs_more_neighbours_searches_again_with_a_larger_k(world, ray_cluster, tmp_path, monkeypatch,
-                                                                          caplog):
+def test_a_task_that_needs_more_neighbours_searches_again_with_a_larger_k(
+    world, ray_cluster, tmp_path, monkeypatch, caplog
+):
     """The k named in "searching again with k=N" is the k of the next search, and larger than the
     k already searched (which, with two tasks, may be another task's larger k)."""
     import logging
@@ -469,8 +588,9 @@ def test_a_task_that_needs_more_neighbours_searches_again_with_a_larger_k(world,
     out = str(tmp_path / "sel")
     summary = select_module.select(_two_tasks_config(world, out, ray_cluster))
     searched = [int(k) for k in re.findall(r"searched \d+ queries of \d+ task\(s\), k=(\d+)", caplog.text)]
-    again = re.findall(r"more than the (\d+) neighbours per target image searched; searching again with k=(\d+)",
-                       caplog.text)
+    again = re.findall(
+        r"more than the (\d+) neighbours per target image searched; searching again with k=(\d+)", caplog.text
+    )
     assert again, "k=1 cannot fill a budget of 40 from a few images per class"
     for before, after in again:
         assert int(after) > int(before) and int(before) in searched and int(after) in searched
@@ -485,8 +605,10 @@ def test_pretrain_command_takes_a_task_folder_or_a_selection_with_task(world, tm
 
     sel = world["sel"]
     flags = ["--steps", "2", "--batch-size", "8", "--config", str(_tiny_config(tmp_path))]
-    for name, data in (("folder", ["--data", os.path.join(sel, "tasks", "gradients")]),
-                       ("task", ["--data", sel, "--task", "gradients"])):
+    for name, data in (
+        ("folder", ["--data", os.path.join(sel, "tasks", "gradients")]),
+        ("task", ["--data", sel, "--task", "gradients"]),
+    ):
         run_dir = tmp_path / name
         run_sept("pretrain", *data, "--out", str(run_dir), *flags)
         assert (run_dir / "encoder.pt").is_file()

@@ -33,7 +33,9 @@ def _cluster_unavailable_reason() -> str | None:
     try:
         answer = subprocess.run(
             ["sinfo", "--noheader", "--Node", f"--partition={PARTITION}", "--format=%N %t"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
     except subprocess.TimeoutExpired:
         return "sinfo timed out: slurmctld not answering; run `bash slurm/dev-cluster.sh up`"
@@ -82,8 +84,7 @@ def _wait_or_cancel(job: submitit.Job, deadline_s: float) -> None:
         if time.monotonic() > deadline:
             job.cancel(check=False)
             pytest.fail(
-                f"job {job.job_id} not done after {deadline_s}s; "
-                f"stdout:\n{job.stdout()}\nstderr:\n{job.stderr()}"
+                f"job {job.job_id} not done after {deadline_s}s; stdout:\n{job.stdout()}\nstderr:\n{job.stderr()}"
             )
         time.sleep(1)
 

@@ -28,10 +28,24 @@ def test_seeds_run_as_one_job_array(tmp_path):
             buffer = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, "JPEG")
             writer.write({"__key__": f"{i:04d}", "jpg": buffer.getvalue()})
-    cfgs = [load_config(None, dict(data=str(tmp_path / "pool"), out=str(tmp_path / f"seed{s}"), steps=3, batch_size=8,
-                                   image_size=16, width=8, seed=s)) for s in (0, 1)]
-    results = launch_pretrain_array(cfgs, log_folder=str(tmp_path / "submitit"), executor="slurm",
-                                    partition="debug", time_min=5)
+    cfgs = [
+        load_config(
+            None,
+            dict(
+                data=str(tmp_path / "pool"),
+                out=str(tmp_path / f"seed{s}"),
+                steps=3,
+                batch_size=8,
+                image_size=16,
+                width=8,
+                seed=s,
+            ),
+        )
+        for s in (0, 1)
+    ]
+    results = launch_pretrain_array(
+        cfgs, log_folder=str(tmp_path / "submitit"), executor="slurm", partition="debug", time_min=5
+    )
     array_ids = {r["job_id"].split("_")[0] for r in results}
     assert len(array_ids) == 1 and [r["job_id"].split("_")[1] for r in results] == ["0", "1"]
     assert [r["run_dir"] for r in results] == [c.out for c in cfgs]

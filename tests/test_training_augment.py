@@ -41,10 +41,14 @@ def test_crop_boxes_follow_random_resized_crop():
     assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= 80).all()
     assert area.min() > 0.18 and area.max() <= 1.0 and 3 / 4 - 0.05 < ratio.min() and ratio.max() < 4 / 3 + 0.05
     torch.manual_seed(0)
-    reference = np.array([RandomResizedCrop.get_params(torch.zeros(3, 60, 80), [0.2, 1.0], [3 / 4, 4 / 3])
-                          for _ in range(4000)])
+    reference = np.array(
+        [RandomResizedCrop.get_params(torch.zeros(3, 60, 80), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
+    )
     ref_area = reference[:, 2] * reference[:, 3] / (60 * 80)
-    assert abs(area.mean() - ref_area.mean()) < 0.02 and abs(np.median(ratio) - np.median(reference[:, 3] / reference[:, 2])) < 0.05
+    assert (
+        abs(area.mean() - ref_area.mean()) < 0.02
+        and abs(np.median(ratio) - np.median(reference[:, 3] / reference[:, 2])) < 0.05
+    )
     # A strip no try can fit falls back to torchvision's centred crop of ratio 4/3.
     strip = crop_boxes(np.array([4]), np.array([64]), u[:1], 0.9)
     assert strip.tolist() == [[0, 29, 4, 5]]

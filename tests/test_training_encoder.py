@@ -9,6 +9,7 @@ import torchvision
 from PIL import Image
 
 from sept.errors import SeptError
+from sept.io import is_staging_name
 from sept.training.encoder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,8 +31,15 @@ def small_encoder(tmp_path):
     torch.manual_seed(0)
     backbone, dim = build_backbone("resnet18_small", width=8)
     path = str(tmp_path / "enc.pt")
-    save_encoder(path, backbone, arch="resnet18_small", image_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 extra={"method": "simclr"})
+    save_encoder(
+        path,
+        backbone,
+        arch="resnet18_small",
+        image_size=16,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        extra={"method": "simclr"},
+    )
     return path, backbone, dim
 
 
@@ -48,7 +56,7 @@ def test_round_trip_embeds_like_the_saved_model(small_encoder):
     bundle = load_encoder(path, device="cpu")
     assert (bundle.arch, bundle.image_size, bundle.dim) == ("resnet18_small", 16, dim)
     assert bundle.extra == {"method": "simclr"}
-    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(os.path.dirname(path)) if is_staging_name(f)]
 
     images = _images(5)
     batch = torch.stack([bundle.preprocess(im) for im in images])

@@ -33,7 +33,11 @@ def make_pool(directory, shard_sizes, bad=(), size=16, seed=0, masks=False):
                 sample = {"__key__": f"{shard:05d}{i:04d}", "jpg": image, "json": b"{}"}
                 if masks:  # four quadrant segments
                     labels = np.zeros((size, size), np.uint8)
-                    labels[: size // 2, size // 2 :], labels[size // 2 :, : size // 2], labels[size // 2 :, size // 2 :] = 1, 2, 3
+                    (
+                        labels[: size // 2, size // 2 :],
+                        labels[size // 2 :, : size // 2],
+                        labels[size // 2 :, size // 2 :],
+                    ) = 1, 2, 3
                     png = io.BytesIO()
                     Image.fromarray(labels, mode="L").save(png, "PNG")
                     sample["mask.png"] = png.getvalue()
@@ -42,7 +46,9 @@ def make_pool(directory, shard_sizes, bad=(), size=16, seed=0, masks=False):
 
 
 def _stream(shards, rank, world, **kwargs):
-    return PretrainStream(shards, augment=ViewAugment(16), batch_size=kwargs.pop("batch_size", 4), rank=rank, world_size=world, **kwargs)
+    return PretrainStream(
+        shards, augment=ViewAugment(16), batch_size=kwargs.pop("batch_size", 4), rank=rank, world_size=world, **kwargs
+    )
 
 
 def _keys(batches):
@@ -160,13 +166,23 @@ def test_max_samples_caps_the_epoch(tmp_path):
 def test_too_little_data_is_a_clear_error(tmp_path):
     shards = make_pool(tmp_path / "pool", [5])
     with pytest.raises(SeptError, match="too little training data: 5 samples"):
-        _stream(shards, 0, 2, batch_size=4).batches_per_epoch
+        _ = _stream(shards, 0, 2, batch_size=4).batches_per_epoch
 
 
 def test_progressive_plan_sets_each_batch_size(tmp_path):
     shards = make_pool(tmp_path / "pool", [16])
-    plan = AccelerationPlan(steps=4, base_lr=0.1, warmup_steps=0, image_size=16, lr_schedule="cyclic",
-                            cycle_steps=4, progressive=True, min_image_size=8, min_strength=0.5, stages=2)
+    plan = AccelerationPlan(
+        steps=4,
+        base_lr=0.1,
+        warmup_steps=0,
+        image_size=16,
+        lr_schedule="cyclic",
+        cycle_steps=4,
+        progressive=True,
+        min_image_size=8,
+        min_strength=0.5,
+        stages=2,
+    )
     batches = list(_stream(shards, 0, 1, plan=plan).epoch(0))
     assert [b.view1.shape[-1] for b in batches] == [8, 8, 16, 16]
 
@@ -197,14 +213,22 @@ def _epochs(stream, epochs):
     out = []
     for e in epochs:
         batches = list(stream.epoch(e))
-        out.append(([b.keys for b in batches], [b.view1 for b in batches], [b.view2 for b in batches],
-                    sum(len(b.bad) for b in batches)))
+        out.append(
+            (
+                [b.keys for b in batches],
+                [b.view1 for b in batches],
+                [b.view2 for b in batches],
+                sum(len(b.bad) for b in batches),
+            )
+        )
     return out
 
 
 def _same(a, b):
-    return all(ka == kb and all(map(torch.equal, v1a, v1b)) and all(map(torch.equal, v2a, v2b)) and na == nb
-               for (ka, v1a, v2a, na), (kb, v1b, v2b, nb) in zip(a, b, strict=True))
+    return all(
+        ka == kb and all(map(torch.equal, v1a, v1b)) and all(map(torch.equal, v2a, v2b)) and na == nb
+        for (ka, v1a, v2a, na), (kb, v1b, v2b, nb) in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("subset", [False, True], ids=["whole-shards", "task-subset"])
@@ -261,8 +285,12 @@ def _run_like_a_trainer(stream, steps, end_epoch_after=None):
 
 def _same_batches(a, b):
     return len(a) == len(b) and all(
-        x.keys == y.keys and (x.epoch, x.step, x.index) == (y.epoch, y.step, y.index)
-        and torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) for x, y in zip(a, b))
+        x.keys == y.keys
+        and (x.epoch, x.step, x.index) == (y.epoch, y.step, y.index)
+        and torch.equal(x.view1, y.view1)
+        and torch.equal(x.view2, y.view2)
+        for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize("end_epoch_after", [None, {0: 1, 2: 2}], ids=["whole-epochs", "epochs-ended-early"])

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from sept.errors import SeptError
 from sept.training.encoder import build_backbone
 from sept.training.methods import build_method
-from sept.training.momentum import cosine_momentum, ema_update
 from sept.training.moco import moco_loss
+from sept.training.momentum import cosine_momentum, ema_update
 from sept.training.schedule import learning_rate
 from sept.training.simclr import nt_xent_loss
 

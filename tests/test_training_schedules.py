@@ -21,7 +21,9 @@ def _plan(steps, **kw):
 
 
 def test_cyclic_learning_rate_warms_up_and_anneals_every_cycle():
-    lr = lambda s: cyclic_learning_rate(s, cycle_steps=10, base_lr=1.0, warmup_steps=2, cycle_decay=0.5, min_lr_ratio=0.1)  # noqa: E731
+    def lr(s):
+        return cyclic_learning_rate(s, cycle_steps=10, base_lr=1.0, warmup_steps=2, cycle_decay=0.5, min_lr_ratio=0.1)  # noqa: E731
+
     for cycle, peak in enumerate([1.0, 0.5, 0.25]):
         start = 10 * cycle
         assert lr(start) == pytest.approx(peak / 2)  # linear warm-up restarts each cycle
@@ -43,7 +45,9 @@ def test_cyclic_schedule_is_extendable_and_cosine_is_not():
 
 
 def test_progressive_size_and_strength_rise_within_each_cycle_and_restart():
-    plan = _plan(48, lr_schedule="cyclic", cycle_steps=16, progressive=True, min_image_size=16, min_strength=0.25, stages=4)
+    plan = _plan(
+        48, lr_schedule="cyclic", cycle_steps=16, progressive=True, min_image_size=16, min_strength=0.25, stages=4
+    )
     sizes = [plan.image_size_at(s) for s in range(48)]
     strengths = [plan.strength_at(s) for s in range(48)]
     assert sizes[:16] == [16] * 4 + [20] * 4 + [24] * 4 + [32] * 4  # multiples of 4, last stage full size
@@ -73,9 +77,16 @@ def _pixel_iou(a, b, size=64):
 def test_crop_iou_matches_pixel_counts_and_hardest_pair_is_least_overlap():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        a, b = [tuple(int(v) for v in (rng.integers(0, 32), rng.integers(0, 32), rng.integers(1, 32), rng.integers(1, 32))) for _ in range(2)]
+        a, b = [
+            tuple(int(v) for v in (rng.integers(0, 32), rng.integers(0, 32), rng.integers(1, 32), rng.integers(1, 32)))
+            for _ in range(2)
+        ]
         assert box_ious(np.array(a), np.array(b)) == pytest.approx(_pixel_iou(a, b))
-    same, shifted, disjoint = ((0, 0, 10, 10), (0, 0, 10, 10)), ((0, 0, 10, 10), (0, 5, 10, 10)), ((0, 0, 5, 5), (6, 6, 5, 5))
+    same, shifted, disjoint = (
+        ((0, 0, 10, 10), (0, 0, 10, 10)),
+        ((0, 0, 10, 10), (0, 5, 10, 10)),
+        ((0, 0, 5, 5), (6, 6, 5, 5)),
+    )
     same, shifted, disjoint = (np.array(p) for p in (same, shifted, disjoint))
     assert crop_difficulty(*same) == 0 and crop_difficulty(*disjoint) == 1
     assert hardest_pairs(np.stack([[same, shifted, disjoint], [same, shifted, same]])).tolist() == [2, 1]
@@ -95,7 +106,11 @@ def test_hard_positive_mining_picks_harder_pairs_and_strength_softens_crops():
     assert (weak[:, 2] * weak[:, 3]).min() >= 0.8 * 48 * 48 * 0.97  # min scale 1 - 0.8 * 0.25, up to rounding
     plain = augment.plan(keys, sides, sides).boxes.reshape(-1, 4)
     assert (plain[:, 2] * plain[:, 3]).min() < 0.5 * 48 * 48
-    assert (plain[:, :2] >= 0).all() and (plain[:, 0] + plain[:, 2] <= 48).all() and (plain[:, 1] + plain[:, 3] <= 48).all()
+    assert (
+        (plain[:, :2] >= 0).all()
+        and (plain[:, 0] + plain[:, 2] <= 48).all()
+        and (plain[:, 1] + plain[:, 3] <= 48).all()
+    )
 
 
 def test_views_have_the_size_the_schedule_asks_for():
@@ -107,8 +122,12 @@ def test_views_have_the_size_the_schedule_asks_for():
 def test_lars_scales_each_update_by_its_trust_ratio():
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars": False}],
-               lr=0.5, momentum=0.9, eta=0.01)
+    opt = LARS(
+        [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars": False}],
+        lr=0.5,
+        momentum=0.9,
+        eta=0.01,
+    )
     w.grad, b.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0])
     update = torch.tensor([[0.0, 1.0]]) + 0.1 * torch.tensor([[3.0, 4.0]])
     expected_w = torch.tensor([[3.0, 4.0]]) - 0.5 * (0.01 * 5.0 / update.norm()) * update

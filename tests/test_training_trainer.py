@@ -44,8 +44,7 @@ def pool(tmp_path_factory):
 
 
 def _cfg(pool, out, **overrides):
-    base = dict(data=pool, out=str(out), steps=4, batch_size=8, image_size=16, width=8, log_every=2,
-                checkpoint_every=2)
+    base = dict(data=pool, out=str(out), steps=4, batch_size=8, image_size=16, width=8, log_every=2, checkpoint_every=2)
     return load_config(None, {**base, **overrides})
 
 
@@ -92,8 +91,22 @@ def test_resume_restores_step_model_and_metrics(pool, tmp_path):
 
 def test_fast_preset_follows_its_plan_and_extends_by_more_cycles(pool, tmp_path):
     run = tmp_path / "run"
-    cfg = load_config(None, dict(data=pool, out=str(run), steps=6, cycle_steps=3, batch_size=8, image_size=16, width=8,
-                                 log_every=1, checkpoint_every=3, sample_log=True), preset="fast")
+    cfg = load_config(
+        None,
+        dict(
+            data=pool,
+            out=str(run),
+            steps=6,
+            cycle_steps=3,
+            batch_size=8,
+            image_size=16,
+            width=8,
+            log_every=1,
+            checkpoint_every=3,
+            sample_log=True,
+        ),
+        preset="fast",
+    )
     summary = train(cfg)
     plan = AccelerationPlan.from_config(cfg)
     rows = _rows(run / "metrics.csv")
@@ -107,9 +120,26 @@ def test_fast_preset_follows_its_plan_and_extends_by_more_cycles(pool, tmp_path)
     assert summary["ranks"][0]["images_per_s"] > 0 and summary["ranks"][0]["data_wait_s"] > 0
     assert all(0 <= float(r["max_data_wait_frac"]) <= 1 for r in rows)
 
-    longer = train(load_config(None, {**dict(data=pool, out=str(run), steps=9, cycle_steps=3, batch_size=8,
-                                               image_size=16, width=8, log_every=1, checkpoint_every=3,
-                                               sample_log=True)}, preset="fast"))
+    longer = train(
+        load_config(
+            None,
+            {
+                **dict(
+                    data=pool,
+                    out=str(run),
+                    steps=9,
+                    cycle_steps=3,
+                    batch_size=8,
+                    image_size=16,
+                    width=8,
+                    log_every=1,
+                    checkpoint_every=3,
+                    sample_log=True,
+                )
+            },
+            preset="fast",
+        )
+    )
     assert longer["resumed_from_step"] == 6 and [a["start_step"] for a in longer["attempts"]] == [0, 6]
     rows = _rows(run / "metrics.csv")
     assert [float(r["lr"]) for r in rows] == pytest.approx([plan.lr(s) for s in range(9)], rel=1e-5)

@@ -20,8 +20,9 @@ segmentation mask cropped (nearest neighbour) and flipped exactly like its image
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def crop_boxes(heights: np.ndarray, widths: np.ndarray, u: np.ndarray, min_scale
     h_img, w_img = np.asarray(heights, dtype=np.float64)[:, None], np.asarray(widths, dtype=np.float64)[:, None]
     target = h_img * w_img * (min_scale + (1.0 - min_scale) * u[:, :_TRIES])
     log_lo, log_hi = math.log(_RATIO[0]), math.log(_RATIO[1])
-    aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, _TRIES:2 * _TRIES])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[:, _TRIES : 2 * _TRIES])
     w = np.round(np.sqrt(target * aspect))
     h = np.round(np.sqrt(target / aspect))
     ok = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
@@ -105,8 +106,9 @@ class ViewAugment:
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
 
-    def plan(self, keys: np.ndarray, heights: np.ndarray, widths: np.ndarray, *,
-             strength: float = 1.0, candidates: int = 1) -> ViewPlan:
+    def plan(
+        self, keys: np.ndarray, heights: np.ndarray, widths: np.ndarray, *, strength: float = 1.0, candidates: int = 1
+    ) -> ViewPlan:
         """Two views' crops, flips and colours for each sample of ``keys`` (uint64 [N],
         ``sept.training.keyed_random.sample_keys``) and image size; with ``candidates`` > 1, the
         least-overlapping of that many crop pairs (hard positive mining)."""
@@ -121,8 +123,16 @@ class ViewAugment:
         colours = colour_params(v[:, 1:], self.color_jitter, strength).view(n, 2, NUM_PARAMS)
         return ViewPlan(boxes, (v[:, 0] < 0.5).reshape(n, 2), colours)
 
-    def views(self, images: Sequence[torch.Tensor], keys: np.ndarray, *, size: int | None = None,
-              strength: float = 1.0, candidates: int = 1, masks: Sequence[torch.Tensor] | None = None) -> Views:
+    def views(
+        self,
+        images: Sequence[torch.Tensor],
+        keys: np.ndarray,
+        *,
+        size: int | None = None,
+        strength: float = 1.0,
+        candidates: int = 1,
+        masks: Sequence[torch.Tensor] | None = None,
+    ) -> Views:
         """Two normalised views of each uint8 image [3, H, W] of ``images`` at ``size`` px (default
         ``image_size``), drawn from the samples' ``keys``; with ``masks`` (uint8 [H, W] each),
         the masks cropped and flipped with each view."""
@@ -131,8 +141,14 @@ class ViewAugment:
         plan = self.plan(keys, heights, widths, strength=strength, candidates=candidates)
         return self.render(images, plan, size=size, masks=masks)
 
-    def render(self, images: Sequence[torch.Tensor], plan: ViewPlan, *, size: int | None = None,
-               masks: Sequence[torch.Tensor] | None = None) -> Views:
+    def render(
+        self,
+        images: Sequence[torch.Tensor],
+        plan: ViewPlan,
+        *,
+        size: int | None = None,
+        masks: Sequence[torch.Tensor] | None = None,
+    ) -> Views:
         """The views ``plan`` describes of uint8 ``images`` [3, H, W] (and ``masks`` [H, W])."""
         size = int(size or self.image_size)
         n = len(images)
@@ -145,13 +161,15 @@ class ViewAugment:
             group = np.flatnonzero((heights == h) & (widths == w))
             stack = torch.stack([images[i] for i in group]).float()
             b = plan.boxes[group].reshape(-1, 4).astype(np.float64)  # rows: sample, view
-            rois = np.stack([np.repeat(np.arange(len(group)), 2), b[:, 1], b[:, 0], b[:, 1] + b[:, 3],
-                             b[:, 0] + b[:, 2]], 1)
+            rois = np.stack(
+                [np.repeat(np.arange(len(group)), 2), b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], 1
+            )
             crops = roi_align(stack, torch.from_numpy(rois).float(), (size, size), 1.0, -1, True)
             pixels[torch.from_numpy(group)] = crops.view(len(group), 2, 3, size, size)
             if cut is not None:
-                cut[torch.from_numpy(group)] = _nearest_crops(torch.stack([masks[i] for i in group]),
-                                                              plan.boxes[group], size)
+                cut[torch.from_numpy(group)] = _nearest_crops(
+                    torch.stack([masks[i] for i in group]), plan.boxes[group], size
+                )
         flips = torch.from_numpy(plan.flips)
         pixels = torch.where(flips[:, :, None, None, None], pixels.flip(-1), pixels)
         finished = self.finish(pixels.view(n * 2, 3, size, size).clamp_(0, 255), plan.colours.view(n * 2, -1))
@@ -167,8 +185,9 @@ class ViewAugment:
         x = pixels if pixels.dtype == torch.uint8 else pixels / 255.0
         return TF.normalize(apply_colour(x, colour), list(self.mean), list(self.std))
 
-    def two_views(self, img: Image.Image | torch.Tensor, *, size: int | None = None, strength: float = 1.0,
-                  candidates: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def two_views(
+        self, img: Image.Image | torch.Tensor, *, size: int | None = None, strength: float = 1.0, candidates: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views [3, size, size] of one image, keyed by a draw from torch's global RNG."""
         key = np.array([torch.randint(0, 2**62, ()).item()], dtype=np.uint64)
         out = self.views([as_uint8(img)], key, size=size, strength=strength, candidates=candidates)

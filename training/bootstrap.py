@@ -23,16 +23,16 @@ import logging
 import os
 from typing import Any
 
-import torch
-import yaml
-
 import numpy as np
+import torch
 import webdataset as wds
+import yaml
 
 from sept.data.decode import BadSample, decode_image
 from sept.data.samples import ShardStats, image_member, iter_samples
 from sept.data.shards import list_shards
 from sept.errors import SeptError
+from sept.io import atomic_file, atomic_target
 from sept.training.config import PretrainConfig, load_config
 from sept.training.encoder import (
     IMAGENET_MEAN,
@@ -115,12 +115,10 @@ def sample_pool(
 
 
 def _write_subset(items: list[tuple[int, str, str, bytes]], path: str) -> None:
-    tmp = path + ".tmp"
-    with wds.TarWriter(tmp) as writer:
+    with atomic_target(path) as tmp, wds.TarWriter(tmp) as writer:
         for shard_index, key, ext, data in items:
             # Pool keys are unique per img2dataset run; the shard prefix keeps them unique anyway.
             writer.write({"__key__": f"{shard_index:06d}_{key.replace('/', '_')}", ext: data})
-    os.replace(tmp, path)
 
 
 def _config_file_keys(config: str | None) -> set[str]:
@@ -165,7 +163,9 @@ def checkpoint_to_keep(scores: list[tuple[int, float]], probe_size: int) -> int:
     return [s for s, v in scores if v >= best - margin - 1e-12][-1]
 
 
-def feature_center(bundle: EncoderBundle, items: list[tuple[int, str, str, bytes]], batch_size: int = 256) -> np.ndarray:
+def feature_center(
+    bundle: EncoderBundle, items: list[tuple[int, str, str, bytes]], batch_size: int = 256
+) -> np.ndarray:
     """The mean L2-normalised feature (dim,) of the subset's images under ``bundle`` (which must
     have no centre yet); undecodable images are left out. The pool's own mean direction is what
     all its features share, so removing it is what lets cosine similarity tell images apart."""
@@ -215,12 +215,10 @@ class _BestWeights:
 
     def write_log(self, path: str) -> None:
         kept_step = self.kept()[0]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_file(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["step", "knn_precision", "kept"])
             writer.writerows([s, f"{v:.6f}", int(s == kept_step)] for s, v in self.scores)
-        os.replace(tmp, path)
 
 
 def bootstrap(
@@ -317,27 +315,52 @@ def bootstrap(
     if "interrupted" in summary:
         # The subset and the checkpoint stay, so that a rerun resumes; no encoder is written yet,
         # so every later stage must stop here rather than find no checkpoint.
-        raise SeptError(f"bootstrap interrupted at step {summary.get('steps')}; rerun the same command to resume "
-                        f"from {work_dir}")
+        raise SeptError(
+            f"bootstrap interrupted at step {summary.get('steps')}; rerun the same command to resume from {work_dir}"
+        )
     written = load_encoder(out_path, device="cpu")  # the trainer's encoder and provenance
     backbone, provenance = written.model, dict(written.extra)
     if keeper is not None:
         keeper.write_log(os.path.join(work_dir, RETRIEVAL_LOG_FILENAME))
         kept_step, kept_score, kept_state = keeper.kept()
-        log.info("bootstrap keeps the weights of step %d (target kNN precision %.4f; best %.4f, last %.4f)",
-                 kept_step, kept_score, max(v for _, v in keeper.scores), keeper.scores[-1][1])
+        log.info(
+            "bootstrap keeps the weights of step %d (target kNN precision %.4f; best %.4f, last %.4f)",
+            kept_step,
+            kept_score,
+            max(v for _, v in keeper.scores),
+            keeper.scores[-1][1],
+        )
         backbone.load_state_dict(kept_state)
-        provenance.update(steps=kept_step, trained_steps=summary.get("steps", cfg.steps),
-                          retrieval_scores=[[s, round(v, 6)] for s, v in keeper.scores])
+        provenance.update(
+            steps=kept_step,
+            trained_steps=summary.get("steps", cfg.steps),
+            retrieval_scores=[[s, round(v, 6)] for s, v in keeper.scores],
+        )
     center = None
     if center_features:
-        bundle = EncoderBundle(model=backbone, arch=cfg.arch, image_size=cfg.image_size, mean=written.mean,
-                               std=written.std, dim=written.dim, identity="", device=torch.device("cpu"))
+        bundle = EncoderBundle(
+            model=backbone,
+            arch=cfg.arch,
+            image_size=cfg.image_size,
+            mean=written.mean,
+            std=written.std,
+            dim=written.dim,
+            identity="",
+            device=torch.device("cpu"),
+        )
         center = feature_center(bundle, items)
         provenance["center_of"] = len(items)
     if keeper is not None or center is not None:
-        save_encoder(out_path, backbone, arch=cfg.arch, image_size=cfg.image_size, mean=written.mean, std=written.std,
-                     extra=provenance, center=center)
+        save_encoder(
+            out_path,
+            backbone,
+            arch=cfg.arch,
+            image_size=cfg.image_size,
+            mean=written.mean,
+            std=written.std,
+            extra=provenance,
+            center=center,
+        )
     for leftover in (subset, os.path.join(work_dir, CHECKPOINT_FILENAME)):
         if os.path.exists(leftover):
             os.unlink(leftover)

@@ -67,11 +67,14 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     v = maxc
     p, q, t = v * (1 - sat), v * (1 - sat * f), v * (1 - sat * (1 - f))
     # (r, g, b) by hue sector, as in colorsys.hsv_to_rgb
-    table = torch.stack([
-        torch.stack([v, q, p, p, t, v], 1),
-        torch.stack([t, v, v, q, p, p], 1),
-        torch.stack([p, p, t, v, v, q], 1),
-    ], 1)  # [N, 3, 6, H, W]
+    table = torch.stack(
+        [
+            torch.stack([v, q, p, p, t, v], 1),
+            torch.stack([t, v, v, q, p, p], 1),
+            torch.stack([p, p, t, v, v, q], 1),
+        ],
+        1,
+    )  # [N, 3, 6, H, W]
     index = i[:, None, None].expand(-1, 3, 1, -1, -1)
     return table.gather(2, index)[:, :, 0]
 

@@ -7,13 +7,14 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from sept.errors import SeptError
-from sept.training.atomic import atomic_write_text
+from sept.errors import SeptError, first_line
+from sept.io import atomic_write_text
 from sept.training.encoder import ARCHS
 from sept.training.methods import check_method
 
@@ -195,7 +196,9 @@ def _validate(cfg: PretrainConfig, source: str) -> None:
     if cfg.width is not None and cfg.arch != "resnet18_small":
         raise SeptError(f"config key 'width' in {source} applies to resnet18_small only, not {cfg.arch}")
     if cfg.optimizer not in _OPTIMIZERS:
-        raise SeptError(f"config key 'optimizer' in {source} must be one of {', '.join(_OPTIMIZERS)}, got {cfg.optimizer!r}")
+        raise SeptError(
+            f"config key 'optimizer' in {source} must be one of {', '.join(_OPTIMIZERS)}, got {cfg.optimizer!r}"
+        )
     if cfg.lr <= 0 or cfg.temperature <= 0 or cfg.weight_decay < 0:
         raise SeptError(f"config in {source}: lr and temperature must be positive, weight_decay non-negative")
     if not 0.0 < cfg.crop_min_scale <= 1.0:
@@ -204,14 +207,20 @@ def _validate(cfg: PretrainConfig, source: str) -> None:
         raise SeptError(f"config key 'momentum' in {source} must lie in [0, 1), got {cfg.momentum}")
     for key, allowed in (("lr_schedule", _LR_SCHEDULES), ("device", _DEVICES)):
         if getattr(cfg, key) not in allowed:
-            raise SeptError(f"config key {key!r} in {source} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+            raise SeptError(
+                f"config key {key!r} in {source} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}"
+            )
     for key in ("cycle_steps", "min_image_size", "progressive_stages", "positive_candidates", "num_masks"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise SeptError(f"config key {key!r} in {source} must be at least 1, got {getattr(cfg, key)}")
     if cfg.cycle_decay <= 0 or not 0.0 <= cfg.min_lr_ratio < 1.0 or not 0.0 < cfg.min_strength <= 1.0:
-        raise SeptError(f"config in {source}: cycle_decay must be positive, min_lr_ratio in [0, 1), min_strength in (0, 1]")
+        raise SeptError(
+            f"config in {source}: cycle_decay must be positive, min_lr_ratio in [0, 1), min_strength in (0, 1]"
+        )
     if cfg.min_image_size is not None and cfg.min_image_size > cfg.image_size:
-        raise SeptError(f"config key 'min_image_size' in {source} exceeds image_size ({cfg.min_image_size} > {cfg.image_size})")
+        raise SeptError(
+            f"config key 'min_image_size' in {source} exceeds image_size ({cfg.min_image_size} > {cfg.image_size})"
+        )
     if cfg.detcon_temperature <= 0:
         raise SeptError(f"config key 'detcon_temperature' in {source} must be positive")
 
@@ -246,7 +255,7 @@ def load_config(
         except FileNotFoundError:
             raise SeptError(f"config file not found: {yaml_path}") from None
         except (OSError, yaml.YAMLError) as err:
-            reason = str(err).strip().splitlines()[0]
+            reason = first_line(err)
             raise SeptError(f"cannot read config file {yaml_path}: {reason}") from None
         if loaded is None:
             loaded = {}

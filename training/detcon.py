@@ -108,8 +108,15 @@ class DetConS(_DetConBase):
 
     needs_masks = True
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, *, temperature: float = 0.1,
-                 hidden_dim: int = 2048, proj_dim: int = 128):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feat_dim: int,
+        *,
+        temperature: float = 0.1,
+        hidden_dim: int = 2048,
+        proj_dim: int = 128,
+    ):
         super().__init__()
         self.backbone = backbone
         self.projector = mlp_head(feat_dim, hidden_dim, proj_dim, batch_norm=True)
@@ -131,8 +138,16 @@ class DetConB(_DetConBase):
 
     needs_masks = True
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, *, temperature: float = 0.1, momentum: float = 0.99,
-                 hidden_dim: int = 4096, proj_dim: int = 256):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feat_dim: int,
+        *,
+        temperature: float = 0.1,
+        momentum: float = 0.99,
+        hidden_dim: int = 4096,
+        proj_dim: int = 256,
+    ):
         super().__init__()
         self.backbone = backbone
         self.projector = mlp_head(feat_dim, hidden_dim, proj_dim, batch_norm=True)

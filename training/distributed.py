@@ -86,7 +86,11 @@ def init_distributed() -> DistInfo:
         env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         log.info(
             "submitit task: rank %d/%d (local %d), master %s:%s",
-            env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port,
+            env.rank,
+            env.world_size,
+            env.local_rank,
+            env.master_addr,
+            env.master_port,
         )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:

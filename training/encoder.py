@@ -19,8 +19,9 @@ import logging
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.transforms import v2
 
-from sept.errors import SeptError
-from sept.training.atomic import atomic_torch_save
+from sept.errors import SeptError, first_line
+from sept.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ TIMM_PREFIX = "timm/"
 
 def is_known_arch(arch: str) -> bool:
     return arch in ARCHS or (isinstance(arch, str) and arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX))
+
 
 _TORCHVISION_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 _TORCHVISION_IMAGE_SIZE = 224
@@ -106,7 +108,7 @@ def build_backbone(arch: str, *, width: int | None = None) -> tuple[nn.Module, i
     if arch.startswith(TIMM_PREFIX):
         if width is not None:
             raise SeptError(f"width applies to resnet18_small only, not to {arch}")
-        return _timm_backbone(arch[len(TIMM_PREFIX):])
+        return _timm_backbone(arch[len(TIMM_PREFIX) :])
     raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)}, or timm/NAME)")
 
 
@@ -118,7 +120,7 @@ def _timm_backbone(name: str) -> tuple[nn.Module, int]:
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError as err:
-        raise SeptError(f"unknown timm model {name!r}: {str(err).strip().splitlines()[0]}") from None
+        raise SeptError(f"unknown timm model {name!r}: {first_line(err)}") from None
     return model, int(model.num_features)
 
 
@@ -328,8 +330,10 @@ def _bundle(
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
@@ -345,7 +349,7 @@ def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundl
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SeptError(f"not an encoder checkpoint: {path} (unreadable by torch.load: {reason})") from None
 
     if isinstance(obj, Mapping) and "sept_encoder" in obj:
@@ -367,10 +371,14 @@ def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundl
                 center=meta.get("center"),
             )
         except (RuntimeError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0]
-            raise SeptError(f"not an encoder checkpoint: {path} (weights do not fit {meta['arch']}: {reason})") from None
+            reason = first_line(err)
+            raise SeptError(
+                f"not an encoder checkpoint: {path} (weights do not fit {meta['arch']}: {reason})"
+            ) from None
         if bundle.dim != meta["dim"]:
-            raise SeptError(f"not an encoder checkpoint: {path} (dim {meta['dim']} but {meta['arch']} gives {bundle.dim})")
+            raise SeptError(
+                f"not an encoder checkpoint: {path} (dim {meta['dim']} but {meta['arch']} gives {bundle.dim})"
+            )
         return bundle
 
     if _is_tensor_dict(obj):

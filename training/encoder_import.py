@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from sept.errors import SeptError
+from sept.errors import SeptError, first_line
 from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,16 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is the same user error
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SeptError(f"cannot read weights {path}: {reason}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
-        if isinstance(obj, Mapping) else {}
+    tensors = (
+        {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if isinstance(obj, Mapping)
+        else {}
+    )
     if not tensors:
         raise SeptError(f"{path} holds no state dict (no name -> tensor mapping)")
     return tensors
@@ -64,7 +67,7 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[st
         changed = False
         for prefix in prefixes:
             if out and all(k.startswith(prefix) for k in out):
-                out = {k[len(prefix):]: v for k, v in out.items()}
+                out = {k[len(prefix) :]: v for k, v in out.items()}
                 changed = True
     return out
 
@@ -96,13 +99,24 @@ def import_encoder(
         raise SeptError(f"{weights} does not fit {arch}: {detail}; check --arch") from None
     if result.missing_keys:
         shown = ", ".join(result.missing_keys[:3])
-        raise SeptError(f"{weights} does not fit {arch}: {len(result.missing_keys)} of its weights are missing "
-                        f"(first: {shown}); check --arch and --strip-prefix")
+        raise SeptError(
+            f"{weights} does not fit {arch}: {len(result.missing_keys)} of its weights are missing "
+            f"(first: {shown}); check --arch and --strip-prefix"
+        )
     dropped = sorted(result.unexpected_keys)
     if dropped:
-        log.info("import: dropped %d keys the backbone has no place for (the classifier): %s", len(dropped),
-                 ", ".join(dropped[:6]))
+        log.info(
+            "import: dropped %d keys the backbone has no place for (the classifier): %s",
+            len(dropped),
+            ", ".join(dropped[:6]),
+        )
     size, default_mean, default_std = default_preprocessing(arch, model)
-    return save_encoder(out, model, arch=arch, image_size=image_size or size, mean=mean or default_mean,
-                        std=std or default_std,
-                        extra=dict(source=os.path.abspath(weights), imported=True, dropped_keys=dropped))
+    return save_encoder(
+        out,
+        model,
+        arch=arch,
+        image_size=image_size or size,
+        mean=mean or default_mean,
+        std=std or default_std,
+        extra=dict(source=os.path.abspath(weights), imported=True, dropped_keys=dropped),
+    )

@@ -66,7 +66,12 @@ def _fit_probe(features: np.ndarray, labels: np.ndarray, C: float, max_iter: int
 
 
 def select_probe_c(
-    features: np.ndarray, labels: np.ndarray, *, grid: tuple[float, ...] = PROBE_C_GRID, max_iter: int = 2000, seed: int = 0
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    grid: tuple[float, ...] = PROBE_C_GRID,
+    max_iter: int = 2000,
+    seed: int = 0,
 ) -> float:
     """The ``C`` of ``grid`` with the best mean accuracy over stratified folds of the train split
     (the first of equals; the middle of the grid when a class has a single image).
@@ -87,8 +92,12 @@ def select_probe_c(
         folds = StratifiedShuffleSplit(n_splits=1, test_size=0.2, random_state=seed)
     splits = list(folds.split(features, labels))
     scores = [
-        np.mean([(_fit_probe(features[fit], labels[fit], c, max_iter).predict(features[dev]) == labels[dev]).mean()
-                 for fit, dev in splits])
+        np.mean(
+            [
+                (_fit_probe(features[fit], labels[fit], c, max_iter).predict(features[dev]) == labels[dev]).mean()
+                for fit, dev in splits
+            ]
+        )
         for c in grid
     ]
     return grid[int(np.argmax(scores))]
@@ -121,6 +130,7 @@ def _check_task(task: TargetTask) -> None:
     train_classes = set(task.labels("train"))
     val_classes = set(task.labels("val"))
     if train_classes != val_classes:
+
         def names(indices: set[int]) -> str:
             return ", ".join(task.classes[i] if 0 <= i < len(task.classes) else str(i) for i in sorted(indices))
 

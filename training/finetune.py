@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def _train_transform(bundle: EncoderBundle) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(bundle.image_size, scale=(0.5, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(bundle.mean), list(bundle.std)),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(bundle.image_size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(bundle.mean), list(bundle.std)),
+        ]
+    )
 
 
 def finetune_accuracy(
@@ -66,7 +68,7 @@ def finetune_accuracy(
     labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
     rgb = [im.convert("RGB") for im in train_images]
     step, last_losses = 0, []
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         model.train()
         order = torch.randperm(len(rgb), generator=generator)
         last_losses = []
@@ -94,5 +96,8 @@ def finetune_accuracy(
             correct += int((predicted == np.asarray(val_labels[start : start + len(chunk)])).sum())
     accuracy = correct / len(val_images)
     log.info("fine-tuned %s for %d epochs: val accuracy %.4f", bundle.identity, epochs, accuracy)
-    return {"accuracy": accuracy, "train_loss": float(np.mean(last_losses)) if last_losses else float("nan"),
-            "epochs": epochs}
+    return {
+        "accuracy": accuracy,
+        "train_loss": float(np.mean(last_losses)) if last_losses else float("nan"),
+        "epochs": epochs,
+    }

@@ -22,7 +22,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import submitit
 
@@ -105,7 +106,10 @@ def _executor(
     if executor == "local":
         submitter = submitit.LocalExecutor(folder=log_folder)
         submitter.update_parameters(
-            timeout_min=time_min, nodes=1, tasks_per_node=tasks_per_node, gpus_per_node=gpus_per_node,
+            timeout_min=time_min,
+            nodes=1,
+            tasks_per_node=tasks_per_node,
+            gpus_per_node=gpus_per_node,
             signal_delay_s=signal_delay_s,
         )
         return submitter
@@ -155,9 +159,13 @@ def _check_shape(executor: str, nodes: int, gpus_per_node: int, tasks_per_node: 
     if tasks_per_node is None:
         tasks_per_node = gpus_per_node if gpus_per_node > 0 else 1
     if nodes < 1 or tasks_per_node < 1:
-        raise SeptError(f"need at least one node and one task per node, got nodes={nodes} tasks_per_node={tasks_per_node}")
+        raise SeptError(
+            f"need at least one node and one task per node, got nodes={nodes} tasks_per_node={tasks_per_node}"
+        )
     if gpus_per_node > 0 and tasks_per_node != gpus_per_node:
-        raise SeptError(f"one task per GPU: tasks per node ({tasks_per_node}) must equal GPUs per node ({gpus_per_node})")
+        raise SeptError(
+            f"one task per GPU: tasks per node ({tasks_per_node}) must equal GPUs per node ({gpus_per_node})"
+        )
     if executor == "local" and nodes != 1:
         raise SeptError(f"the local executor runs on one node, got nodes={nodes}")
     return tasks_per_node
@@ -167,7 +175,9 @@ def _results(job: submitit.Job, log_folder: str) -> dict[str, Any]:
     try:
         results = job.results()
     except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as err:
-        raise SeptError(f"pre-training job {job.job_id} failed: {_failure_reason(str(err))} (logs in {log_folder})") from None
+        raise SeptError(
+            f"pre-training job {job.job_id} failed: {_failure_reason(str(err))} (logs in {log_folder})"
+        ) from None
     return dict(results[0])
 
 
@@ -199,12 +209,30 @@ def launch_pretrain(
     cfg = _prepared(cfg, gpus_per_node)
     log_folder = os.path.join(cfg.out, SUBMITIT_DIRNAME)
     submitter = _executor(
-        executor, log_folder, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
-        partition=partition, time_min=time_min, account=account, qos=qos, constraint=constraint,
-        cpus_per_task=cpus_per_task, mem_gb=mem_gb, signal_delay_s=signal_delay_s, name="sept-pretrain",
+        executor,
+        log_folder,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tasks_per_node=tasks_per_node,
+        partition=partition,
+        time_min=time_min,
+        account=account,
+        qos=qos,
+        constraint=constraint,
+        cpus_per_task=cpus_per_task,
+        mem_gb=mem_gb,
+        signal_delay_s=signal_delay_s,
+        name="sept-pretrain",
     )
     job = submitter.submit(PretrainJob(cfg))
-    log.info("submitted %s pre-training job %s (%d x %d ranks); logs in %s", executor, job.job_id, nodes, tasks_per_node, log_folder)
+    log.info(
+        "submitted %s pre-training job %s (%d x %d ranks); logs in %s",
+        executor,
+        job.job_id,
+        nodes,
+        tasks_per_node,
+        log_folder,
+    )
     info = {"job_id": str(job.job_id), "log_folder": log_folder, "run_dir": cfg.out}
     if not wait:
         return info
@@ -242,9 +270,20 @@ def launch_pretrain_array(
     tasks_per_node = _check_shape(executor, nodes, gpus_per_node, tasks_per_node)
     prepared = [_prepared(c, gpus_per_node) for c in cfgs]
     submitter = _executor(
-        executor, log_folder, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
-        partition=partition, time_min=time_min, account=account, qos=qos, constraint=constraint,
-        cpus_per_task=cpus_per_task, mem_gb=mem_gb, signal_delay_s=signal_delay_s, name="sept-pretrain-array",
+        executor,
+        log_folder,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tasks_per_node=tasks_per_node,
+        partition=partition,
+        time_min=time_min,
+        account=account,
+        qos=qos,
+        constraint=constraint,
+        cpus_per_task=cpus_per_task,
+        mem_gb=mem_gb,
+        signal_delay_s=signal_delay_s,
+        name="sept-pretrain-array",
     )
     with submitter.batch():
         jobs = [submitter.submit(PretrainJob(c)) for c in prepared]

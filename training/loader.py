@@ -46,9 +46,9 @@ import io
 import logging
 import signal
 import tarfile
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -140,13 +140,23 @@ class EpochState:
         return sum(self.batches)
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_step": self.start_step, "num_workers": self.num_workers,
-                "items": list(self.items), "batches": list(self.batches)}
+        return {
+            "epoch": self.epoch,
+            "start_step": self.start_step,
+            "num_workers": self.num_workers,
+            "items": list(self.items),
+            "batches": list(self.batches),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> EpochState:
-        return cls(int(d["epoch"]), int(d["start_step"]), int(d["num_workers"]),
-                   [int(x) for x in d["items"]], [int(x) for x in d["batches"]])
+        return cls(
+            int(d["epoch"]),
+            int(d["start_step"]),
+            int(d["num_workers"]),
+            [int(x) for x in d["items"]],
+            [int(x) for x in d["batches"]],
+        )
 
 
 def count_shard_samples(path: str) -> int:
@@ -445,22 +455,34 @@ class PretrainStream:
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         keys = sample_keys(self.seed, epoch, ids)
         views = self.augment.views(
-            [r[2] for r in rows], keys,
+            [r[2] for r in rows],
+            keys,
             size=plan.image_size_at(step) if plan else None,
             strength=plan.strength_at(step) if plan else 1.0,
             candidates=plan.positive_candidates if plan else 1,
             masks=[r[3] for r in rows] if self.num_masks else None,
         )
-        batch = TrainBatch(view1=views.view1, view2=views.view2, ids=torch.from_numpy(ids), keys=[r[1] for r in rows],
-                           bad=bad, step=step, epoch=epoch, **where)
+        batch = TrainBatch(
+            view1=views.view1,
+            view2=views.view2,
+            ids=torch.from_numpy(ids),
+            keys=[r[1] for r in rows],
+            bad=bad,
+            step=step,
+            epoch=epoch,
+            **where,
+        )
         if self.num_masks:
             batch.mask1, batch.mask2 = views.mask1, views.mask2
             priorities = keyed_uniforms(keys, 256, MASK_STREAM)
-            batch.mask_ids = torch.stack([pick_mask_ids(m1, m2, self.num_masks, p)
-                                          for m1, m2, p in zip(views.mask1, views.mask2, priorities)])
+            batch.mask_ids = torch.stack(
+                [pick_mask_ids(m1, m2, self.num_masks, p) for m1, m2, p in zip(views.mask1, views.mask2, priorities)]
+            )
         return batch
 
-    def _produce(self, epoch: int, worker: int, workers: int, start_step: int, items: int, made: int) -> Iterator[TrainBatch]:
+    def _produce(
+        self, epoch: int, worker: int, workers: int, start_step: int, items: int, made: int
+    ) -> Iterator[TrainBatch]:
         """Worker ``worker``'s batches of ``epoch`` after its first ``items`` samples and ``made``
         batches (a resume), until its share ends."""
         first, stop, planned = self._worker_range(worker, workers)
@@ -487,7 +509,11 @@ class PretrainStream:
         if made < planned:
             log.warning(
                 "rank %d worker %d: epoch %d share ended %d batches short (%d bad samples in the last batch)",
-                self.rank, worker, epoch, planned - made, len(bad),
+                self.rank,
+                worker,
+                epoch,
+                planned - made,
+                len(bad),
             )
 
     def record(self, batch: TrainBatch) -> None:
@@ -527,7 +553,6 @@ class PretrainStream:
                 source.close()
             del source  # shuts the worker processes down
 
-
     def _epoch_from_ahead(self, state: EpochState) -> Iterator[TrainBatch]:
         """``epoch(state)`` served by the run-ahead process (see module doc)."""
         if self._ahead is None:
@@ -546,8 +571,10 @@ class PretrainStream:
                 return
             if batch.index != due or batch.step != state.start_step + due:
                 if restarted:
-                    raise RuntimeError(f"run-ahead loader made batch {batch.index} (step {batch.step}) where"
-                                       f" batch {due} (step {state.start_step + due}) was due")
+                    raise RuntimeError(
+                        f"run-ahead loader made batch {batch.index} (step {batch.step}) where"
+                        f" batch {due} (step {state.start_step + due}) was due"
+                    )
                 self._start_ahead(state)
                 restarted = True
                 continue
@@ -557,8 +584,13 @@ class PretrainStream:
     def _start_ahead(self, state: EpochState) -> None:
         self.close()
         self.ahead_starts += 1
-        loader = DataLoader(_RunAheadDataset(self, state), batch_size=None, num_workers=1,
-                            prefetch_factor=self.run_ahead, pin_memory=self.pin_memory)
+        loader = DataLoader(
+            _RunAheadDataset(self, state),
+            batch_size=None,
+            num_workers=1,
+            prefetch_factor=self.run_ahead,
+            pin_memory=self.pin_memory,
+        )
         self._ahead = iter(loader)
 
     def close(self) -> None:

@@ -9,8 +9,8 @@ preprocesses (``EncoderBundle``), and scores a live backbone on it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,22 +57,40 @@ class RetrievalProbe:
         mean: Sequence[float],
         std: Sequence[float],
         k: int = 5,
-    ) -> "RetrievalProbe":
+    ) -> RetrievalProbe:
         """Preprocesses ``images`` once, as ``EncoderBundle.preprocess`` does for ``image_size``."""
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images for {len(labels)} labels")
         if len(images) < 2:
             raise ValueError("a retrieval probe needs at least two labelled images")
-        prep = EncoderBundle(model=nn.Identity(), arch="", image_size=image_size, mean=tuple(mean), std=tuple(std),
-                             dim=0, identity="", device=torch.device("cpu"))
+        prep = EncoderBundle(
+            model=nn.Identity(),
+            arch="",
+            image_size=image_size,
+            mean=tuple(mean),
+            std=tuple(std),
+            dim=0,
+            identity="",
+            device=torch.device("cpu"),
+        )
         return cls(torch.stack([prep.preprocess(im) for im in images]), np.asarray(labels), k)
 
     def features(self, backbone: nn.Module, batch_size: int = 256) -> np.ndarray:
         """L2-normalised features of the probe images; the backbone is left in eval mode."""
         device = next(backbone.parameters()).device
-        bundle = EncoderBundle(model=backbone, arch="", image_size=int(self.images.shape[-1]), mean=(0, 0, 0),
-                               std=(1, 1, 1), dim=0, identity="", device=device)
-        return np.concatenate([bundle.embed(self.images[i : i + batch_size]) for i in range(0, len(self.images), batch_size)])
+        bundle = EncoderBundle(
+            model=backbone,
+            arch="",
+            image_size=int(self.images.shape[-1]),
+            mean=(0, 0, 0),
+            std=(1, 1, 1),
+            dim=0,
+            identity="",
+            device=device,
+        )
+        return np.concatenate(
+            [bundle.embed(self.images[i : i + batch_size]) for i in range(0, len(self.images), batch_size)]
+        )
 
     def score(self, backbone: nn.Module) -> float:
         """``knn_precision`` of the backbone's features of the probe images."""

@@ -17,13 +17,22 @@ from __future__ import annotations
 import csv
 import io
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
-from sept.training.atomic import atomic_write_text
+from sept.io import atomic_write_text
 
 METRICS_FILENAME = "metrics.csv"
-METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "image_size", "strength", "imgs_per_s",
-                   "min_rank_imgs_per_s", "max_data_wait_frac")
+METRICS_COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "image_size",
+    "strength",
+    "imgs_per_s",
+    "min_rank_imgs_per_s",
+    "max_data_wait_frac",
+)
 RANK_METRICS_FILENAME = "rank_metrics.csv"
 RANK_METRICS_COLUMNS = ("step", "rank", "imgs_per_s", "data_wait_s", "compute_s")
 SAMPLES_COLUMNS = ("step", "epoch", "ids")

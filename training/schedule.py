@@ -68,7 +68,9 @@ def progressive_fraction(step: int, *, period: int, stages: int) -> float:
     return 1.0 if parts <= 1 else progressive_stage(step, period=period, stages=stages) / (parts - 1)
 
 
-def progressive_image_size(step: int, *, period: int, stages: int, min_size: int, max_size: int, multiple: int = 4) -> int:
+def progressive_image_size(
+    step: int, *, period: int, stages: int, min_size: int, max_size: int, multiple: int = 4
+) -> int:
     """The image side for ``step``: ``min_size`` in a period's first stage rising linearly to
     ``max_size`` in its last, rounded down to a multiple of ``multiple`` (never below it)."""
     fraction = progressive_fraction(step, period=period, stages=stages)

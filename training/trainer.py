@@ -28,7 +28,8 @@ import math
 import os
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,10 +37,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sept.data.shards import list_shards
 from sept.data.task_subset import is_task_data, open_task_data
-from sept.errors import SeptError
+from sept.errors import SeptError, first_line
+from sept.io import atomic_torch_save, atomic_write_text
 from sept.training import distributed
 from sept.training.acceleration import AccelerationPlan
-from sept.training.atomic import atomic_torch_save, atomic_write_text
 from sept.training.augment import ViewAugment
 from sept.training.config import PretrainConfig, config_to_dict, save_resolved_config
 from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
@@ -132,15 +133,26 @@ def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimiz
 
 
 # Fields a run may change when it resumes; any other difference means another run's checkpoint.
-_RESUMABLE_CHANGES = ("out", "steps", "checkpoint_every", "log_every", "num_workers", "cache_mb", "run_ahead",
-                      "num_samples", "sample_log", "compile", "device")
+_RESUMABLE_CHANGES = (
+    "out",
+    "steps",
+    "checkpoint_every",
+    "log_every",
+    "num_workers",
+    "cache_mb",
+    "run_ahead",
+    "num_samples",
+    "sample_log",
+    "compile",
+    "device",
+)
 
 
 def _load_checkpoint(path: str, cfg: PretrainConfig, method: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, ValueError, EOFError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SeptError(f"cannot resume from checkpoint {path}: {reason} (remove it to start over)") from None
     saved = state.get("config") if isinstance(state, dict) else None
     if isinstance(saved, dict):
@@ -148,12 +160,14 @@ def _load_checkpoint(path: str, cfg: PretrainConfig, method: nn.Module, optimize
         changed = [k for k in current if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
         if changed:
             diff = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-            raise SeptError(f"checkpoint {path} belongs to a run with another config ({diff}); remove it or use another out dir")
+            raise SeptError(
+                f"checkpoint {path} belongs to a run with another config ({diff}); remove it or use another out dir"
+            )
     try:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, KeyError, ValueError, EOFError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise SeptError(f"cannot resume from checkpoint {path}: {reason} (remove it to start over)") from None
     return state
 
@@ -195,7 +209,9 @@ def _prepare_masks(cfg: PretrainConfig, shards: list[str], run_dir: str, info: d
     distributed.barrier()
     missing = [p for p in masked if not os.path.exists(p)]
     if missing:
-        raise SeptError(f"masked shard {missing[0]} is missing: the run directory must be on a file system every node shares")
+        raise SeptError(
+            f"masked shard {missing[0]} is missing: the run directory must be on a file system every node shares"
+        )
     return masked
 
 
@@ -240,7 +256,9 @@ class _Window:
         self.total_compute = 0.0
 
     def vector(self) -> torch.Tensor:
-        return torch.tensor([self.images, time.perf_counter() - self.start, self.wait, self.compute], dtype=torch.float64)
+        return torch.tensor(
+            [self.images, time.perf_counter() - self.start, self.wait, self.compute], dtype=torch.float64
+        )
 
     def reset(self) -> None:
         self.total_images += self.images
@@ -249,8 +267,14 @@ class _Window:
         self.start, self.images, self.wait, self.compute = time.perf_counter(), 0, 0.0, 0.0
 
 
-def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | None, encoder_extra: dict,
-           stop: StopRequests, step_callback: Callable[[int, nn.Module], None] | None = None) -> dict:
+def _train(
+    cfg: PretrainConfig,
+    info: distributed.DistInfo,
+    encoder_path: str | None,
+    encoder_extra: dict,
+    stop: StopRequests,
+    step_callback: Callable[[int, nn.Module], None] | None = None,
+) -> dict:
     rank, world = info.rank, info.world_size
     is_main = rank == 0
     device = _device(cfg, info)
@@ -271,8 +295,9 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
     if is_task_data(cfg.data):  # one task's subset of a selection's shared shards
         subset = open_task_data(cfg.data)
         shards, keys = list(subset.shards), [subset.keys[s] for s in subset.shards]
-        log.info("task %s: %d samples in %d shared shards of %s", subset.task, len(subset), len(shards),
-                 subset.selection_dir)
+        log.info(
+            "task %s: %d samples in %d shared shards of %s", subset.task, len(subset), len(shards), subset.selection_dir
+        )
     else:
         shards = list_shards(cfg.data)
     if needs_masks(cfg.method):
@@ -300,8 +325,14 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
     backbone, feat_dim = build_backbone(cfg.arch, width=cfg.width)
-    method = build_method(cfg.method, backbone, feat_dim, temperature=cfg.temperature, momentum=cfg.momentum,
-                          detcon_temperature=cfg.detcon_temperature)
+    method = build_method(
+        cfg.method,
+        backbone,
+        feat_dim,
+        temperature=cfg.temperature,
+        momentum=cfg.momentum,
+        detcon_temperature=cfg.detcon_temperature,
+    )
     # Channels-last convolutions are faster on CPUs (oneDNN: 68 against 82 ms a step at the
     # demo's size) as on GPUs (tensor cores).
     method = method.to(device).to(memory_format=torch.channels_last)
@@ -322,8 +353,14 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
         start_step, first_loss, last_loss = int(state["step"]), state.get("first_loss"), state.get("last_loss")
         history = list(state.get("history") or [])
         epoch_state = _resumed_epoch(state, rank, world, workers, start_step)
-        log.info("rank %d resumes from %s at step %d (epoch %d, %d batches in)",
-                 rank, checkpoint_path, start_step, epoch_state.epoch, epoch_state.consumed)
+        log.info(
+            "rank %d resumes from %s at step %d (epoch %d, %d batches in)",
+            rank,
+            checkpoint_path,
+            start_step,
+            epoch_state.epoch,
+            epoch_state.consumed,
+        )
     history.append(_attempt(start_step))
 
     model: nn.Module = method
@@ -332,9 +369,12 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
     if cfg.compile and on_gpu:
         model = torch.compile(model)
     metrics = StepCsv(os.path.join(run_dir, METRICS_FILENAME), METRICS_COLUMNS, start_step) if is_main else None
-    rank_metrics = StepCsv(os.path.join(run_dir, RANK_METRICS_FILENAME), RANK_METRICS_COLUMNS, start_step) if is_main else None
-    samples_log = (StepCsv(os.path.join(run_dir, samples_filename(rank)), SAMPLES_COLUMNS, start_step)
-                   if cfg.sample_log else None)
+    rank_metrics = (
+        StepCsv(os.path.join(run_dir, RANK_METRICS_FILENAME), RANK_METRICS_COLUMNS, start_step) if is_main else None
+    )
+    samples_log = (
+        StepCsv(os.path.join(run_dir, samples_filename(rank)), SAMPLES_COLUMNS, start_step) if cfg.sample_log else None
+    )
 
     def save_checkpoint(step: int) -> None:
         positions = distributed.gather_objects(epoch_state.to_dict())
@@ -426,10 +466,26 @@ def _train(cfg: PretrainConfig, info: distributed.DistInfo, encoder_path: str | 
                 per_rank = distributed.all_gather_no_grad(window.vector().to(collective_device)[None]).cpu()
                 window.reset()
                 if is_main:
-                    _log_row(metrics, rank_metrics, step, epoch_state.epoch, mean_loss, lr,
-                             int(batch.view1.shape[-1]), plan.strength_at(step - 1), per_rank)
-                    log.info("step %d/%d loss %.4f lr %.4g %d px %.1f img/s", step, cfg.steps, mean_loss, lr,
-                             batch.view1.shape[-1], float(per_rank[:, 0].sum() / per_rank[:, 1].max().clamp_min(1e-9)))
+                    _log_row(
+                        metrics,
+                        rank_metrics,
+                        step,
+                        epoch_state.epoch,
+                        mean_loss,
+                        lr,
+                        int(batch.view1.shape[-1]),
+                        plan.strength_at(step - 1),
+                        per_rank,
+                    )
+                    log.info(
+                        "step %d/%d loss %.4f lr %.4g %d px %.1f img/s",
+                        step,
+                        cfg.steps,
+                        mean_loss,
+                        lr,
+                        batch.view1.shape[-1],
+                        float(per_rank[:, 0].sum() / per_rank[:, 1].max().clamp_min(1e-9)),
+                    )
             else:
                 window.compute += time.perf_counter() - computing
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -522,22 +578,43 @@ def _resumed_epoch(state: dict, rank: int, world: int, workers: int, step: int) 
     log.warning(
         "checkpoint data position is for %s ranks x %s workers, this run has %d x %d:"
         " continuing with epoch %d (the rest of the interrupted epoch is skipped)",
-        len(positions or []) or "unknown", positions[0]["num_workers"] if positions else "?", world, workers, epoch,
+        len(positions or []) or "unknown",
+        positions[0]["num_workers"] if positions else "?",
+        world,
+        workers,
+        epoch,
     )
     return EpochState.fresh(epoch, step, workers)
 
 
-def _log_row(metrics: StepCsv, rank_metrics: StepCsv, step: int, epoch: int, loss: float, lr: float,
-             image_size: int, strength: float, per_rank: torch.Tensor) -> None:
+def _log_row(
+    metrics: StepCsv,
+    rank_metrics: StepCsv,
+    step: int,
+    epoch: int,
+    loss: float,
+    lr: float,
+    image_size: int,
+    strength: float,
+    per_rank: torch.Tensor,
+) -> None:
     """One metrics.csv row and one rank_metrics.csv row per rank; ``per_rank`` rows are
     (images, wall seconds, data-wait seconds, compute seconds) of each rank's window."""
     images, wall, wait, compute = (per_rank[:, i] for i in range(4))
     wall = wall.clamp_min(1e-9)
     rates = images / wall
-    metrics.append([
-        step, epoch, f"{loss:.6f}", f"{lr:.6g}", image_size,
-        f"{strength:.3f}", f"{float(images.sum() / wall.max()):.1f}",
-        f"{float(rates.min()):.1f}", f"{float((wait / wall).max()):.3f}",
-    ])
+    metrics.append(
+        [
+            step,
+            epoch,
+            f"{loss:.6f}",
+            f"{lr:.6g}",
+            image_size,
+            f"{strength:.3f}",
+            f"{float(images.sum() / wall.max()):.1f}",
+            f"{float(rates.min()):.1f}",
+            f"{float((wait / wall).max()):.3f}",
+        ]
+    )
     for r in range(per_rank.shape[0]):
         rank_metrics.append([step, r, f"{float(rates[r]):.1f}", f"{float(wait[r]):.4f}", f"{float(compute[r]):.4f}"])
