@@ -11,6 +11,7 @@ for files and folders alike, so ``remove_stale_staging`` can clear what dead wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -137,6 +138,17 @@ def atomic_torch_save(obj: Any, path: str) -> str:
     with atomic_target(path) as tmp:
         torch.save(obj, tmp)
     return path
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 1 MiB blocks: how a published file is verified."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
 
 
 def staging_dir(final: str) -> str:

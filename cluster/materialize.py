@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from sept.data.identity import make_ids, split_ids
 from sept.errors import SeptError, first_line, task_cause
-from sept.io import atomic_write_json, is_staging_name, staging_dir
+from sept.io import atomic_write_json, file_digest, is_staging_name, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,6 @@ def _job(sources: list[tuple[int, tuple[int, ...]]]) -> Job:
     for s, ps in sources:
         h.update(f"{s}:{','.join(map(str, ps))};".encode())
     return Job(name=f"{sources[0][0]:05d}-{h.hexdigest()[:12]}", sources=tuple(sources))
-
-
-def file_digest(path: str) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
 
 
 def sample_digest(members: dict[str, bytes]) -> str:

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from sept.errors import SeptError
 from sept.index.merge import TopK
-from sept.index.search_plan import parse_size, plan_waves, shard_footprints
+from sept.index.search_plan import plan_waves, shard_footprints
+from sept.index.spec import parse_bytes
 from sept.index.store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def search_index(
     nq = len(xq)
     if nq == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    memory = parse_size(memory_per_searcher)
+    memory = parse_bytes(memory_per_searcher)
     import faiss
 
     ivf = faiss.try_extract_index_ivf(store.trained_index()) is not None
@@ -204,7 +205,7 @@ class SearcherPool:
     def __init__(self, index_path: str, memory_per_searcher: int | str | None = None):
         self.index_path = index_path
         self.options = dict(scheduling_strategy="SPREAD")
-        memory = parse_size(memory_per_searcher)
+        memory = parse_bytes(memory_per_searcher)
         if memory is not None:
             self.options["memory"] = memory
         self.stats = SearchStats()

@@ -13,7 +13,6 @@ list and, per shard, the keys to keep.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 
 from sept.data.samples import PoolSample, ShardStats, iter_samples
 from sept.errors import SeptError
+from sept.io import file_digest
 
 TASKS_DIR = "tasks"
 SHARDS_DIR = "shards"
@@ -111,11 +111,7 @@ def check_shard(path: str, record: dict, *, verify: str = "hash", named_by: str 
     if size != record["size"]:
         raise SeptError(f"shared shard {path} changed since selection: {size} bytes, recorded {record['size']}{where}")
     if verify == "hash":
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        if h.hexdigest() != record["sha256"]:
+        if file_digest(path)[1] != record["sha256"]:
             raise SeptError(f"shared shard {path} changed since selection: its sha256 differs from the record{where}")
 
 

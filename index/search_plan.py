@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import zarr
@@ -19,33 +18,6 @@ from sept.errors import SeptError
 # faiss's IndexIDMap2 (non-IVF shards) keeps an id -> row hash map beside the codes; measured
 # at about 45 bytes a vector. IVF lists hold just the code and the id.
 _IDMAP_BYTES_PER_VECTOR = 48
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kb": 1 << 10,
-    "kib": 1 << 10,
-    "m": 1 << 20,
-    "mb": 1 << 20,
-    "mib": 1 << 20,
-    "g": 1 << 30,
-    "gb": 1 << 30,
-    "gib": 1 << 30,
-    "t": 1 << 40,
-    "tb": 1 << 40,
-    "tib": 1 << 40,
-}
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'2GB', '512M', '1.5g', 1073741824 -> bytes (binary units); None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise SeptError(f"cannot read memory size {text!r}; write it like 2GB, 512MB or 1073741824")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 @dataclass(frozen=True)

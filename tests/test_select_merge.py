@@ -9,8 +9,8 @@ import pytest
 from sept.errors import SeptError
 from sept.index.codes import encode_shard, index_from_codes, train_index
 from sept.index.merge import TopK, canonical_order, merge_topk
-from sept.index.search_plan import ShardFootprint, group_peak, parse_size, plan_waves
-from sept.index.spec import METRICS
+from sept.index.search_plan import ShardFootprint, group_peak, plan_waves
+from sept.index.spec import METRICS, parse_bytes
 
 faiss.omp_set_num_threads(1)  # two shared cores: threads only thrash
 
@@ -130,13 +130,13 @@ def test_padding_of_small_shards_never_wins_and_short_results_pad():
     assert set(I[0, :10]) == set(ids[:10])
 
 
-def test_parse_size():
-    assert parse_size("2GB") == 2 << 30
-    assert parse_size("512m") == 512 << 20
-    assert parse_size("1000") == 1000
-    assert parse_size(None) is None
+def test_parse_bytes_reads_the_units_users_write():
+    assert parse_bytes("2GB") == 2 << 30
+    assert parse_bytes("512m") == 512 << 20
+    assert parse_bytes("1000") == 1000
+    assert parse_bytes(None) is None
     with pytest.raises(SeptError, match="12 parsecs"):
-        parse_size("12 parsecs")
+        parse_bytes("12 parsecs")
 
 
 def test_plan_fits_memory_in_waves_and_covers_every_shard_once():
