@@ -505,7 +505,7 @@ def run(args: argparse.Namespace) -> object:
         kwargs = {k: v for k, v in dict(sample_size=args.sample_size, steps=args.steps).items() if v is not None}
         return bootstrap(args.pool, args.out, config=args.config, seed=args.seed, target=args.target, **kwargs)
     if cmd == "import-encoder":
-        from sept.training.encoder_import import DEFAULT_PREFIXES, import_encoder
+        from sept.training.encoder.importer import DEFAULT_PREFIXES, import_encoder
 
         out = import_encoder(
             args.weights,

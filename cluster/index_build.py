@@ -25,6 +25,7 @@ from sept.index.embedding_store import CHUNK_ROWS, EmbeddingStore
 from sept.index.spec import IndexSpec, choose_factory, format_bytes, index_bytes, make_index
 from sept.index.store import IndexStore
 from sept.io import atomic_write_json
+from sept.training.encoder.identity import require_same_encoder
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,16 @@ def encode_index_shard(
     return len(ids)
 
 
-def check_same_encoder(index_attrs: dict, emb: EmbeddingStore, index_path: str) -> None:
-    """Refuse embeddings from another encoder than the index's: their vectors are not comparable."""
-    theirs, ours = index_attrs["encoder"], emb.encoder
-    if ours.identity != theirs["identity"] or int(ours.dim) != int(index_attrs["dim"]):
-        raise SeptError(
-            f"embeddings {emb.path} come from encoder {ours.identity} ({ours.arch}, {ours.dim}-d), but index "
-            f"{index_path} was built from encoder {theirs['identity']} ({theirs['arch']}, {index_attrs['dim']}-d)"
-        )
+def _require_index_encoder(index_attrs: dict, emb: EmbeddingStore, index_path: str) -> None:
+    ours = emb.encoder
+    require_same_encoder(
+        index_attrs,
+        identity=ours.identity,
+        arch=ours.arch,
+        dim=ours.dim,
+        source=f"embeddings {emb.path}",
+        index_path=index_path,
+    )
 
 
 def build_index(cfg: IndexConfig) -> dict:
@@ -192,7 +195,7 @@ def _reopen(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int], finge
     """The existing index at cfg.out, to resume, if it was built from these embeddings with this spec."""
     store = IndexStore.open(cfg.out)
     old = store.attrs
-    check_same_encoder(old, emb, cfg.out)
+    _require_index_encoder(old, emb, cfg.out)
     if old["embeddings"]["fingerprint"] != fingerprint:
         old_counts = {int(i): int(c) for i, c in old.get("indexed_counts", {}).items()}
         if old_counts and all(
@@ -218,7 +221,7 @@ def _grow(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int]) -> tupl
     """Assign the pool shards embedded since the index was built to new index shards."""
     store = IndexStore.open(cfg.out)
     attrs = store.attrs
-    check_same_encoder(attrs, emb, cfg.out)
+    _require_index_encoder(attrs, emb, cfg.out)
     old_counts = {int(i): int(c) for i, c in attrs["indexed_counts"].items()}
     for i, c in sorted(old_counts.items()):
         if i >= len(emb.pool) or emb.pool[i] != attrs["pool"][i]:

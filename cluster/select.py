@@ -43,6 +43,7 @@ from sept.index.strategies import (
     query_neighbours,
     train_clusters,
 )
+from sept.training.encoder.identity import require_same_encoder
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +77,6 @@ class SelectConfig:
     searchers: int | None = None
     memory_per_searcher: str | int | None = None
     query_batch: int = DEFAULT_QUERY_BATCH
-
-
-def check_encoder_matches(index_attrs: dict, encoder, index_path: str, encoder_path: str) -> None:
-    if int(encoder.dim) != int(index_attrs["dim"]):
-        raise SeptError(
-            f"encoder {encoder_path} gives {encoder.dim}-d vectors but index {index_path} holds {index_attrs['dim']}-d vectors"
-        )
-    if encoder.identity != index_attrs["encoder"]["identity"]:
-        raise SeptError(
-            f"encoder {encoder_path} ({encoder.identity}) is not the encoder index {index_path} was built with "
-            f"({index_attrs['encoder']['identity']})"
-        )
 
 
 @dataclass
@@ -143,7 +132,14 @@ def select(cfg: SelectConfig) -> dict:
     ntotal = int(attrs["ntotal"])
     specs = resolve_tasks(_as_list(cfg.target), _as_list(cfg.task), cfg.budget, cfg.tasks_file, ntotal=ntotal)
     encoder = load_encoder(cfg.encoder)
-    check_encoder_matches(attrs, encoder, cfg.index, cfg.encoder)
+    require_same_encoder(
+        attrs,
+        identity=encoder.identity,
+        arch=encoder.arch,
+        dim=encoder.dim,
+        source=f"queries embedded by {cfg.encoder}",
+        index_path=cfg.index,
+    )
     n_clusters = cfg.clusters or int(max(2, min(65536, round(math.sqrt(ntotal)))))
     if cfg.strategy == "cluster" or cfg.near_dup_threshold is not None:
         _embeddings(attrs, cfg)  # fail before any work if the vectors these need are gone

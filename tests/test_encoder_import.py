@@ -7,7 +7,7 @@ from PIL import Image
 
 from sept.errors import SeptError
 from sept.training.encoder import load_encoder
-from sept.training.encoder_import import import_encoder
+from sept.training.encoder.importer import import_encoder
 
 timm = pytest.importorskip("timm")
 torch.set_num_threads(1)

@@ -4,7 +4,7 @@ An encoder file is ``{"sept_encoder": {"arch", "image_size", "mean", "std", "dim
 "extra"}}`` written by ``save_encoder``; ``arch`` is sept's small ResNet, a torchvision ResNet or
 ``timm/NAME`` (any timm model, when timm is installed). ``load_encoder`` also accepts a plain
 torchvision ResNet state dict (its arch found by strict loading, its ``fc`` head dropped); other
-state dicts are wrapped once by ``sept import-encoder`` (``sept.training.encoder_import``). Loading always uses
+state dicts are wrapped once by ``sept import-encoder`` (``sept.training.encoder.importer``). Loading always uses
 ``torch.load(weights_only=True)``: an encoder file never runs code.
 
 ``EncoderBundle`` is what the embed, select and evaluate stages hold: the backbone, how to
@@ -13,7 +13,6 @@ preprocess an image for it, and ``embed``, which returns L2-normalised float32 f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,120 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.transforms import v2
 
 from sept.errors import SeptError, first_line
 from sept.io import atomic_torch_save
+from sept.training.encoder.archs import ARCHS, TORCHVISION_ARCHS, backbone_for_state_dict, is_known_arch, unwrap
+from sept.training.encoder.identity import weights_identity
+from sept.training.encoder.preprocess import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_IMAGE_SIZE, eval_transform
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-SMALL_RESNET_WIDTH = 16
-"""Default base width of ``resnet18_small`` (64 is the standard CIFAR ResNet-18): 16 keeps a
-32-px CPU training step near a quarter second; raise it for real runs on GPUs."""
-
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
-ARCHS = ("resnet18_small",) + TORCHVISION_ARCHS
-TIMM_PREFIX = "timm/"
-"""``timm/NAME``: any timm model, features pooled, no classifier (``sept.training.encoder_import``)."""
-
-
-def is_known_arch(arch: str) -> bool:
-    return arch in ARCHS or (isinstance(arch, str) and arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX))
-
-
-_TORCHVISION_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
-_TORCHVISION_IMAGE_SIZE = 224
-_CONTRACT_KEYS = ("arch", "image_size", "mean", "std", "dim", "state_dict")
-
-
-class SmallResNet18(ResNet):
-    """torchvision's ResNet-18 with a CIFAR-style stem (3x3 conv, stride 1, no max-pool) and a
-    configurable base width; ``fc`` is the identity, so ``forward`` returns pooled features."""
-
-    def __init__(self, width: int = SMALL_RESNET_WIDTH):
-        nn.Module.__init__(self)  # ResNet.__init__ hard-codes width 64 and the ImageNet stem
-        self._norm_layer = nn.BatchNorm2d
-        self.inplanes = width
-        self.dilation = 1
-        self.groups = 1
-        self.base_width = 64  # torchvision's BasicBlock only accepts its default base width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity()
-        self.layer1 = self._make_layer(BasicBlock, width, 2)
-        self.layer2 = self._make_layer(BasicBlock, 2 * width, 2, stride=2)
-        self.layer3 = self._make_layer(BasicBlock, 4 * width, 2, stride=2)
-        self.layer4 = self._make_layer(BasicBlock, 8 * width, 2, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-
-def build_backbone(arch: str, *, width: int | None = None) -> tuple[nn.Module, int]:
-    """A randomly initialised backbone returning pooled features, and the features' dimension.
-
-    ``arch`` is ``resnet18_small`` (``width`` = base width, default ``SMALL_RESNET_WIDTH``) or a
-    torchvision ``resnet18``/``resnet34``/``resnet50`` (``fc`` replaced by the identity).
-    """
-    if arch == "resnet18_small":
-        width = SMALL_RESNET_WIDTH if width is None else int(width)
-        if width < 1:
-            raise SeptError(f"resnet18_small width must be positive, got {width}")
-        return SmallResNet18(width), 8 * width
-    if arch in TORCHVISION_ARCHS:
-        if width is not None:
-            raise SeptError(f"width applies to resnet18_small only, not to {arch}")
-        model = getattr(torchvision.models, arch)(weights=None)
-        model.fc = nn.Identity()
-        return model, _TORCHVISION_DIMS[arch]
-    if arch.startswith(TIMM_PREFIX):
-        if width is not None:
-            raise SeptError(f"width applies to resnet18_small only, not to {arch}")
-        return _timm_backbone(arch[len(TIMM_PREFIX) :])
-    raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)}, or timm/NAME)")
-
-
-def _timm_backbone(name: str) -> tuple[nn.Module, int]:
-    try:
-        import timm
-    except ImportError:
-        raise SeptError(f"encoder arch timm/{name} needs timm: pip install 'sept[timm]'") from None
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    except RuntimeError as err:
-        raise SeptError(f"unknown timm model {name!r}: {first_line(err)}") from None
-    return model, int(model.num_features)
-
-
-def _backbone_for_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, int]:
-    """Builds ``arch`` shaped to hold ``state_dict`` (the small ResNet's width is read off its stem)."""
-    width = None
-    if arch == "resnet18_small":
-        stem = state_dict.get("conv1.weight")
-        if not isinstance(stem, torch.Tensor) or stem.ndim != 4:
-            raise ValueError("state dict has no conv1.weight")
-        width = int(stem.shape[0])
-    return build_backbone(arch, width=width)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    # DistributedDataParallel (and torch.compile) keep the real module one level down.
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return getattr(module, "_orig_mod", module)
+CONTRACT_KEYS = ("arch", "image_size", "mean", "std", "dim", "state_dict")
 
 
 def save_encoder(
@@ -170,8 +67,8 @@ def save_encoder(
     mean, std = [float(x) for x in mean], [float(x) for x in std]
     if len(mean) != 3 or len(std) != 3:
         raise ValueError("mean and std must have 3 values (RGB)")
-    state_dict = {k: v.detach().to("cpu").clone() for k, v in _unwrap(backbone).state_dict().items()}
-    _, dim = _backbone_for_state_dict(arch, state_dict)
+    state_dict = {k: v.detach().to("cpu").clone() for k, v in unwrap(backbone).state_dict().items()}
+    _, dim = backbone_for_state_dict(arch, state_dict)
     center_tensor = _center_tensor(center, dim)
     payload = {
         "sept_encoder": {
@@ -202,31 +99,6 @@ def _center_tensor(center: Sequence[float] | np.ndarray | torch.Tensor | None, d
     return tensor
 
 
-def weights_identity(
-    state_dict: Mapping[str, torch.Tensor],
-    *,
-    arch: str,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    center: torch.Tensor | None = None,
-) -> str:
-    """First 16 hex chars of a sha256 over the weights (names, dtypes, shapes, bytes), the
-    preprocessing and the feature centre, if any: the same weights fed differently-sized or
-    -normalised images, or centred differently, embed differently. Without a centre the identity
-    is what it was before centres existed."""
-    h = hashlib.sha256()
-    h.update(json.dumps([arch, int(image_size), [float(x) for x in mean], [float(x) for x in std]]).encode())
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    if center is not None:
-        h.update(b"center|")
-        h.update(center.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,15 +122,7 @@ class EncoderBundle:
     """Mean normalised feature subtracted by ``embed`` (None: no centring)."""
 
     def __post_init__(self) -> None:
-        self._transform = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(self.image_size, antialias=True),
-                v2.CenterCrop(self.image_size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(self.mean), list(self.std)),
-            ]
-        )
+        self._transform = eval_transform(self.image_size, self.mean, self.std)
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """One image as the model's input: RGB, shorter side resized to ``image_size``, centre
@@ -307,7 +171,7 @@ def _bundle(
     extra: dict,
     center: Any = None,
 ) -> EncoderBundle:
-    model, dim = _backbone_for_state_dict(arch, state_dict)
+    model, dim = backbone_for_state_dict(arch, state_dict)
     model.load_state_dict(state_dict, strict=True)
     center = _center_tensor(center, dim)
     identity = weights_identity(state_dict, arch=arch, image_size=image_size, mean=mean, std=std, center=center)
@@ -354,7 +218,7 @@ def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundl
 
     if isinstance(obj, Mapping) and "sept_encoder" in obj:
         meta = obj["sept_encoder"]
-        missing = [k for k in _CONTRACT_KEYS if not isinstance(meta, Mapping) or k not in meta]
+        missing = [k for k in CONTRACT_KEYS if not isinstance(meta, Mapping) or k not in meta]
         if missing:
             raise SeptError(f"not an encoder checkpoint: {path} (sept_encoder lacks {', '.join(missing)})")
         if not is_known_arch(meta["arch"]):
@@ -388,7 +252,7 @@ def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundl
                 bundle = _bundle(
                     state_dict,
                     arch=arch,
-                    image_size=_TORCHVISION_IMAGE_SIZE,
+                    image_size=TORCHVISION_IMAGE_SIZE,
                     mean=IMAGENET_MEAN,
                     std=IMAGENET_STD,
                     device=device,

@@ -1,6 +1,6 @@
 """Bringing your own checkpoint: a timm or torchvision ResNet state dict becomes a sept encoder file.
 
-A sept encoder file names its architecture (``sept.training.encoder``). ``timm/NAME`` is any
+A sept encoder file names its architecture (``sept.training.encoder.archs``). ``timm/NAME`` is any
 timm model, built by ``timm.create_model(NAME, pretrained=False, num_classes=0)`` (pooled
 features, no classifier) and filled from local weights only: nothing is ever downloaded.
 
@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from sept.errors import SeptError, first_line
-from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
+from sept.training.encoder.archs import build_backbone
+from sept.training.encoder.bundle import save_encoder
+from sept.training.encoder.preprocess import default_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,6 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[st
                 out = {k[len(prefix) :]: v for k, v in out.items()}
                 changed = True
     return out
-
-
-def default_preprocessing(arch: str, model: torch.nn.Module) -> tuple[int, tuple, tuple]:
-    """(image size, mean, std) the architecture was trained with: timm's record, else ImageNet at 224 px."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size", (3, 224, 224))[-1]
-    return int(size), tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
 def import_encoder(

@@ -1,0 +1,45 @@
+"""The encoder's one home: what an encoder file is, how it is made, identified, fed and loaded.
+
+Every stage that turns an image into a vector depends on this contract (embed, select, evaluate,
+training), so it lives in one package, a module per idea:
+
+- ``archs``: which backbones an encoder can be (sept's small ResNet, torchvision, timm);
+- ``preprocess``: how an image is fed to one (the evaluation transform, ImageNet defaults);
+- ``identity``: the hash that says two encoders embed alike, and the check that stores agree;
+- ``bundle``: the encoder file (``save_encoder``, ``load_encoder``) and ``EncoderBundle``;
+- ``importer``: a state dict from elsewhere (timm, torchvision, ``.safetensors``) made an encoder file.
+
+It sits under ``training/`` because the layout keeps four code folders and an encoder is a model;
+embed (``sept.cluster``) and select read it from here.
+"""
+
+from sept.training.encoder.archs import (
+    ARCHS,
+    SMALL_RESNET_WIDTH,
+    TIMM_PREFIX,
+    TORCHVISION_ARCHS,
+    SmallResNet18,
+    build_backbone,
+    is_known_arch,
+)
+from sept.training.encoder.bundle import EncoderBundle, load_encoder, save_encoder
+from sept.training.encoder.identity import require_same_encoder, weights_identity
+from sept.training.encoder.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+__all__ = [
+    "ARCHS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SMALL_RESNET_WIDTH",
+    "TIMM_PREFIX",
+    "TORCHVISION_ARCHS",
+    "EncoderBundle",
+    "SmallResNet18",
+    "build_backbone",
+    "eval_transform",
+    "is_known_arch",
+    "load_encoder",
+    "require_same_encoder",
+    "save_encoder",
+    "weights_identity",
+]
