@@ -208,8 +208,8 @@ def pretrain_arms(
 
     t0 = time.time()
     if cfg.executor == "local":
-        # On one machine, arms running side by side only fight over its cores (measured: the
-        # demo's two arms took 5.7 min together against 2 min one after the other).
+        # On one machine, arms running side by side only fight over its cores: one after the
+        # other is faster (benchmarks/RESULTS.md).
         summaries = [launch_pretrain(pcfg, executor="local") for pcfg, _ in pending]
     else:
         summaries = launch_pretrain_array(

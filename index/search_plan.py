@@ -15,8 +15,8 @@ import zarr
 
 from sept.errors import SeptError
 
-# faiss's IndexIDMap2 (non-IVF shards) keeps an id -> row hash map beside the codes; measured
-# at about 45 bytes a vector. IVF lists hold just the code and the id.
+# faiss's IndexIDMap2 (non-IVF shards) keeps an id -> row hash map beside the codes, a little
+# under this many bytes a vector (benchmarks/RESULTS.md). IVF lists hold just the code and the id.
 _IDMAP_BYTES_PER_VECTOR = 48
 
 

@@ -13,9 +13,8 @@ turn, always from the one that is furthest below its weighted share, until the b
 * ``instance`` with ``topk_share`` s: the two above, the top scores taking a share s of the
   budget (``mix_streams``). ``select``'s default, class balance with a half share, was chosen by
   measurement (benchmarks/RESULTS.md, "Retrieval quality"): a global top-k alone collapses when a
-  few target images sit among many similar off-target pool images (a hand-made edge encoder
-  selected 0.28 digits where the round robin selected 0.65), while the class-balanced mix was
-  never worse than the round robin on the four encoders measured (0.03 to 0.11 better).
+  few target images sit among many similar off-target pool images, while the class-balanced mix
+  was never worse than the round robin on any encoder measured there.
 * ``cluster``: k-means on the pool's embeddings; the clusters the target images fall into are
   kept, one stream each, weighted by how many target images fell in, members ordered by their
   similarity to those images (DINOv2's curation by retrieval of clusters).

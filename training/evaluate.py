@@ -78,7 +78,7 @@ def select_probe_c(
 
     Cross-validation rather than one held-out part because target tasks have few labels: at 10
     images per class a 20% hold-out scores each ``C`` on 2 images per class, and its pick moved
-    the probe's accuracy by up to 8 points between otherwise similar encoders (RESULTS.md). From
+    the probe's accuracy between otherwise similar encoders (benchmarks/RESULTS.md). From
     ``CV_UP_TO`` train images on, one stratified 20% hold-out is large enough and 5 times cheaper."""
     labels = np.asarray(labels)
     _, counts = np.unique(labels, return_counts=True)
