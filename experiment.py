@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from sept.io import atomic_write_json
+from sept.data.task_subset import MANIFEST, SHARDS_DIR, task_dir
+from sept.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,12 @@ def random_subset(embeddings: str, budget: int, pool: list[str], out_dir: str, s
     from sept.cluster.materialize import materialize
     from sept.index.embedding_store import EmbeddingStore
 
-    shards = os.path.join(out_dir, "shards")
+    shards = os.path.join(out_dir, SHARDS_DIR)
     if _done(os.path.join(out_dir, "done.json")) is None:
         _, ids = EmbeddingStore.open(embeddings).read_all()
         chosen = np.sort(np.random.default_rng(seed).choice(ids, size=budget, replace=False))
         rows = materialize(chosen, pool, shards)
-        with open(os.path.join(out_dir, "manifest.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(r) + "\n" for r in rows))
         _write_json(os.path.join(out_dir, "done.json"), dict(budget=budget, seed=seed))
     return shards
 
@@ -285,11 +285,11 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             entry = results["fractions"].setdefault(f"{frac:g}", dict(budget=budget, arms={}))
             if truth and cfg.truth_label:
                 entry["selection_precision"] = selection_precision(
-                    os.path.join(sel_dir, "tasks", "target", "manifest.jsonl"), truth, cfg.truth_label
+                    os.path.join(task_dir(sel_dir, "target"), MANIFEST), truth, cfg.truth_label
                 )
                 entry["base_rate"] = float(np.mean([v == cfg.truth_label for v in truth.values()]))
             for seed in range(cfg.seeds):
-                data[(frac, "selected", seed)] = os.path.join(sel_dir, "shards")
+                data[(frac, "selected", seed)] = os.path.join(sel_dir, SHARDS_DIR)
                 if "random" in cfg.arms:
                     data[(frac, "random", seed)] = random_subset(
                         emb, budget, pool, os.path.join(out, f"random-{frac:g}-s{seed}"), seed
