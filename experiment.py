@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from sept.data.task_subset import MANIFEST, SHARDS_DIR, task_dir
+from sept.data.selection_folder import MANIFEST, SHARDS_DIR, task_dir
 from sept.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

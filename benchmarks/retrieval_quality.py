@@ -94,7 +94,7 @@ def run(
     from sept.cluster.index_build import IndexConfig, build_index
     from sept.cluster.runtime import ray_session
     from sept.cluster.select import SelectConfig, select
-    from sept.data import selection_files as files
+    from sept.data import selection_folder as files
     from sept.data.targets import load_target
     from sept.index.embedding_store import EmbeddingStore
     from sept.index.spec import IndexSpec

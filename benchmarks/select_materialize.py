@@ -120,7 +120,7 @@ def main() -> None:
     tarfile_read(pool)
     tar_s = time.time() - t0
     # The copy itself, in this process on one core, with no Ray around it (into a scratch folder).
-    from sept.cluster.materialize import _copy_raw, plan_jobs
+    from sept.data.shard_copy import _copy_raw, plan_jobs
 
     scratch = os.path.join(work, "scratch")
     prepare()

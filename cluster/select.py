@@ -9,7 +9,7 @@ out too short for its budget, only that task is searched again with twice the ne
 
 The union of every task's samples is materialized once into ``OUT/shards`` (samples already
 there are not copied again), then each task gets its manifest. The folder's files are described
-in ``sept.data.selection_files``. A run resumes where it stopped: chosen tasks are not searched
+in ``sept.data.selection_folder``. A run resumes where it stopped: chosen tasks are not searched
 again, finished copy jobs are not redone. A task already in OUT with another config is refused.
 """
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sept.cluster.materialize import materialize, read_catalog, writer_lock
+from sept.cluster.materialize import materialize
 from sept.cluster.runtime import ray_session
 from sept.cluster.search import DEFAULT_QUERY_BATCH, SearcherPool, SearchStats, search_index
-from sept.data import selection_files as files
-from sept.data.identity import split_ids
+from sept.cluster.task_record import SelectionTask, task_records
+from sept.data import selection_folder as folder
 from sept.data.task_list import TaskSpec, heldout_refs, resolve_tasks
 from sept.errors import SeptError
 from sept.index.budget import neighbours_needed
@@ -37,12 +37,12 @@ from sept.index.store import IndexStore
 from sept.index.strategies import (
     BALANCES,
     STRATEGIES,
-    Choice,
     choose,
     choose_by_clusters,
     query_neighbours,
     train_clusters,
 )
+from sept.index.vector_lookup import LazyVectors, fetch_vectors
 from sept.training.encoder.identity import require_same_encoder
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,6 @@ class SelectConfig:
     query_batch: int = DEFAULT_QUERY_BATCH
 
 
-@dataclass
-class _Task:
-    spec: TaskSpec
-    classes: list[str]
-    query_refs: list[str]
-    query_names: list[str]
-    query_class: np.ndarray
-    heldout_refs: list[str]
-    heldout: int = 0
-    xq: np.ndarray | None = None
-    xh: np.ndarray | None = None
-
-
 def _as_list(value) -> list[str]:
     if value is None or value == "":
         return []
@@ -120,91 +107,29 @@ def _check_options(cfg: SelectConfig) -> None:
 
 def select(cfg: SelectConfig) -> dict:
     """Select every task of ``cfg`` into ``cfg.out``; returns a summary per task and of the shards."""
-    from sept.data.targets import load_target
-    from sept.training.encoder import load_encoder
-
     started = time.time()
-    _check_options(cfg)
-    store = IndexStore.open(cfg.index)
-    attrs = store.attrs
-    if not attrs.get("complete"):
-        raise SeptError(f"index {cfg.index} is incomplete; rerun `sept index`")
-    ntotal = int(attrs["ntotal"])
-    specs = resolve_tasks(_as_list(cfg.target), _as_list(cfg.task), cfg.budget, cfg.tasks_file, ntotal=ntotal)
-    encoder = load_encoder(cfg.encoder)
-    require_same_encoder(
-        attrs,
-        identity=encoder.identity,
-        arch=encoder.arch,
-        dim=encoder.dim,
-        source=f"queries embedded by {cfg.encoder}",
-        index_path=cfg.index,
-    )
-    n_clusters = cfg.clusters or int(max(2, min(65536, round(math.sqrt(ntotal)))))
-    if cfg.strategy == "cluster" or cfg.near_dup_threshold is not None:
-        _embeddings(attrs, cfg)  # fail before any work if the vectors these need are gone
-
-    # Every target is read and checked before anything is written.
-    tasks = []
-    for spec in specs:
-        target = load_target(spec.target, name=spec.name)
-        refs = [ref for ref, _ in target.train]
-        tasks.append(
-            _Task(
-                spec=spec,
-                classes=target.classes,
-                query_refs=refs,
-                query_names=[os.path.relpath(r, spec.target) for r in refs],
-                query_class=np.asarray(target.labels("train"), np.int64),
-                heldout_refs=heldout_refs(spec.target, [ref for ref, _ in target.val]),
-            )
-        )
-
-    out = os.path.abspath(cfg.out)
-    shared = dict(
-        index=store.path,
-        index_spec=attrs["spec"],
-        embeddings=attrs["embeddings"]["fingerprint"],
-        encoder=encoder.identity,
-    )
-    os.makedirs(out, exist_ok=True)
-    with writer_lock(out):
-        files.claim_selection(out, shared, cfg.out)
-        for t in tasks:
-            files.claim_task(out, t.spec.name, _task_config(cfg, t.spec, n_clusters), cfg.out)
-        pending = [t for t in tasks if not files.task_is_chosen(out, t.spec.name)]
-        union = _union_of_choices(out, exclude={t.spec.name for t in pending})
-        shards_dir = os.path.join(out, files.SHARDS_DIR)
-        held = set(read_catalog(shards_dir).rows)
-        needs_ray = bool(pending) or bool(union - held)
+    run = SelectionRun.open(cfg)
+    os.makedirs(run.out, exist_ok=True)
+    with folder.writer_lock(run.out):
+        pending = run.claim()
+        union = folder.union_of_choices(run.out, exclude={t.name for t in pending})
+        held = set(folder.read_catalog(run.shards).rows)
         summaries: dict[str, dict] = {}
-        with ray_session(cfg.ray_address) if needs_ray else nullcontext():
+        with ray_session(cfg.ray_address) if pending or union - held else nullcontext():
             if pending:
-                from sept.data.targets import load_image_refs
-
-                log.info("select: embedding %d task(s)' target images", len(pending))
-                for t in pending:
-                    t.xq = encoder.embed_images(load_image_refs(t.query_refs))
-                    refs = t.heldout_refs if cfg.leakage_guard else []
-                    t.heldout = len(refs)
-                    t.xh = (
-                        encoder.embed_images(load_image_refs(refs)) if refs else np.zeros((0, encoder.dim), np.float32)
-                    )
-                summaries.update(_choose_tasks(cfg, store, attrs, pending, n_clusters, out))
-            union = _union_of_choices(out)
-            pool = attrs["pool"]
-            materialize(np.asarray(sorted(union), np.int64), pool, shards_dir)
-        catalog = read_catalog(shards_dir)
-        for name in files.tasks_in(out):
-            _write_manifest(out, name, catalog)
-    for t in tasks:
-        summaries.setdefault(
-            t.spec.name, files.read_json(os.path.join(files.task_dir(out, t.spec.name), files.TASK_FILE))["summary"]
-        )
+                run.embed_targets(pending)
+                summaries.update(run.choose(pending))
+            union = folder.union_of_choices(run.out)
+            materialize(np.asarray(sorted(union), np.int64), run.attrs["pool"], run.shards)
+        catalog = folder.read_catalog(run.shards)
+        for name in folder.tasks_in(run.out):
+            folder.write_manifest(run.out, name, catalog)
+    for t in run.tasks:
+        summaries.setdefault(t.name, folder.task_summary(run.out, t.name))
     copied = len(union - held)
     log.info(
         "select: %d task(s), %d samples in %d shared shards (%d copied now) in %.1fs",
-        len(tasks),
+        len(run.tasks),
         len(catalog.rows),
         len(catalog.parts),
         copied,
@@ -212,7 +137,7 @@ def select(cfg: SelectConfig) -> dict:
     )
     return dict(
         tasks=summaries,
-        out=out,
+        out=run.out,
         samples=len(union),
         copied=copied,
         shards=sorted(catalog.parts),
@@ -220,9 +145,274 @@ def select(cfg: SelectConfig) -> dict:
     )
 
 
+@dataclass
+class SelectionRun:
+    """One ``sept select`` call, its inputs checked: the index, the encoder, the tasks and the folder.
+
+    ``choose`` searches the index for every pending task at once and chooses each; a task whose
+    neighbour lists turn out too short (``k``), or whose leakage guard has not seen every close
+    pool sample (``k_leak``), goes round again alone with twice the neighbours.
+    """
+
+    cfg: SelectConfig
+    store: IndexStore
+    attrs: dict
+    encoder: object
+    tasks: list[SelectionTask]
+    out: str
+    n_clusters: int
+    k: dict[str, int] = field(default_factory=dict)
+    k_leak: dict[str, int] = field(default_factory=dict)
+    centroids: np.ndarray | None = None
+    searches: int = 0
+
+    @classmethod
+    def open(cls, cfg: SelectConfig) -> SelectionRun:
+        """Check everything the run reads (options, index, encoder, every target) before anything is written."""
+        from sept.data.targets import load_target
+        from sept.training.encoder import load_encoder
+
+        _check_options(cfg)
+        store = IndexStore.open(cfg.index)
+        attrs = store.attrs
+        if not attrs.get("complete"):
+            raise SeptError(f"index {cfg.index} is incomplete; rerun `sept index`")
+        ntotal = int(attrs["ntotal"])
+        specs = resolve_tasks(_as_list(cfg.target), _as_list(cfg.task), cfg.budget, cfg.tasks_file, ntotal=ntotal)
+        encoder = load_encoder(cfg.encoder)
+        require_same_encoder(
+            attrs,
+            identity=encoder.identity,
+            arch=encoder.arch,
+            dim=encoder.dim,
+            source=f"queries embedded by {cfg.encoder}",
+            index_path=cfg.index,
+        )
+        n_clusters = cfg.clusters or int(max(2, min(65536, round(math.sqrt(ntotal)))))
+        if cfg.strategy == "cluster" or cfg.near_dup_threshold is not None:
+            _embeddings(attrs, cfg)  # fail before any work if the vectors these need are gone
+        tasks = []
+        for spec in specs:
+            target = load_target(spec.target, name=spec.name)
+            refs = [ref for ref, _ in target.train]
+            tasks.append(
+                SelectionTask(
+                    spec=spec,
+                    classes=target.classes,
+                    query_refs=refs,
+                    query_names=[os.path.relpath(r, spec.target) for r in refs],
+                    query_class=np.asarray(target.labels("train"), np.int64),
+                    heldout_refs=heldout_refs(spec.target, [ref for ref, _ in target.val]),
+                )
+            )
+        return cls(cfg, store, attrs, encoder, tasks, os.path.abspath(cfg.out), n_clusters)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.attrs["ntotal"])
+
+    @property
+    def shards(self) -> str:
+        return folder.shards_dir(self.out)
+
+    @property
+    def search_based(self) -> bool:
+        return self.cfg.strategy != "cluster"
+
+    def claim(self) -> list[SelectionTask]:
+        """Claim the folder and every task's config; return the tasks not chosen yet."""
+        shared = dict(
+            index=self.store.path,
+            index_spec=self.attrs["spec"],
+            embeddings=self.attrs["embeddings"]["fingerprint"],
+            encoder=self.encoder.identity,
+        )
+        folder.claim_selection(self.out, shared, self.cfg.out)
+        for t in self.tasks:
+            folder.claim_task(self.out, t.name, _task_config(self.cfg, t.spec, self.n_clusters), self.cfg.out)
+        return [t for t in self.tasks if not folder.task_is_chosen(self.out, t.name)]
+
+    def embed_targets(self, tasks: list[SelectionTask]) -> None:
+        from sept.data.targets import load_image_refs
+
+        log.info("select: embedding %d task(s)' target images", len(tasks))
+        for t in tasks:
+            t.xq = self.encoder.embed_images(load_image_refs(t.query_refs))
+            refs = t.heldout_refs if self.cfg.leakage_guard else []
+            t.heldout = len(refs)
+            t.xh = (
+                self.encoder.embed_images(load_image_refs(refs))
+                if refs
+                else np.zeros((0, self.encoder.dim), np.float32)
+            )
+
+    def choose(self, tasks: list[SelectionTask]) -> dict[str, dict]:
+        """Search, choose and record every task; tasks that need more neighbours go round again."""
+        cfg = self.cfg
+        self.k = {
+            t.name: neighbours_needed(t.spec.budget, _effective_queries(t, cfg.balance), self.ntotal)
+            if self.search_based
+            else 0
+            for t in tasks
+        }
+        self.k_leak = {t.name: min(self.ntotal, LEAK_NEIGHBOURS) if len(t.xh) else 0 for t in tasks}
+        if cfg.strategy == "cluster":
+            sample = _embeddings(self.attrs, cfg).sample(max(self.n_clusters * 64, 20_000), seed=cfg.seed)
+            log.info("select: k-means of %d pool embeddings into %d clusters", len(sample), self.n_clusters)
+            self.centroids = train_clusters(sample, self.n_clusters, seed=cfg.seed)
+        summaries: dict[str, dict] = {}
+        todo = list(tasks)
+        with SearcherPool(self.store.path, cfg.memory_per_searcher) as searchers:
+            while todo:
+                kk, results = self._search(todo, searchers)
+                again = []
+                for t in todo:
+                    summary = self._choose_one(t, results, kk)
+                    if summary is None:
+                        again.append(t)
+                    else:
+                        summaries[t.name] = summary
+                todo = again
+        log.info("select: %d task(s) chosen with %d search(es)", len(tasks), self.searches)
+        return summaries
+
+    def _search(self, todo: list[SelectionTask], searchers: SearcherPool) -> tuple[int, dict]:
+        """One search of the index for every query (and held-out) image of ``todo``, with the largest k any needs."""
+        blocks, owners = [], []
+        for t in todo:
+            if self.k[t.name]:
+                blocks.append(t.xq)
+                owners.append((t.name, "q", len(t.xq)))
+            if self.k_leak[t.name]:
+                blocks.append(t.xh)
+                owners.append((t.name, "h", len(t.xh)))
+        kk = max([self.k[t.name] for t in todo] + [self.k_leak[t.name] for t in todo])
+        results: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        if not blocks:
+            return kk, results
+        stats = SearchStats()
+        D, I = search_index(
+            self.store.path,
+            np.concatenate(blocks),
+            kk,
+            searchers=self.cfg.searchers,
+            memory_per_searcher=self.cfg.memory_per_searcher,
+            batch_size=self.cfg.query_batch,
+            stats=stats,
+            pool=searchers,
+        )
+        self.searches += 1
+        log.info(
+            "select: searched %d queries of %d task(s), k=%d, in %.1fs (%d wave(s), %d restart(s))",
+            len(D),
+            len(todo),
+            kk,
+            stats.seconds,
+            len(stats.waves),
+            stats.restarts,
+        )
+        S = to_similarity(D, I, self.attrs["metric"])
+        row = 0
+        for name, kind, n in owners:
+            results[(name, kind)] = (S[row : row + n], I[row : row + n])
+            row += n
+        return kk, results
+
+    def _choose_one(self, t: SelectionTask, results: dict, kk: int) -> dict | None:
+        """Choose and record task ``t`` from the search's results; None if it must be searched again."""
+        cfg, name, ntotal = self.cfg, t.name, self.ntotal
+        leaked, incomplete = {}, False
+        if self.k_leak[name]:
+            Sh, Ih = results[(name, "h")]
+            kl = self.k_leak[name]
+            leaked, incomplete = leaked_ids(Sh[:, :kl], Ih[:, :kl], cfg.leakage_threshold)
+        if incomplete and self.k_leak[name] < ntotal:
+            self.k_leak[name] = min(ntotal, 2 * self.k_leak[name])
+            return None
+        if self.search_based:
+            Sq, Iq = results[(name, "q")]
+            Sq, Iq = Sq[:, : self.k[name]], Iq[:, : self.k[name]]
+            choice = choose(
+                Sq,
+                Iq,
+                t.spec.budget,
+                strategy=cfg.strategy,
+                balance=cfg.balance,
+                query_class=t.query_class,
+                min_similarity=cfg.min_similarity,
+                excluded=set(leaked),
+                near_dup=_near_dup_filter(cfg, self.attrs, Iq),
+                topk_share=_topk_share(cfg) or 0.0,
+            )
+            if choice.needs_more_neighbours and kk < ntotal:
+                # The search returned kk neighbours per image (the largest k of any task): search
+                # again with twice what was searched, never with a k already searched.
+                self.k[name] = min(ntotal, 2 * kk)
+                log.info(
+                    "select: task %s needs more than the %d neighbours per target image searched; "
+                    "searching again with k=%d",
+                    name,
+                    kk,
+                    self.k[name],
+                )
+                return None
+            neighbours = query_neighbours(choice, Sq, Iq, len(t.xq), NEIGHBOURS_SHOWN)
+            extra = dict(k=self.k[name])
+        else:
+            emb = _embeddings(self.attrs, cfg)
+            choice, plan = choose_by_clusters(
+                self.centroids,
+                t.xq,
+                lambda: ((x, ids) for _, x, ids in emb.iter_shards()),
+                t.spec.budget,
+                query_class=t.query_class,
+                balance=cfg.balance,
+                min_similarity=cfg.min_similarity,
+                excluded=set(leaked),
+                near_dup=_near_dup_filter(cfg, self.attrs, None, emb=emb),
+            )
+            neighbours = query_neighbours(choice, None, None, len(t.xq), NEIGHBOURS_SHOWN)
+            extra = dict(
+                clusters=self.n_clusters,
+                clusters_kept=len(plan.weights),
+                cluster_probes=plan.probes,
+                cluster_members=plan.members,
+            )
+        records = task_records(t, choice, neighbours, leaked, settings=_settings(cfg), extra=extra)
+        folder.write_task_records(
+            self.out,
+            name,
+            queries=records.queries,
+            leakage=records.leakage,
+            summary=records.summary,
+            choice=records.choice,
+        )
+        log.info(
+            "select: task %s: %d chosen, %d leaked pool samples skipped, %d near-duplicates dropped",
+            name,
+            len(choice),
+            choice.leaked_skipped,
+            len(choice.near_duplicates),
+        )
+        return records.summary
+
+
 def _topk_share(cfg: SelectConfig) -> float | None:
     """The share of the budget given to top scores: a setting of the instance strategy only."""
     return cfg.topk_share if cfg.strategy == "instance" else None
+
+
+def _settings(cfg: SelectConfig) -> dict:
+    """The run's choice settings as a task's summary records them."""
+    return dict(
+        strategy=cfg.strategy,
+        balance=cfg.balance,
+        topk_share=_topk_share(cfg),
+        min_similarity=cfg.min_similarity,
+        near_dup_threshold=cfg.near_dup_threshold,
+        leakage_guard=cfg.leakage_guard,
+        leakage_threshold=cfg.leakage_threshold,
+    )
 
 
 def _task_config(cfg: SelectConfig, spec: TaskSpec, n_clusters: int) -> dict:
@@ -242,16 +432,6 @@ def _task_config(cfg: SelectConfig, spec: TaskSpec, n_clusters: int) -> dict:
     )
 
 
-def _union_of_choices(out: str, exclude: set[str] = frozenset()) -> set[int]:
-    ids: set[int] = set()
-    for name in files.tasks_in(out):
-        if name not in exclude:
-            ids.update(
-                int(r["id"]) for r in files.read_jsonl(os.path.join(files.task_dir(out, name), files.CHOICE_FILE))
-            )
-    return ids
-
-
 def _embeddings(attrs: dict, cfg: SelectConfig):
     from sept.index.embedding_store import EmbeddingStore
 
@@ -262,7 +442,7 @@ def _embeddings(attrs: dict, cfg: SelectConfig):
     return EmbeddingStore.open(path)
 
 
-def _effective_queries(t: _Task, balance: str) -> int:
+def _effective_queries(t: SelectionTask, balance: str) -> int:
     """Queries sharing the budget evenly: with class balance, the smallest class's images carry the largest share."""
     if balance != "class":
         return len(t.query_class)
@@ -271,321 +451,11 @@ def _effective_queries(t: _Task, balance: str) -> int:
     return int(counts.min() * len(counts))
 
 
-def _choose_tasks(
-    cfg: SelectConfig, store: IndexStore, attrs: dict, tasks: list[_Task], n_clusters: int, out: str
-) -> dict[str, dict]:
-    ntotal = int(attrs["ntotal"])
-    search_based = cfg.strategy != "cluster"
-    k = {
-        t.spec.name: neighbours_needed(t.spec.budget, _effective_queries(t, cfg.balance), ntotal) if search_based else 0
-        for t in tasks
-    }
-    k_leak = {t.spec.name: min(ntotal, LEAK_NEIGHBOURS) if len(t.xh) else 0 for t in tasks}
-    centroids = None
-    if cfg.strategy == "cluster":
-        emb = _embeddings(attrs, cfg)
-        sample = emb.sample(max(n_clusters * 64, 20_000), seed=cfg.seed)
-        log.info("select: k-means of %d pool embeddings into %d clusters", len(sample), n_clusters)
-        centroids = train_clusters(sample, n_clusters, seed=cfg.seed)
-    with SearcherPool(store.path, cfg.memory_per_searcher) as pool:
-        return _search_and_choose(cfg, store, attrs, tasks, n_clusters, out, k, k_leak, centroids, pool)
-
-
-def _search_and_choose(
-    cfg: SelectConfig,
-    store: IndexStore,
-    attrs: dict,
-    tasks: list[_Task],
-    n_clusters: int,
-    out: str,
-    k: dict[str, int],
-    k_leak: dict[str, int],
-    centroids: np.ndarray | None,
-    pool: SearcherPool,
-) -> dict[str, dict]:
-    """Search for every task still to do, choose; tasks that need more neighbours go round again."""
-    ntotal, metric = int(attrs["ntotal"]), attrs["metric"]
-    search_based = cfg.strategy != "cluster"
-    todo = list(tasks)
-    summaries = {}
-    searches = 0
-    while todo:
-        blocks, owners = [], []
-        for t in todo:
-            if k[t.spec.name]:
-                blocks.append(t.xq)
-                owners.append((t.spec.name, "q", len(t.xq)))
-            if k_leak[t.spec.name]:
-                blocks.append(t.xh)
-                owners.append((t.spec.name, "h", len(t.xh)))
-        kk = max([k[t.spec.name] for t in todo] + [k_leak[t.spec.name] for t in todo])
-        results: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        if blocks:
-            stats = SearchStats()
-            D, I = search_index(
-                store.path,
-                np.concatenate(blocks),
-                kk,
-                searchers=cfg.searchers,
-                memory_per_searcher=cfg.memory_per_searcher,
-                batch_size=cfg.query_batch,
-                stats=stats,
-                pool=pool,
-            )
-            searches += 1
-            log.info(
-                "select: searched %d queries of %d task(s), k=%d, in %.1fs (%d wave(s), %d restart(s))",
-                len(D),
-                len(todo),
-                kk,
-                stats.seconds,
-                len(stats.waves),
-                stats.restarts,
-            )
-            S = to_similarity(D, I, metric)
-            row = 0
-            for name, kind, n in owners:
-                results[(name, kind)] = (S[row : row + n], I[row : row + n])
-                row += n
-        again = []
-        for t in todo:
-            name = t.spec.name
-            leaked, incomplete = {}, False
-            if k_leak[name]:
-                Sh, Ih = results[(name, "h")]
-                leaked, incomplete = leaked_ids(Sh[:, : k_leak[name]], Ih[:, : k_leak[name]], cfg.leakage_threshold)
-            if incomplete and k_leak[name] < ntotal:
-                k_leak[name] = min(ntotal, 2 * k_leak[name])
-                again.append(t)
-                continue
-            if search_based:
-                Sq, Iq = results[(name, "q")]
-                Sq, Iq = Sq[:, : k[name]], Iq[:, : k[name]]
-                near_dup = _near_dup_filter(cfg, attrs, Iq)
-                choice = choose(
-                    Sq,
-                    Iq,
-                    t.spec.budget,
-                    strategy=cfg.strategy,
-                    balance=cfg.balance,
-                    query_class=t.query_class,
-                    min_similarity=cfg.min_similarity,
-                    excluded=set(leaked),
-                    near_dup=near_dup,
-                    topk_share=_topk_share(cfg) or 0.0,
-                )
-                if choice.needs_more_neighbours and kk < ntotal:
-                    # The search returned kk neighbours per image (the largest k of any task): search
-                    # again with twice what was searched, never with a k already searched.
-                    k[name] = min(ntotal, 2 * kk)
-                    log.info(
-                        "select: task %s needs more than the %d neighbours per target image searched; "
-                        "searching again with k=%d",
-                        name,
-                        kk,
-                        k[name],
-                    )
-                    again.append(t)
-                    continue
-                neighbours = query_neighbours(choice, Sq, Iq, len(t.xq), NEIGHBOURS_SHOWN)
-                extra = dict(k=k[name])
-            else:
-                emb = _embeddings(attrs, cfg)
-                # Not named `pool`: that is the searcher pool the next round's search still needs.
-                pool_vectors = lambda emb=emb: ((x, ids) for _, x, ids in emb.iter_shards())  # noqa: E731
-                near_dup = _near_dup_filter(cfg, attrs, None, emb=emb)
-                choice, plan = choose_by_clusters(
-                    centroids,
-                    t.xq,
-                    pool_vectors,
-                    t.spec.budget,
-                    query_class=t.query_class,
-                    balance=cfg.balance,
-                    min_similarity=cfg.min_similarity,
-                    excluded=set(leaked),
-                    near_dup=near_dup,
-                )
-                neighbours = query_neighbours(choice, None, None, len(t.xq), NEIGHBOURS_SHOWN)
-                extra = dict(
-                    clusters=n_clusters,
-                    clusters_kept=len(plan.weights),
-                    cluster_probes=plan.probes,
-                    cluster_members=plan.members,
-                )
-            summaries[name] = _write_choice(cfg, out, t, choice, neighbours, leaked, extra)
-        todo = again
-    log.info("select: %d task(s) chosen with %d search(es)", len(tasks), searches)
-    return summaries
-
-
 def _near_dup_filter(cfg: SelectConfig, attrs: dict, I: np.ndarray | None, emb=None) -> NearDuplicateFilter | None:
     if cfg.near_dup_threshold is None:
         return None
     emb = emb or _embeddings(attrs, cfg)
     if I is None:
-        return NearDuplicateFilter(_LazyVectors(emb), cfg.near_dup_threshold, dim=emb.dim)
+        return NearDuplicateFilter(LazyVectors(emb), cfg.near_dup_threshold, dim=emb.dim)
     candidates = np.unique(I[I >= 0])
     return NearDuplicateFilter(fetch_vectors(emb, candidates), cfg.near_dup_threshold, dim=emb.dim)
-
-
-def fetch_vectors(emb, ids: np.ndarray) -> dict[int, np.ndarray]:
-    """Embeddings of these pool ids, reading only the pool shards that hold them."""
-    out: dict[int, np.ndarray] = {}
-    ids = np.unique(np.asarray(ids, dtype=np.int64))
-    shard_idx, _ = split_ids(ids)
-    for s in np.unique(shard_idx).tolist():
-        x, sids = emb.read_shard(int(s))
-        wanted = ids[shard_idx == s]
-        rows = np.searchsorted(sids, wanted)
-        ok = (rows < len(sids)) & (sids[np.minimum(rows, len(sids) - 1)] == wanted)
-        for pid, r in zip(wanted[ok].tolist(), rows[ok].tolist()):
-            out[pid] = x[r]
-    return out
-
-
-class _LazyVectors(dict):
-    """Embeddings fetched a pool shard at a time, on first use (the cluster strategy's candidates are not known up front)."""
-
-    def __init__(self, emb):
-        super().__init__()
-        self.emb = emb
-        self.loaded: set[int] = set()
-
-    def __missing__(self, pid: int) -> np.ndarray:
-        s = int(split_ids([pid])[0][0])
-        if s in self.loaded:
-            raise KeyError(pid)
-        self.loaded.add(s)
-        x, sids = self.emb.read_shard(s)
-        for i, v in zip(sids.tolist(), x):
-            self[int(i)] = v
-        return self[pid]
-
-
-def _write_choice(
-    cfg: SelectConfig, out: str, t: _Task, choice: Choice, neighbours, leaked: dict[int, tuple[int, float]], extra: dict
-) -> dict:
-    names, classes = t.query_names, t.classes
-    cls_of = [classes[c] for c in t.query_class.tolist()]
-    rows = [
-        dict(
-            id=int(pid),
-            score=float(score),
-            chosen_by=names[q],
-            cls=cls_of[q],
-            retrieved_by=[names[r] for r in retrievers],
-        )
-        for pid, score, q, retrievers in zip(
-            choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist(), choice.retrieved_by
-        )
-    ]
-    queries = [
-        dict(image=names[q], ref=t.query_refs[q], cls=cls_of[q], neighbours=[[int(i), float(s)] for i, s in nb])
-        for q, nb in enumerate(neighbours)
-    ]
-    images = np.bincount(t.query_class, minlength=len(classes))
-    chosen = (
-        np.bincount(t.query_class[choice.chosen_by], minlength=len(classes))
-        if len(choice)
-        else np.zeros(len(classes), int)
-    )
-    if cfg.balance == "class":
-        share = np.full(len(classes), t.spec.budget / max(1, int((images > 0).sum())))
-    else:
-        share = t.spec.budget * images / max(1, images.sum())
-    summary = dict(
-        task=t.spec.name,
-        budget=t.spec.budget,
-        selected=len(choice),
-        queries=len(names),
-        strategy=cfg.strategy,
-        balance=cfg.balance,
-        topk_share=_topk_share(cfg),
-        min_similarity=cfg.min_similarity,
-        scores=dict(
-            min=float(choice.scores.min()) if len(choice) else None,
-            max=float(choice.scores.max()) if len(choice) else None,
-            mean=float(choice.scores.mean()) if len(choice) else None,
-        ),
-        per_class={
-            classes[c]: dict(images=int(images[c]), share=round(float(share[c]), 2), selected=int(chosen[c]))
-            for c in range(len(classes))
-        },
-        duplicates=dict(
-            retrieved_by_several=int(sum(len(r) > 1 for r in choice.retrieved_by)),
-            near_dup_threshold=cfg.near_dup_threshold,
-            near_duplicates_dropped=len(choice.near_duplicates),
-        ),
-        leakage=dict(
-            enabled=cfg.leakage_guard,
-            threshold=cfg.leakage_threshold if cfg.leakage_guard else None,
-            heldout_images=t.heldout,
-            pool_matches=len(leaked),
-            skipped=choice.leaked_skipped,
-        ),
-        **extra,
-    )
-    if len(leaked) > 10 * max(1, t.heldout):
-        log.warning(
-            "select: task %s: %d pool samples are within %.3f of its %d held-out images; the encoder may "
-            "not tell images apart at that similarity: consider a higher --leakage-threshold",
-            t.spec.name,
-            len(leaked),
-            cfg.leakage_threshold,
-            t.heldout,
-        )
-    if len(choice) < t.spec.budget:
-        log.warning(
-            "select: task %s got %d of its budget %d (similarity floor, leakage guard or a small pool)",
-            t.spec.name,
-            len(choice),
-            t.spec.budget,
-        )
-    folder = files.task_dir(out, t.spec.name)
-    config = files.read_json(os.path.join(folder, files.TASK_FILE))["config"]
-    files.write_jsonl(os.path.join(folder, files.QUERIES_FILE), queries)
-    shard_idx, positions = split_ids(np.asarray(sorted(leaked), np.int64))
-    files.write_jsonl(
-        os.path.join(folder, files.LEAKAGE_FILE),
-        [
-            dict(
-                id=pid,
-                source_index=int(s),
-                position=int(p),
-                heldout=os.path.relpath(t.heldout_refs[leaked[pid][0]], t.spec.target),
-                similarity=leaked[pid][1],
-            )
-            for pid, s, p in zip(sorted(leaked), shard_idx.tolist(), positions.tolist())
-        ],
-    )
-    files.write_json(os.path.join(folder, files.TASK_FILE), dict(config=config, summary=summary))
-    files.write_jsonl(os.path.join(folder, files.CHOICE_FILE), rows)  # last: its presence means chosen
-    log.info(
-        "select: task %s: %d chosen, %d leaked pool samples skipped, %d near-duplicates dropped",
-        t.spec.name,
-        len(choice),
-        choice.leaked_skipped,
-        len(choice.near_duplicates),
-    )
-    return summary
-
-
-def _write_manifest(out: str, name: str, catalog) -> None:
-    folder = files.task_dir(out, name)
-    choice = files.read_jsonl(os.path.join(folder, files.CHOICE_FILE))
-    manifest, parts = [], {}
-    for row in choice:
-        where = catalog.rows[int(row["id"])]
-        parts[where["shard"]] = catalog.parts[where["shard"]]
-        manifest.append(
-            dict(
-                row,
-                key=where["key"],
-                shard=where["shard"],
-                source_shard=where["source_shard"],
-                position=where["position"],
-                sha256=where["sha256"],
-            )
-        )
-    files.write_json(os.path.join(folder, files.SHARDS_FILE), dict(sorted(parts.items())))
-    files.write_jsonl(os.path.join(folder, files.MANIFEST), manifest)

@@ -32,8 +32,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sept.data.decode import BadSample, decode_image
 from sept.data.samples import image_bytes, iter_samples
-from sept.data.selection_files import LEAKAGE_FILE, QUERIES_FILE, TASK_FILE, read_json, read_jsonl
-from sept.data.task_subset import SHARDS_DIR, list_tasks, read_manifest, task_dir
+from sept.data.selection_folder import (
+    LEAKAGE_FILE,
+    QUERIES_FILE,
+    SHARDS_DIR,
+    TASK_FILE,
+    list_tasks,
+    read_json,
+    read_jsonl,
+    read_manifest,
+    task_dir,
+)
 from sept.errors import SeptError
 from sept.io import atomic_write_bytes
 

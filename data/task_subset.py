@@ -1,6 +1,6 @@
 """One task's subset of a selection's shared shards: its manifest, its shards checked, its samples read.
 
-``sept select`` writes, per task, ``SEL/tasks/TASK/manifest.jsonl`` (one row per selected sample:
+``sept select`` writes (layout: ``sept.data.selection_folder``), per task, ``SEL/tasks/TASK/manifest.jsonl`` (one row per selected sample:
 key, id, shard, source shard and position, sample digest, score, and who retrieved it) and
 ``SEL/tasks/TASK/shards.json`` (every shared shard the task uses, with its size and sha256).
 Many tasks share the shards in ``SEL/shards/``; this module reads back one task's samples only.
@@ -20,35 +20,20 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 from sept.data.samples import PoolSample, ShardStats, iter_samples
+from sept.data.selection_folder import (
+    MANIFEST,
+    SHARDS_DIR,
+    SHARDS_FILE,
+    TASKS_DIR,
+    is_selection_dir,
+    list_tasks,
+    read_manifest,
+    task_dir,
+)
 from sept.errors import SeptError
 from sept.io import file_digest
 
-TASKS_DIR = "tasks"
-SHARDS_DIR = "shards"
-MANIFEST = "manifest.jsonl"
-SHARDS_FILE = "shards.json"
 VERIFY_MODES = ("hash", "size", "none")
-
-
-def task_dir(selection_dir: str, task: str) -> str:
-    return os.path.join(os.path.abspath(selection_dir), TASKS_DIR, task)
-
-
-def list_tasks(selection_dir: str) -> list[str]:
-    """Tasks with a manifest in the selection, sorted by name."""
-    root = os.path.join(os.path.abspath(selection_dir), TASKS_DIR)
-    if not os.path.isdir(root):
-        return []
-    return sorted(t for t in os.listdir(root) if os.path.isfile(os.path.join(root, t, MANIFEST)))
-
-
-def read_manifest(selection_dir: str, task: str) -> list[dict]:
-    path = os.path.join(task_dir(selection_dir, task), MANIFEST)
-    if not os.path.isfile(path):
-        known = list_tasks(selection_dir)
-        raise SeptError(f"no manifest for task {task!r} in {selection_dir} (tasks there: {', '.join(known) or 'none'})")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @dataclass
@@ -141,11 +126,6 @@ def open_task_data(path: str, *, verify: str = "size") -> TaskSubset:
     if os.path.basename(tasks_root) != TASKS_DIR:
         raise SeptError(f"{path} is not a task folder of a selection (SEL/{TASKS_DIR}/TASK)")
     return load_task_subset(os.path.dirname(tasks_root), task, verify=verify)
-
-
-def is_selection_dir(path: str) -> bool:
-    """Whether ``path`` is a selection folder (``SEL`` with ``SEL/tasks/``), not a task or shards."""
-    return os.path.isdir(os.path.join(path, TASKS_DIR)) and os.path.isdir(os.path.join(path, SHARDS_DIR))
 
 
 def resolve_training_data(data: str, task: str | None = None) -> str:

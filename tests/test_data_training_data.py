@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from sept.data.task_subset import MANIFEST, SHARDS_DIR, TASKS_DIR, resolve_training_data
+from sept.data.selection_folder import MANIFEST, SHARDS_DIR, TASKS_DIR
+from sept.data.task_subset import resolve_training_data
 from sept.errors import SeptError
 
 

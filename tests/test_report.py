@@ -17,7 +17,7 @@ from PIL import Image
 from sept.data.demo_corpus import make_demo_corpus
 from sept.data.report import ReportConfig, write_report
 from sept.data.samples import iter_samples
-from sept.data.selection_files import write_json, write_jsonl
+from sept.data.selection_folder import write_json, write_jsonl
 from sept.data.selection_writer import SelectionShardWriter
 from sept.errors import SeptError
 

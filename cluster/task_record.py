@@ -1,0 +1,157 @@
+"""What ``sept select`` records of one chosen task: its choice rows, its queries' neighbours, the pool
+samples its leakage guard excluded, and its summary (``sept.data.selection_folder`` writes them).
+
+Pure: numbers in, rows and dicts out; nothing here searches, copies or knows of Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from sept.data.identity import split_ids
+from sept.data.task_list import TaskSpec
+from sept.index.strategies import Choice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectionTask:
+    """One task of a selection run: its spec, its target's train images (the queries) and held-out images."""
+
+    spec: TaskSpec
+    classes: list[str]
+    query_refs: list[str]
+    query_names: list[str]
+    query_class: np.ndarray
+    heldout_refs: list[str]
+    heldout: int = 0
+    xq: np.ndarray | None = None
+    xh: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass
+class TaskRecords:
+    choice: list[dict]
+    queries: list[dict]
+    leakage: list[dict]
+    summary: dict
+
+
+def task_records(
+    t: SelectionTask,
+    choice: Choice,
+    neighbours,
+    leaked: dict[int, tuple[int, float]],
+    *,
+    settings: dict,
+    extra: dict,
+) -> TaskRecords:
+    """The files of a chosen task. ``settings`` holds the run's strategy, balance, topk_share,
+    min_similarity, near_dup_threshold, leakage_guard and leakage_threshold; ``extra`` goes into
+    the summary as it is (the strategy's own figures)."""
+    names, classes = t.query_names, t.classes
+    cls_of = [classes[c] for c in t.query_class.tolist()]
+    rows = [
+        dict(
+            id=int(pid),
+            score=float(score),
+            chosen_by=names[q],
+            cls=cls_of[q],
+            retrieved_by=[names[r] for r in retrievers],
+        )
+        for pid, score, q, retrievers in zip(
+            choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist(), choice.retrieved_by
+        )
+    ]
+    queries = [
+        dict(image=names[q], ref=t.query_refs[q], cls=cls_of[q], neighbours=[[int(i), float(s)] for i, s in nb])
+        for q, nb in enumerate(neighbours)
+    ]
+    shard_idx, positions = split_ids(np.asarray(sorted(leaked), np.int64))
+    leakage = [
+        dict(
+            id=pid,
+            source_index=int(s),
+            position=int(p),
+            heldout=os.path.relpath(t.heldout_refs[leaked[pid][0]], t.spec.target),
+            similarity=leaked[pid][1],
+        )
+        for pid, s, p in zip(sorted(leaked), shard_idx.tolist(), positions.tolist())
+    ]
+    summary = _summary(t, choice, leaked, settings, extra)
+    _warn(t, choice, leaked, settings)
+    return TaskRecords(choice=rows, queries=queries, leakage=leakage, summary=summary)
+
+
+def _summary(t: SelectionTask, choice: Choice, leaked: dict, settings: dict, extra: dict) -> dict:
+    classes = t.classes
+    images = np.bincount(t.query_class, minlength=len(classes))
+    chosen = (
+        np.bincount(t.query_class[choice.chosen_by], minlength=len(classes))
+        if len(choice)
+        else np.zeros(len(classes), int)
+    )
+    if settings["balance"] == "class":
+        share = np.full(len(classes), t.spec.budget / max(1, int((images > 0).sum())))
+    else:
+        share = t.spec.budget * images / max(1, images.sum())
+    return dict(
+        task=t.spec.name,
+        budget=t.spec.budget,
+        selected=len(choice),
+        queries=len(t.query_names),
+        strategy=settings["strategy"],
+        balance=settings["balance"],
+        topk_share=settings["topk_share"],
+        min_similarity=settings["min_similarity"],
+        scores=dict(
+            min=float(choice.scores.min()) if len(choice) else None,
+            max=float(choice.scores.max()) if len(choice) else None,
+            mean=float(choice.scores.mean()) if len(choice) else None,
+        ),
+        per_class={
+            classes[c]: dict(images=int(images[c]), share=round(float(share[c]), 2), selected=int(chosen[c]))
+            for c in range(len(classes))
+        },
+        duplicates=dict(
+            retrieved_by_several=int(sum(len(r) > 1 for r in choice.retrieved_by)),
+            near_dup_threshold=settings["near_dup_threshold"],
+            near_duplicates_dropped=len(choice.near_duplicates),
+        ),
+        leakage=dict(
+            enabled=settings["leakage_guard"],
+            threshold=settings["leakage_threshold"] if settings["leakage_guard"] else None,
+            heldout_images=t.heldout,
+            pool_matches=len(leaked),
+            skipped=choice.leaked_skipped,
+        ),
+        **extra,
+    )
+
+
+def _warn(t: SelectionTask, choice: Choice, leaked: dict, settings: dict) -> None:
+    if len(leaked) > 10 * max(1, t.heldout):
+        log.warning(
+            "select: task %s: %d pool samples are within %.3f of its %d held-out images; the encoder may "
+            "not tell images apart at that similarity: consider a higher --leakage-threshold",
+            t.spec.name,
+            len(leaked),
+            settings["leakage_threshold"],
+            t.heldout,
+        )
+    if len(choice) < t.spec.budget:
+        log.warning(
+            "select: task %s got %d of its budget %d (similarity floor, leakage guard or a small pool)",
+            t.spec.name,
+            len(choice),
+            t.spec.budget,
+        )

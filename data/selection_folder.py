@@ -1,0 +1,266 @@
+"""The selection folder's one home: its layout, its files written atomically, the claims that keep two
+runs from mixing, the shard catalog that marks copy jobs done, and the one-writer lock.
+
+Layout::
+
+    SEL/selection.json              what every task here shares: the index and the encoder
+    SEL/.lock                       held by the one process writing to SEL
+    SEL/shards/part-JOB-NNNNNN.tar  the shared shards, each sample copied once (``sept.data.shard_copy``)
+    SEL/shards/.catalog/JOB.json    a copy job's done-marker: its rows and every part's size and sha256
+    SEL/shards/.lock                held by the one process copying into SEL/shards
+    SEL/tasks/TASK/task.json        the task's resolved config, and its summary once chosen
+    SEL/tasks/TASK/choice.jsonl     its chosen samples: id, score, who chose and who retrieved each
+    SEL/tasks/TASK/queries.jsonl    per target image: its class and its best chosen neighbours
+    SEL/tasks/TASK/leakage.jsonl    pool samples excluded as too close to a held-out image, and to which
+    SEL/tasks/TASK/manifest.jsonl   the choice joined with where each sample sits in the shards
+    SEL/tasks/TASK/shards.json      size and sha256 of every shared shard the task uses
+
+Two markers make a run resumable: ``choice.jsonl``, written last when a task is chosen, lets an
+interrupted run skip its search; a job's catalog file, moved into place after its parts, lets it
+skip the copy. Parts no catalog file names were left by a crash and are removed before new work
+(``discard_unfinished``). Every file is JSON with sorted keys, so a rerun of the same command
+reproduces every byte.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sept.errors import SeptError
+from sept.io import atomic_write_text, is_staging_name
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = "tasks"
+SHARDS_DIR = "shards"
+CATALOG = ".catalog"
+LOCK_FILE = ".lock"
+PART_PREFIX = "part-"
+MANIFEST = "manifest.jsonl"
+SHARDS_FILE = "shards.json"
+
+SELECTION_FILE = "selection.json"
+TASK_FILE = "task.json"
+CHOICE_FILE = "choice.jsonl"
+QUERIES_FILE = "queries.jsonl"
+LEAKAGE_FILE = "leakage.jsonl"
+KIND = "sept-selection"
+
+
+def task_dir(selection_dir: str, task: str) -> str:
+    return os.path.join(os.path.abspath(selection_dir), TASKS_DIR, task)
+
+
+def shards_dir(selection_dir: str) -> str:
+    return os.path.join(os.path.abspath(selection_dir), SHARDS_DIR)
+
+
+def is_selection_dir(path: str) -> bool:
+    """Whether ``path`` is a selection folder (``SEL`` with ``SEL/tasks/``), not a task or shards."""
+    return os.path.isdir(os.path.join(path, TASKS_DIR)) and os.path.isdir(os.path.join(path, SHARDS_DIR))
+
+
+def list_tasks(selection_dir: str) -> list[str]:
+    """Tasks with a manifest in the selection, sorted by name."""
+    root = os.path.join(os.path.abspath(selection_dir), TASKS_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(t for t in os.listdir(root) if os.path.isfile(os.path.join(root, t, MANIFEST)))
+
+
+def read_manifest(selection_dir: str, task: str) -> list[dict]:
+    path = os.path.join(task_dir(selection_dir, task), MANIFEST)
+    if not os.path.isfile(path):
+        known = list_tasks(selection_dir)
+        raise SeptError(f"no manifest for task {task!r} in {selection_dir} (tasks there: {', '.join(known) or 'none'})")
+    return read_jsonl(path)
+
+
+def write_json(path: str, obj) -> None:
+    _write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str, rows) -> None:
+    _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_atomic(path: str, text: str) -> None:
+    atomic_write_text(path, text)
+
+
+def claim_selection(out: str, shared: dict, out_as_given: str) -> None:
+    """Make ``out`` a selection folder for this index and encoder, or check that it already is one."""
+    record = os.path.join(out, SELECTION_FILE)
+    if os.path.exists(record):
+        old = read_json(record)
+        if old.get("kind") != KIND or old.get("shared") != shared:
+            changed = sorted(k for k in shared if (old.get("shared") or {}).get(k) != shared[k])
+            raise SeptError(
+                f"{out_as_given} holds a selection from another index or encoder (differs in "
+                f"{', '.join(changed) or 'kind'}); choose another --out"
+            )
+        return
+    if os.path.exists(out) and [n for n in os.listdir(out) if n != LOCK_FILE]:
+        raise SeptError(f"{out_as_given} exists and does not hold a sept selection; choose another --out")
+    write_json(record, dict(kind=KIND, shared=shared))
+
+
+def claim_task(out: str, name: str, config: dict, out_as_given: str) -> None:
+    """Record a task's config; the same task with another config is refused, never overwritten."""
+    path = os.path.join(task_dir(out, name), TASK_FILE)
+    if os.path.exists(path):
+        old = read_json(path).get("config", {})
+        if old != config:
+            changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise SeptError(
+                f"{out_as_given} already holds task {name!r} selected differently (differs in "
+                f"{', '.join(changed)}); choose another --out or --task name"
+            )
+        return
+    write_json(path, dict(config=config, summary=None))
+
+
+def task_is_chosen(out: str, name: str) -> bool:
+    return os.path.exists(os.path.join(task_dir(out, name), CHOICE_FILE))
+
+
+def tasks_in(out: str) -> list[str]:
+    """Every task of the selection folder that has been chosen, sorted."""
+    root = os.path.join(out, TASKS_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(t for t in os.listdir(root) if task_is_chosen(out, t))
+
+
+def union_of_choices(out: str, exclude: set[str] = frozenset()) -> set[int]:
+    """The pool ids chosen by every chosen task of the folder, but those in ``exclude``."""
+    ids: set[int] = set()
+    for name in tasks_in(out):
+        if name not in exclude:
+            ids.update(int(r["id"]) for r in read_jsonl(os.path.join(task_dir(out, name), CHOICE_FILE)))
+    return ids
+
+
+def write_task_records(
+    out: str, name: str, *, queries: list[dict], leakage: list[dict], summary: dict, choice: list[dict]
+) -> None:
+    """Write a chosen task's files; ``choice.jsonl`` goes last, since its presence means chosen."""
+    folder = task_dir(out, name)
+    config = read_json(os.path.join(folder, TASK_FILE))["config"]
+    write_jsonl(os.path.join(folder, QUERIES_FILE), queries)
+    write_jsonl(os.path.join(folder, LEAKAGE_FILE), leakage)
+    write_json(os.path.join(folder, TASK_FILE), dict(config=config, summary=summary))
+    write_jsonl(os.path.join(folder, CHOICE_FILE), choice)
+
+
+def task_summary(out: str, name: str) -> dict | None:
+    return read_json(os.path.join(task_dir(out, name), TASK_FILE))["summary"]
+
+
+def write_manifest(out: str, name: str, catalog: Catalog) -> None:
+    """Join a task's choice with where the catalog holds each sample: its manifest and its shards' record."""
+    folder = task_dir(out, name)
+    manifest, parts = [], {}
+    for row in read_jsonl(os.path.join(folder, CHOICE_FILE)):
+        where = catalog.rows[int(row["id"])]
+        parts[where["shard"]] = catalog.parts[where["shard"]]
+        manifest.append(
+            dict(
+                row,
+                key=where["key"],
+                shard=where["shard"],
+                source_shard=where["source_shard"],
+                position=where["position"],
+                sha256=where["sha256"],
+            )
+        )
+    write_json(os.path.join(folder, SHARDS_FILE), dict(sorted(parts.items())))
+    write_jsonl(os.path.join(folder, MANIFEST), manifest)
+
+
+@dataclass
+class Catalog:
+    """What a shared shard folder holds: every copied sample's row, and every part's size and hash."""
+
+    rows: dict[int, dict]
+    parts: dict[str, dict]
+    jobs: list[str]
+
+
+def catalog_marker(shards: str, job: str) -> str:
+    """The done-marker of copy job ``job`` in the shared shard folder ``shards``."""
+    return os.path.join(shards, CATALOG, f"{job}.json")
+
+
+def read_catalog(shards: str) -> Catalog:
+    rows: dict[int, dict] = {}
+    parts: dict[str, dict] = {}
+    jobs = []
+    folder = os.path.join(shards, CATALOG)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        record = read_json(os.path.join(folder, name))
+        jobs.append(record["job"])
+        parts.update(record["parts"])
+        for row in record["rows"]:
+            rows[int(row["id"])] = row
+    return Catalog(rows=rows, parts=parts, jobs=jobs)
+
+
+@contextmanager
+def writer_lock(folder: str):
+    """One writer per selection (or shared shard) folder at a time; a second one is refused, not queued."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, LOCK_FILE), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SeptError(f"another sept process is writing to {folder}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def discard_unfinished(shards: str) -> None:
+    """Remove what a crashed copy left: job folders, parts no done-marker names; drop jobs with damaged parts."""
+    for name in os.listdir(shards):
+        if is_staging_name(name):
+            shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
+    catalog = read_catalog(shards)  # read after the job folders are gone: no marker can appear any more
+    for name in os.listdir(shards):
+        if name.startswith(PART_PREFIX) and name.endswith(".tar") and name not in catalog.parts:
+            log.warning("materialize: removing %s, left by an interrupted run", name)
+            os.remove(os.path.join(shards, name))
+    for job in catalog.jobs:
+        record = read_json(catalog_marker(shards, job))
+        broken = [
+            p
+            for p, info in record["parts"].items()
+            if not os.path.exists(os.path.join(shards, p)) or os.path.getsize(os.path.join(shards, p)) != info["size"]
+        ]
+        if broken:
+            log.warning(
+                "materialize: part %s of job %s is missing or changed; copying its samples again", broken[0], job
+            )
+            os.remove(catalog_marker(shards, job))
+            for p in record["parts"]:
+                if os.path.exists(os.path.join(shards, p)):
+                    os.remove(os.path.join(shards, p))

@@ -1,0 +1,236 @@
+"""Copying selected pool samples, byte for byte, into a selection's shared shards: one copy job at a time.
+
+A *job* is a run of consecutive source shards (``plan_jobs``). ``copy_job`` reads each of its
+source shards once and writes its parts into a private staging folder; the verified parts are
+renamed into place and the job's done-marker (``sept.data.selection_folder``'s catalog) is moved
+in last. A selected sample is copied as the raw bytes of its tar records (``sept.data.tar_scan``:
+headers and data, so every member, the original ``.json`` included, is exactly as in the pool); a
+source shard the scanner does not follow is read with ``tarfile`` and rewritten by
+``SelectionShardWriter`` instead. A job's name is a digest of the (source shard, position) pairs
+it copies, so the same selection gives the same file names and bytes, and a rerun after a crash
+redoes exactly the unfinished jobs.
+
+Nothing here knows of Ray: ``sept.cluster.materialize`` runs the jobs as Ray tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+
+from sept.data.identity import make_ids, split_ids
+from sept.data.selection_folder import PART_PREFIX, catalog_marker, read_json
+from sept.data.selection_writer import SelectionShardWriter, ShardVerificationError, extract_samples
+from sept.data.tar_scan import (
+    END_OF_ARCHIVE,
+    RECORD,
+    UnsupportedTar,
+    copy_records,
+    open_tar,
+    read_members,
+    scan_samples,
+)
+from sept.io import atomic_write_json, file_digest, staging_dir
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES_PER_PART = 10_000
+SAMPLES_PER_JOB = 2000  # a job closes once it holds this many samples (about 60 MB of web images)
+SOURCES_PER_BLOCK = 16  # and never reads beyond its block of this many consecutive source shards
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    sources: tuple[tuple[int, tuple[int, ...]], ...]  # (source shard index, sorted positions)
+
+    @property
+    def count(self) -> int:
+        return sum(len(p) for _, p in self.sources)
+
+
+def plan_jobs(ids: np.ndarray) -> list[Job]:
+    """Group the ids' source shards into jobs; name each by its content.
+
+    Jobs never span a block of ``SOURCES_PER_BLOCK`` source shards, and within a block they close
+    once they hold ``SAMPLES_PER_JOB`` samples. The plan depends only on the ids, never on how
+    many there are in all: after a crash, the ids of an unfinished job are planned into the same
+    job again, so a resumed run writes the very parts an uninterrupted one would have.
+    """
+    shard_idx, positions = split_ids(np.unique(np.asarray(ids, dtype=np.int64)))
+    by_shard: dict[int, list[int]] = {}
+    for s, p in zip(shard_idx.tolist(), positions.tolist()):
+        by_shard.setdefault(s, []).append(p)
+    jobs, current, count, block = [], [], 0, None
+    for s in sorted(by_shard):
+        if current and (count >= SAMPLES_PER_JOB or s // SOURCES_PER_BLOCK != block):
+            jobs.append(_job(current))
+            current, count = [], 0
+        block = s // SOURCES_PER_BLOCK
+        current.append((s, tuple(sorted(by_shard[s]))))
+        count += len(by_shard[s])
+    if current:
+        jobs.append(_job(current))
+    return jobs
+
+
+def _job(sources: list[tuple[int, tuple[int, ...]]]) -> Job:
+    h = hashlib.sha256()
+    for s, ps in sources:
+        h.update(f"{s}:{','.join(map(str, ps))};".encode())
+    return Job(name=f"{sources[0][0]:05d}-{h.hexdigest()[:12]}", sources=tuple(sources))
+
+
+def sample_digest(members: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for ext in sorted(members):
+        digest.update(ext.encode())
+        digest.update(members[ext])
+    return digest.hexdigest()[:16]
+
+
+def copy_job(job: Job, pool: dict[int, str], out_dir: str, max_per_part: int = MAX_SAMPLES_PER_PART) -> dict:
+    """Copy one job's samples into parts, rename them into ``out_dir``, write its done-marker; return the marker.
+
+    ``pool`` maps the job's source shard indices to their paths. A job whose marker exists is not
+    copied again.
+    """
+    marker = catalog_marker(out_dir, job.name)
+    if os.path.exists(marker):
+        return read_json(marker)
+    tmp_dir = staging_dir(os.path.join(out_dir, job.name))
+    try:
+        try:
+            rows, parts = _copy_raw(job, pool, tmp_dir, max_per_part)
+        except UnsupportedTar as why:
+            log.info("materialize: job %s reads its shards with tarfile (%s)", job.name, why)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            rows, parts = _copy_with_tarfile(job, pool, tmp_dir, max_per_part)
+        record = dict(
+            job=job.name,
+            sources=[[s, pool[s], len(p)] for s, p in job.sources],
+            parts={os.path.basename(path): dict(size=size, sha256=sha) for path, size, sha in parts},
+            rows=rows,
+        )
+        # The marker is written inside the private folder and moved last: a run that cleaned up after
+        # this job's driver died has removed that folder, so a late job can no longer publish a marker.
+        staged = os.path.join(tmp_dir, "marker.json")
+        atomic_write_json(staged, record, sort_keys=True, indent=None)
+        for path, _, _ in parts:
+            os.replace(path, os.path.join(out_dir, os.path.basename(path)))
+        os.replace(staged, marker)
+        return record
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _row(job_source: int, source: str, key: str, position: int, part: str, members: dict[str, bytes]) -> dict:
+    return dict(
+        id=int(make_ids(job_source, [position])[0]),
+        key=key,
+        shard=part,
+        source_shard=source,
+        source_index=job_source,
+        position=position,
+        members=sorted(members),
+        sha256=sample_digest(members),
+    )
+
+
+class _RawPartWriter:
+    """Parts made of raw tar records copied from source shards; each verified and hashed on close."""
+
+    def __init__(self, folder: str, prefix: str, max_per_part: int):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.prefix, self.max_per_part = folder, prefix, max_per_part
+        self.parts: list[tuple[str, int, str]] = []
+        self._file = None
+        self._count = 0
+
+    def add(self, source, span) -> str:
+        if self._file is not None and (self._count >= self.max_per_part or span.key in self._keys):
+            self.close()
+        if self._file is None:
+            self._path = os.path.join(self.folder, f"{self.prefix}-{len(self.parts):06d}.tar")
+            self._file = open(self._path, "wb")
+            self._hash = hashlib.sha256()
+            self._count, self._keys, self._size = 0, set(), 0
+        self._size += copy_records(source, span, self._file, self._hash)
+        self._keys.add(span.key)
+        self._count += 1
+        return os.path.basename(self._path)
+
+    def close(self) -> None:
+        if self._file is None:
+            return
+        tail = END_OF_ARCHIVE + bytes(-(self._size + len(END_OF_ARCHIVE)) % RECORD)
+        self._file.write(tail)
+        self._hash.update(tail)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        size, sha = self._size + len(tail), self._hash.hexdigest()
+        _verify_part(self._path, size, sha)
+        self.parts.append((self._path, size, sha))
+
+
+def _verify_part(path: str, size: int, sha256: str) -> None:
+    """Read a written part back: the bytes on disk must be the bytes written, or it is not published.
+
+    (What was written is right by construction: raw records copied from the source, whose reading
+    the scanner shares with ``iter_samples``; this catches the disk or the file system.)
+    """
+    if file_digest(path) != (size, sha256):
+        raise ShardVerificationError(f"written part {path} reads back differently from what was written")
+
+
+def _copy_raw(job: Job, pool: dict[int, str], tmp_dir: str, max_per_part: int) -> tuple[list[dict], list]:
+    """The fast path: scan each source shard's headers, copy the wanted samples' tar records as they are."""
+    writer = _RawPartWriter(tmp_dir, f"{PART_PREFIX}{job.name}", max_per_part)
+    rows = []
+    for source_index, positions in job.sources:
+        source = pool[source_index]
+        wanted = set(positions)
+        last = max(wanted)
+        try:
+            f = open_tar(source)
+        except (OSError, ValueError):
+            raise UnsupportedTar("source shard not readable") from None  # tarfile's path names the error
+        with f:
+            found = 0
+            for span in scan_samples(f):
+                if span.position in wanted:
+                    members = read_members(f, span)
+                    part = writer.add(f, span)
+                    rows.append(_row(source_index, source, span.key, span.position, part, members))
+                    found += 1
+                if span.position >= last:
+                    break
+            if found < len(wanted):
+                raise UnsupportedTar("fewer samples than wanted")  # tarfile's path raises the precise error
+    writer.close()
+    return rows, writer.parts
+
+
+def _copy_with_tarfile(job: Job, pool: dict[int, str], tmp_dir: str, max_per_part: int) -> tuple[list[dict], list]:
+    """The general path: ``tarfile`` reads every member; parts are written by ``SelectionShardWriter``."""
+    rows: list[dict] = []
+    with SelectionShardWriter(tmp_dir, prefix=f"{PART_PREFIX}{job.name}", maxcount=max_per_part) as writer:
+        part, keys = None, set()
+        for source_index, positions in job.sources:
+            source = pool[source_index]
+            for sample in extract_samples(source, positions):
+                if sample.key in keys:
+                    writer.close()  # two samples with one key cannot share a tar: start a new part
+                name = writer.write(sample)
+                if name != part:
+                    part, keys = name, set()
+                keys.add(sample.key)
+                rows.append(_row(source_index, source, sample.key, sample.position, name, sample.members))
+    return rows, [(path, *file_digest(path)) for path in writer.shards]
