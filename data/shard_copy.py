@@ -25,17 +25,14 @@ import numpy as np
 
 from sept.data.identity import make_ids, split_ids
 from sept.data.selection_folder import PART_PREFIX, catalog_marker, read_json
-from sept.data.selection_writer import SelectionShardWriter, ShardVerificationError, extract_samples
+from sept.data.selection_writer import SelectionShardWriter, extract_samples
 from sept.data.tar_scan import (
-    END_OF_ARCHIVE,
-    RECORD,
     UnsupportedTar,
-    copy_records,
     open_tar,
     read_members,
     scan_samples,
 )
-from sept.io import atomic_write_json, file_digest, staging_dir
+from sept.io import atomic_write_json, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -142,95 +139,44 @@ def _row(job_source: int, source: str, key: str, position: int, part: str, membe
     )
 
 
-class _RawPartWriter:
-    """Parts made of raw tar records copied from source shards; each verified and hashed on close."""
-
-    def __init__(self, folder: str, prefix: str, max_per_part: int):
-        os.makedirs(folder, exist_ok=True)
-        self.folder, self.prefix, self.max_per_part = folder, prefix, max_per_part
-        self.parts: list[tuple[str, int, str]] = []
-        self._file = None
-        self._count = 0
-
-    def add(self, source, span) -> str:
-        if self._file is not None and (self._count >= self.max_per_part or span.key in self._keys):
-            self.close()
-        if self._file is None:
-            self._path = os.path.join(self.folder, f"{self.prefix}-{len(self.parts):06d}.tar")
-            self._file = open(self._path, "wb")
-            self._hash = hashlib.sha256()
-            self._count, self._keys, self._size = 0, set(), 0
-        self._size += copy_records(source, span, self._file, self._hash)
-        self._keys.add(span.key)
-        self._count += 1
-        return os.path.basename(self._path)
-
-    def close(self) -> None:
-        if self._file is None:
-            return
-        tail = END_OF_ARCHIVE + bytes(-(self._size + len(END_OF_ARCHIVE)) % RECORD)
-        self._file.write(tail)
-        self._hash.update(tail)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        size, sha = self._size + len(tail), self._hash.hexdigest()
-        _verify_part(self._path, size, sha)
-        self.parts.append((self._path, size, sha))
-
-
-def _verify_part(path: str, size: int, sha256: str) -> None:
-    """Read a written part back: the bytes on disk must be the bytes written, or it is not published.
-
-    (What was written is right by construction: raw records copied from the source, whose reading
-    the scanner shares with ``iter_samples``; this catches the disk or the file system.)
-    """
-    if file_digest(path) != (size, sha256):
-        raise ShardVerificationError(f"written part {path} reads back differently from what was written")
-
-
 def _copy_raw(job: Job, pool: dict[int, str], tmp_dir: str, max_per_part: int) -> tuple[list[dict], list]:
     """The fast path: scan each source shard's headers, copy the wanted samples' tar records as they are."""
-    writer = _RawPartWriter(tmp_dir, f"{PART_PREFIX}{job.name}", max_per_part)
     rows = []
-    for source_index, positions in job.sources:
-        source = pool[source_index]
-        wanted = set(positions)
-        last = max(wanted)
-        try:
-            f = open_tar(source)
-        except (OSError, ValueError):
-            raise UnsupportedTar("source shard not readable") from None  # tarfile's path names the error
-        with f:
-            found = 0
-            for span in scan_samples(f):
-                if span.position in wanted:
-                    members = read_members(f, span)
-                    part = writer.add(f, span)
-                    rows.append(_row(source_index, source, span.key, span.position, part, members))
-                    found += 1
-                if span.position >= last:
-                    break
-            if found < len(wanted):
-                raise UnsupportedTar("fewer samples than wanted")  # tarfile's path raises the precise error
-    writer.close()
+    with SelectionShardWriter(
+        tmp_dir, prefix=f"{PART_PREFIX}{job.name}", maxcount=max_per_part, new_part_on_repeated_key=True
+    ) as writer:
+        for source_index, positions in job.sources:
+            source = pool[source_index]
+            wanted = set(positions)
+            last = max(wanted)
+            try:
+                f = open_tar(source)
+            except (OSError, ValueError):
+                raise UnsupportedTar("source shard not readable") from None  # tarfile's path names the error
+            with f:
+                found = 0
+                for span in scan_samples(f):
+                    if span.position in wanted:
+                        members = read_members(f, span)
+                        part = writer.write_records(f, span)
+                        rows.append(_row(source_index, source, span.key, span.position, part, members))
+                        found += 1
+                    if span.position >= last:
+                        break
+                if found < len(wanted):
+                    raise UnsupportedTar("fewer samples than wanted")  # tarfile's path raises the precise error
     return rows, writer.parts
 
 
 def _copy_with_tarfile(job: Job, pool: dict[int, str], tmp_dir: str, max_per_part: int) -> tuple[list[dict], list]:
     """The general path: ``tarfile`` reads every member; parts are written by ``SelectionShardWriter``."""
     rows: list[dict] = []
-    with SelectionShardWriter(tmp_dir, prefix=f"{PART_PREFIX}{job.name}", maxcount=max_per_part) as writer:
-        part, keys = None, set()
+    with SelectionShardWriter(
+        tmp_dir, prefix=f"{PART_PREFIX}{job.name}", maxcount=max_per_part, new_part_on_repeated_key=True
+    ) as writer:
         for source_index, positions in job.sources:
             source = pool[source_index]
             for sample in extract_samples(source, positions):
-                if sample.key in keys:
-                    writer.close()  # two samples with one key cannot share a tar: start a new part
                 name = writer.write(sample)
-                if name != part:
-                    part, keys = name, set()
-                keys.add(sample.key)
                 rows.append(_row(source_index, source, sample.key, sample.position, name, sample.members))
-    return rows, [(path, *file_digest(path)) for path in writer.shards]
+    return rows, writer.parts

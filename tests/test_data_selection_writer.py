@@ -124,3 +124,29 @@ def test_verification_catches_a_shard_that_reads_back_differently(source_shard, 
         _verify_shard(path, tampered)
     with pytest.raises(ShardVerificationError, match="8 samples read, 9 written"):
         _verify_shard(path, expected + expected[:1])
+
+
+def test_raw_records_and_samples_share_one_writer(source_shard, tmp_path):
+    """The raw-record copy (materialization's fast path) and ``write`` go through the same writer:
+    the same part naming, a new part on a repeated key, and each part's recorded size and hash."""
+    from sept.data.tar_scan import open_tar, scan_samples
+    from sept.io import file_digest
+
+    path, originals = source_shard
+    out = tmp_path / "parts"
+    with SelectionShardWriter(str(out), prefix="part", maxcount=10, new_part_on_repeated_key=True) as writer:
+        with open_tar(path) as f:
+            spans = list(scan_samples(f))
+            names = [writer.write_records(f, span) for span in spans[:3]]
+            names.append(writer.write_records(f, spans[0]))  # the same key again: a new part
+        names.append(writer.write(originals[5]))
+    assert names == ["part-000000.tar"] * 3 + ["part-000001.tar"] * 2
+    for part, size, sha in writer.parts:
+        assert file_digest(part) == (size, sha)
+    read_back = [(s.key, s.members) for shard in writer.shards for s in iter_samples(shard)]
+    expected = [originals[i] for i in (0, 1, 2, 0, 5)]
+    assert read_back == [(s.key, s.members) for s in expected]
+    with SelectionShardWriter(str(tmp_path / "strict"), maxcount=10) as strict:
+        strict.write(originals[0])
+        with pytest.raises(ValueError, match="already written"):
+            strict.write(originals[0])
