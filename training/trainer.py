@@ -10,7 +10,7 @@ logs of ``sept.training.run_logs``; ``summary.json`` and ``encoder.pt`` at the e
 DetCon on data without masks, ``masked-shards/`` (``sept.data.masks``).
 
 A checkpoint holds the model and optimizer, the step, every rank's position in the data
-(``loader.EpochState``) and the list of attempts (each start or resume, with its SLURM job id
+(``batching.EpochState``) and the list of attempts (each start or resume, with its SLURM job id
 and restart count). A run that finds one resumes from its step at the same data position; the
 learning rate and the progressive schedules are functions of the step, so they continue too.
 
@@ -42,10 +42,11 @@ from sept.io import atomic_torch_save, atomic_write_text
 from sept.training import distributed
 from sept.training.acceleration import AccelerationPlan
 from sept.training.augment import ViewAugment
+from sept.training.batching import EpochState, TrainBatch
 from sept.training.config import PretrainConfig, config_to_dict, save_resolved_config
 from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
 from sept.training.lars import LARS
-from sept.training.loader import EpochState, PretrainStream, TrainBatch, count_shard_samples
+from sept.training.loader import PretrainStream
 from sept.training.methods import build_method, needs_masks
 from sept.training.preemption import StopRequests, signal_of_code
 from sept.training.run_logs import (
@@ -57,6 +58,7 @@ from sept.training.run_logs import (
     StepCsv,
     samples_filename,
 )
+from sept.training.shard_assignment import count_shard_samples
 
 log = logging.getLogger(__name__)
 
