@@ -15,7 +15,9 @@ from sept.data.shards import list_shards
 from sept.errors import SeptError
 from sept.training.acceleration import AccelerationPlan
 from sept.training.augment import ViewAugment, two_views
-from sept.training.loader import EpochState, PretrainStream, count_samples, count_shard_samples
+from sept.training.batching import EpochState
+from sept.training.loader import PretrainStream
+from sept.training.shard_assignment import count_samples, count_shard_samples
 
 torch.set_num_threads(1)
 
@@ -76,11 +78,13 @@ def test_two_ranks_get_equal_batches_of_disjoint_samples(tmp_path, sizes, per_ra
 
 def test_a_rank_opens_only_the_shards_its_block_touches(tmp_path, monkeypatch):
     shards = make_pool(tmp_path / "pool", [8, 8, 8, 8])
-    import sept.training.loader as loader
+    import sept.training.shard_assignment as shard_assignment
 
     opened = []
-    real = loader.iter_samples
-    monkeypatch.setattr(loader, "iter_samples", lambda path, stats=None: opened.append(path) or real(path, stats))
+    real = shard_assignment.iter_samples
+    monkeypatch.setattr(
+        shard_assignment, "iter_samples", lambda path, stats=None: opened.append(path) or real(path, stats)
+    )
     list(_stream(shards, 1, 2).epoch(0))
     assert len(opened) == 2  # 16 samples of 32: two of the four shards
 

@@ -4,7 +4,7 @@ The subset is a uniform random sample (reservoir sampling, seeded) of the sample
 choice of shards: at least ``min_shards`` of them, more until ``sample_size`` samples have been
 seen, so the cost is bounded by the subset's size, not the pool's. The sampled images are
 copied into one local WebDataset shard and trained on in this process (world size 1) with the
-ordinary trainer; the encoder is written with ``save_encoder``.
+ordinary trainer; the encoder is written with ``sept.training.finalize.write_encoder``.
 
 The encoder exists to retrieve, so the defaults (``BOOTSTRAP_DEFAULTS``) were chosen by
 selection precision, not by loss, and the schedule is sized to the subset
@@ -33,6 +33,7 @@ from sept.data.samples import ShardStats, image_member, iter_samples
 from sept.data.shards import list_shards
 from sept.errors import SeptError
 from sept.io import atomic_file, atomic_target
+from sept.training.checkpoint import CHECKPOINT_FILENAME
 from sept.training.config import PretrainConfig, load_config
 from sept.training.encoder import (
     IMAGENET_MEAN,
@@ -40,19 +41,19 @@ from sept.training.encoder import (
     EncoderBundle,
     build_backbone,
     load_encoder,
-    save_encoder,
 )
+from sept.training.finalize import write_encoder
 from sept.training.retrieval_metrics import RetrievalProbe
-from sept.training.trainer import CHECKPOINT_FILENAME, train
+from sept.training.trainer import train
 
 log = logging.getLogger(__name__)
 
 SUBSET_FILENAME = "bootstrap-subset.tar"
 RETRIEVAL_LOG_FILENAME = "retrieval.csv"
 BOOTSTRAP_EPOCHS = 30
-"""Passes over the subset the default schedule makes (``bootstrap_steps``): about 940 steps for
-the default 2000 images at batch 64, 7 minutes at 32 px on 2 CPU cores. Selection precision was
-still rising at 400 steps on the icon benchmark."""
+"""Passes over the subset the default schedule makes (``bootstrap_steps``): enough that selection
+precision has stopped rising on the benchmarks, at a cost bounded by the subset's size
+(measured in benchmarks/RESULTS.md)."""
 BOOTSTRAP_MIN_STEPS = 100
 BOOTSTRAP_MAX_STEPS = 2000
 BOOTSTRAP_DEFAULTS = {"optimizer": "adamw", "lr": 2e-3, "color_jitter": 1.0, "crop_min_scale": 0.5}
@@ -351,16 +352,7 @@ def bootstrap(
         center = feature_center(bundle, items)
         provenance["center_of"] = len(items)
     if keeper is not None or center is not None:
-        save_encoder(
-            out_path,
-            backbone,
-            arch=cfg.arch,
-            image_size=cfg.image_size,
-            mean=written.mean,
-            std=written.std,
-            extra=provenance,
-            center=center,
-        )
+        write_encoder(out_path, backbone, cfg, provenance, center=center)
     for leftover in (subset, os.path.join(work_dir, CHECKPOINT_FILENAME)):
         if os.path.exists(leftover):
             os.unlink(leftover)

@@ -10,7 +10,7 @@ logs of ``sept.training.run_logs``; ``summary.json`` and ``encoder.pt`` at the e
 DetCon on data without masks, ``masked-shards/`` (``sept.data.masks``).
 
 A checkpoint holds the model and optimizer, the step, every rank's position in the data
-(``loader.EpochState``) and the list of attempts (each start or resume, with its SLURM job id
+(``batching.EpochState``) and the list of attempts (each start or resume, with its SLURM job id
 and restart count). A run that finds one resumes from its step at the same data position; the
 learning rate and the progressive schedules are functions of the step, so they continue too.
 
@@ -22,7 +22,6 @@ ends the epoch on every rank at the same step.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,32 +36,24 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sept.data.shards import list_shards
 from sept.data.task_subset import is_task_data, open_task_data
-from sept.errors import SeptError, first_line
-from sept.io import atomic_torch_save, atomic_write_text
+from sept.errors import SeptError
 from sept.training import distributed
 from sept.training.acceleration import AccelerationPlan
 from sept.training.augment import ViewAugment
-from sept.training.config import PretrainConfig, config_to_dict, save_resolved_config
-from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
-from sept.training.lars import LARS
-from sept.training.loader import EpochState, PretrainStream, TrainBatch, count_shard_samples
+from sept.training.batching import EpochState, TrainBatch
+from sept.training.checkpoint import Checkpointer
+from sept.training.config import PretrainConfig, save_resolved_config
+from sept.training.encoder import build_backbone
+from sept.training.finalize import finalize_run
+from sept.training.loader import PretrainStream
 from sept.training.methods import build_method, needs_masks
+from sept.training.optim import apply_learning_rate, make_optimizer
 from sept.training.preemption import StopRequests, signal_of_code
-from sept.training.run_logs import (
-    METRICS_COLUMNS,
-    METRICS_FILENAME,
-    RANK_METRICS_COLUMNS,
-    RANK_METRICS_FILENAME,
-    SAMPLES_COLUMNS,
-    StepCsv,
-    samples_filename,
-)
+from sept.training.run_logs import RunLogs
+from sept.training.shard_assignment import count_shard_samples
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILENAME = "checkpoint.pt"
-SUMMARY_FILENAME = "summary.json"
-ENCODER_FILENAME = "encoder.pt"
 MASKED_SHARDS_DIRNAME = "masked-shards"
 _MASKS_PER_PROCESS_START = 1000
 """Below this many images a rank segments them in its own process (a process pool starts in seconds)."""
@@ -103,84 +94,11 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether the model runs under bfloat16 autocast: ``precision`` bf16, or auto on a GPU.
 
     On a CPU, auto stays float32 even where bfloat16 is native (AVX-512 BF16, AMX): there it was
-    1.25x faster on the demo arm but moved what the arm learnt (the random arm of the demo
-    experiment +3.3 points over five paired seeds, the selected arm -0.7; benchmarks/RESULTS.md),
-    and CPU runs are where experiments are compared against earlier float32 figures."""
+    faster but moved what the demo experiment's arms learnt (benchmarks/RESULTS.md), and CPU runs
+    are where experiments are compared against earlier float32 figures."""
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda"
-
-
-def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9), AdamW or LARS; biases and normalisation weights get no weight decay
-    (and no LARS trust ratio)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    if cfg.optimizer == "lars":
-        groups[1]["lars"] = False
-        return LARS(groups, lr=cfg.lr, momentum=0.9)
-    raise SeptError(f"unknown optimizer {cfg.optimizer!r} (choose from sgd, adamw, lars)")
-
-
-# Fields a run may change when it resumes; any other difference means another run's checkpoint.
-_RESUMABLE_CHANGES = (
-    "out",
-    "steps",
-    "checkpoint_every",
-    "log_every",
-    "num_workers",
-    "cache_mb",
-    "run_ahead",
-    "num_samples",
-    "sample_log",
-    "compile",
-    "device",
-)
-
-
-def _load_checkpoint(path: str, cfg: PretrainConfig, method: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, ValueError, EOFError, OSError) as err:
-        reason = first_line(err)
-        raise SeptError(f"cannot resume from checkpoint {path}: {reason} (remove it to start over)") from None
-    saved = state.get("config") if isinstance(state, dict) else None
-    if isinstance(saved, dict):
-        current = config_to_dict(cfg)
-        changed = [k for k in current if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
-        if changed:
-            diff = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-            raise SeptError(
-                f"checkpoint {path} belongs to a run with another config ({diff}); remove it or use another out dir"
-            )
-    try:
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError, EOFError) as err:
-        reason = first_line(err)
-        raise SeptError(f"cannot resume from checkpoint {path}: {reason} (remove it to start over)") from None
-    return state
-
-
-def _attempt(step: int) -> dict[str, Any]:
-    """This start of the run, for the checkpoint's history."""
-    return {
-        "start_step": step,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
-        "hostname": socket.gethostname(),
-        "time": round(time.time(), 3),
-    }
 
 
 def _shard_counts(cfg: PretrainConfig, shards: list[str], is_main: bool) -> list[int]:
@@ -241,30 +159,6 @@ def train(
         torch.set_num_threads(threads)  # a caller training in-process (experiment arms) gets its cores back
         if owns_group:
             distributed.destroy_distributed()
-
-
-class _Window:
-    """Images, data-wait and compute seconds of this rank since the last log row."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.images = 0
-        self.wait = 0.0
-        self.compute = 0.0
-        self.total_images = 0
-        self.total_wait = 0.0
-        self.total_compute = 0.0
-
-    def vector(self) -> torch.Tensor:
-        return torch.tensor(
-            [self.images, time.perf_counter() - self.start, self.wait, self.compute], dtype=torch.float64
-        )
-
-    def reset(self) -> None:
-        self.total_images += self.images
-        self.total_wait += self.wait
-        self.total_compute += self.compute
-        self.start, self.images, self.wait, self.compute = time.perf_counter(), 0, 0.0, 0.0
 
 
 def _train(
@@ -333,67 +227,23 @@ def _train(
         momentum=cfg.momentum,
         detcon_temperature=cfg.detcon_temperature,
     )
-    # Channels-last convolutions are faster on CPUs (oneDNN: 68 against 82 ms a step at the
-    # demo's size) as on GPUs (tensor cores).
+    # Channels-last convolutions are faster on CPUs (oneDNN) as on GPUs (tensor cores);
+    # benchmarks/RESULTS.md has the figures.
     method = method.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(method, cfg)
     bf16 = uses_bf16(cfg.precision, device)
 
-    checkpoint_path = os.path.join(run_dir, CHECKPOINT_FILENAME)
-    start_step, first_loss, last_loss = 0, None, None
-    history: list[dict] = []
-    epoch_state = EpochState.fresh(0, 0, workers)
-    if distributed.broadcast_object(os.path.exists(checkpoint_path)):  # rank 0 decides for all
-        if not os.path.exists(checkpoint_path):
-            raise SeptError(
-                f"rank {rank} cannot see {checkpoint_path}, which rank 0 resumes from:"
-                " the run directory must be on a file system every node shares"
-            )
-        state = _load_checkpoint(checkpoint_path, cfg, method, optimizer)
-        start_step, first_loss, last_loss = int(state["step"]), state.get("first_loss"), state.get("last_loss")
-        history = list(state.get("history") or [])
-        epoch_state = _resumed_epoch(state, rank, world, workers, start_step)
-        log.info(
-            "rank %d resumes from %s at step %d (epoch %d, %d batches in)",
-            rank,
-            checkpoint_path,
-            start_step,
-            epoch_state.epoch,
-            epoch_state.consumed,
-        )
-    history.append(_attempt(start_step))
+    checkpoints = Checkpointer(run_dir, cfg, method, optimizer, rank, world)
+    progress = checkpoints.resume(workers)
+    start_step = progress.step
 
     model: nn.Module = method
     if world > 1:
         model = DistributedDataParallel(method, device_ids=[device.index] if on_gpu else None)
     if cfg.compile and on_gpu:
         model = torch.compile(model)
-    metrics = StepCsv(os.path.join(run_dir, METRICS_FILENAME), METRICS_COLUMNS, start_step) if is_main else None
-    rank_metrics = (
-        StepCsv(os.path.join(run_dir, RANK_METRICS_FILENAME), RANK_METRICS_COLUMNS, start_step) if is_main else None
-    )
-    samples_log = (
-        StepCsv(os.path.join(run_dir, samples_filename(rank)), SAMPLES_COLUMNS, start_step) if cfg.sample_log else None
-    )
-
-    def save_checkpoint(step: int) -> None:
-        positions = distributed.gather_objects(epoch_state.to_dict())
-        if is_main:
-            atomic_torch_save(
-                {
-                    "step": step,
-                    "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "first_loss": first_loss,
-                    "last_loss": last_loss,
-                    "config": config_to_dict(cfg),
-                    "world_size": world,
-                    "loader": positions,
-                    "history": history,
-                },
-                checkpoint_path,
-            )
-        distributed.barrier()
+    logs = RunLogs(run_dir, rank, start_step, sample_log=cfg.sample_log, collective_device=collective_device)
+    window = logs.window
 
     def run_step(batch: TrainBatch) -> torch.Tensor:
         inputs = [batch.view1, batch.view2]
@@ -409,51 +259,47 @@ def _train(
         optimizer.step()
         return loss
 
-    step = start_step
     interrupted = None
-    window = _Window()
     started = time.perf_counter()
-    batches = stream.epoch(epoch_state)
-    fresh_epoch = epoch_state.consumed == 0
+    batches = stream.epoch(progress.epoch_state)
+    fresh_epoch = progress.epoch_state.consumed == 0
     last_batch: TrainBatch | None = None
     model.train()
     try:
-        while step < cfg.steps:
+        while progress.step < cfg.steps:
             waited = time.perf_counter()
             batch = next(batches, None)
             window.wait += time.perf_counter() - waited
             stop_code, ran_out = distributed.all_reduce_max_flags([stop.code, 0 if batch is not None else 1])
             if stop_code:
                 interrupted = signal_of_code(stop_code)
-                log.warning("rank %d stops at step %d on %s", rank, step, interrupted.name)
-                save_checkpoint(step)
+                log.warning("rank %d stops at step %d on %s", rank, progress.step, interrupted.name)
+                checkpoints.save(progress)
                 break
             if ran_out:
+                epoch = progress.epoch_state.epoch
                 if fresh_epoch:
                     raise SeptError(
-                        f"no decodable training sample for rank {rank} of {world} in epoch {epoch_state.epoch}"
+                        f"no decodable training sample for rank {rank} of {world} in epoch {epoch}"
                         f" of {len(shards)} shards (first {shards[0]})"
                     )
                 batches.close()
-                log.info("epoch %d ended at step %d", epoch_state.epoch, step)
-                epoch_state = EpochState.fresh(epoch_state.epoch + 1, step, workers)
-                batches, fresh_epoch = stream.epoch(epoch_state), True
+                log.info("epoch %d ended at step %d", epoch, progress.step)
+                progress.epoch_state = EpochState.fresh(epoch + 1, progress.step, workers)
+                batches, fresh_epoch = stream.epoch(progress.epoch_state), True
                 continue
             fresh_epoch = False
 
             computing = time.perf_counter()
-            lr = plan.lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = apply_learning_rate(optimizer, plan, progress.step)
             loss = run_step(batch)
-            step += 1
+            progress.step += 1
+            step = progress.step
             method.momentum_update(step / cfg.steps)
-            epoch_state.advance(batch)
+            progress.epoch_state.advance(batch)
             stream.record(batch)
             last_batch = batch
-            if samples_log is not None:
-                samples_log.append([step, epoch_state.epoch, " ".join(str(int(i)) for i in batch.ids)])
-            window.images += len(batch)
+            logs.trained(step, progress.epoch_state.epoch, batch.ids)
 
             if step == start_step + 1 or step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = distributed.all_reduce_mean(loss.detach().float().reshape(1).to(collective_device)).item()
@@ -461,160 +307,48 @@ def _train(
                 if not math.isfinite(mean_loss):
                     raise RuntimeError(f"training diverged: loss {mean_loss} at step {step} (lower lr?)")
                 if step == 1:
-                    first_loss = mean_loss
-                last_loss = mean_loss
-                per_rank = distributed.all_gather_no_grad(window.vector().to(collective_device)[None]).cpu()
-                window.reset()
-                if is_main:
-                    _log_row(
-                        metrics,
-                        rank_metrics,
-                        step,
-                        epoch_state.epoch,
-                        mean_loss,
-                        lr,
-                        int(batch.view1.shape[-1]),
-                        plan.strength_at(step - 1),
-                        per_rank,
-                    )
-                    log.info(
-                        "step %d/%d loss %.4f lr %.4g %d px %.1f img/s",
-                        step,
-                        cfg.steps,
-                        mean_loss,
-                        lr,
-                        batch.view1.shape[-1],
-                        float(per_rank[:, 0].sum() / per_rank[:, 1].max().clamp_min(1e-9)),
-                    )
+                    progress.first_loss = mean_loss
+                progress.last_loss = mean_loss
+                image_size = int(batch.view1.shape[-1])
+                strength = plan.strength_at(step - 1)
+                logs.log_step(step, cfg.steps, progress.epoch_state.epoch, mean_loss, lr, image_size, strength)
             else:
                 window.compute += time.perf_counter() - computing
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(step)
+                checkpoints.save(progress)
             if step_callback is not None and is_main:
                 step_callback(step, method.backbone)
                 model.train()
     finally:
         batches.close()
         stream.close()
-        for csv_log in (metrics, rank_metrics, samples_log):
-            if csv_log is not None:
-                csv_log.close()
+        logs.close()
     elapsed = time.perf_counter() - started
     window.reset()
+    step = progress.step
 
     if interrupted is not None:
         return {"interrupted": interrupted.name, "steps": step, "resumed_from_step": start_step, "run_dir": run_dir}
-
-    check = torch.tensor([float(rank + 1)], device=collective_device)
-    allreduce_check = distributed.all_reduce_sum(check).item()
-    ranks = distributed.gather_objects(
-        {
-            **distributed.node_info(),
-            "samples_read": stream.images_read,
-            "bad_samples": stream.bad,
-            "images_per_s": round(window.total_images / max(elapsed, 1e-9), 1),
-            "data_wait_s": round(window.total_wait, 3),
-            "compute_s": round(window.total_compute, 3),
-        }
-    )
-    summary: dict[str, Any] | None = None
-    if is_main:
-        encoder_path = os.path.abspath(encoder_path or os.path.join(run_dir, ENCODER_FILENAME))
-        save_encoder(
-            encoder_path,
-            method.backbone,
-            arch=cfg.arch,
-            image_size=cfg.image_size,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            extra={
-                "method": cfg.method,
-                "steps": step,
-                "data": cfg.data,
-                "world_size": world,
-                "final_loss": last_loss,
-                "seed": cfg.seed,
-                **encoder_extra,
-            },
-        )
-        summary = {
-            "world_size": world,
-            "steps": step,
-            "resumed_from_step": start_step,
-            "first_loss": first_loss,
-            "final_loss": last_loss,
-            "allreduce_check": int(allreduce_check) if float(allreduce_check).is_integer() else allreduce_check,
-            "ranks": ranks,
-            "method": cfg.method,
-            "arch": cfg.arch,
-            "batch_size_per_rank": cfg.batch_size,
+    return finalize_run(
+        cfg,
+        run_dir=run_dir,
+        rank=rank,
+        world=world,
+        backbone=method.backbone,
+        progress=progress,
+        start_step=start_step,
+        rank_figures={"samples_read": stream.images_read, "bad_samples": stream.bad, **logs.rank_totals(elapsed)},
+        encoder_path=encoder_path,
+        encoder_extra=encoder_extra,
+        device=device,
+        collective_device=collective_device,
+        details={
             "num_samples": stream.num_samples,
             "batches_per_epoch": batches_per_epoch,
-            "epoch": epoch_state.epoch,
+            "epoch": progress.epoch_state.epoch,
             "final_lr": plan.lr(step - 1) if step > 0 else None,
             "final_image_size": int(last_batch.view1.shape[-1]) if last_batch is not None else None,
             "elapsed_s": round(elapsed, 3),
             "images_per_s": round((step - start_step) * cfg.batch_size * world / max(elapsed, 1e-9), 1),
-            "data_wait_s_max": max(r["data_wait_s"] for r in ranks),
-            "device": str(device.type),
-            "attempts": history,
-            "run_dir": run_dir,
-            "encoder": encoder_path,
-        }
-        atomic_write_text(os.path.join(run_dir, SUMMARY_FILENAME), json.dumps(summary, indent=2) + "\n")
-    summary = distributed.broadcast_object(summary)
-    distributed.barrier()
-    return summary
-
-
-def _resumed_epoch(state: dict, rank: int, world: int, workers: int, step: int) -> EpochState:
-    """This rank's saved data position, or the start of the next epoch when the saved one cannot
-    be continued (another world size or worker count: the shares would differ)."""
-    positions = state.get("loader")
-    saved = EpochState.from_dict(positions[rank]) if positions and len(positions) == world else None
-    if saved is not None and saved.num_workers == workers:
-        return saved
-    epoch = EpochState.from_dict(positions[0]).epoch + 1 if positions else 0
-    log.warning(
-        "checkpoint data position is for %s ranks x %s workers, this run has %d x %d:"
-        " continuing with epoch %d (the rest of the interrupted epoch is skipped)",
-        len(positions or []) or "unknown",
-        positions[0]["num_workers"] if positions else "?",
-        world,
-        workers,
-        epoch,
+        },
     )
-    return EpochState.fresh(epoch, step, workers)
-
-
-def _log_row(
-    metrics: StepCsv,
-    rank_metrics: StepCsv,
-    step: int,
-    epoch: int,
-    loss: float,
-    lr: float,
-    image_size: int,
-    strength: float,
-    per_rank: torch.Tensor,
-) -> None:
-    """One metrics.csv row and one rank_metrics.csv row per rank; ``per_rank`` rows are
-    (images, wall seconds, data-wait seconds, compute seconds) of each rank's window."""
-    images, wall, wait, compute = (per_rank[:, i] for i in range(4))
-    wall = wall.clamp_min(1e-9)
-    rates = images / wall
-    metrics.append(
-        [
-            step,
-            epoch,
-            f"{loss:.6f}",
-            f"{lr:.6g}",
-            image_size,
-            f"{strength:.3f}",
-            f"{float(images.sum() / wall.max()):.1f}",
-            f"{float(rates.min()):.1f}",
-            f"{float((wait / wall).max()):.3f}",
-        ]
-    )
-    for r in range(per_rank.shape[0]):
-        rank_metrics.append([step, r, f"{float(rates[r]):.1f}", f"{float(wait[r]):.4f}", f"{float(compute[r]):.4f}"])
