@@ -7,7 +7,7 @@ a local multi-process run and a multi-node SLURM run. It never imports submitit 
 Run directory (``cfg.out``): ``config.yaml``; ``checkpoint.pt``, written atomically every
 ``checkpoint_every`` steps, at the end, and when the scheduler signals (``preemption``); the
 logs of ``sept.training.run_logs``; ``summary.json`` and ``encoder.pt`` at the end; and, for
-DetCon on data without masks, ``masked-shards/`` (``sept.data.masks``).
+DetCon on data without masks, ``masked-shards/`` (``sept.training.run_data``).
 
 A checkpoint holds the model and optimizer, the step, every rank's position in the data
 (``batching.EpochState``) and the list of attempts (each start or resume, with its SLURM job id
@@ -34,29 +34,21 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sept.data.shards import list_shards
-from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
 from sept.training import distributed
 from sept.training.acceleration import AccelerationPlan
-from sept.training.augment import ViewAugment
 from sept.training.batching import EpochState, TrainBatch
 from sept.training.checkpoint import Checkpointer
 from sept.training.config import PretrainConfig, save_resolved_config
 from sept.training.encoder import build_backbone
 from sept.training.finalize import finalize_run
-from sept.training.loader import PretrainStream
-from sept.training.methods import build_method, needs_masks
+from sept.training.methods import build_method
 from sept.training.optim import apply_learning_rate, make_optimizer
 from sept.training.preemption import StopRequests, signal_of_code
+from sept.training.run_data import open_stream
 from sept.training.run_logs import RunLogs
-from sept.training.shard_assignment import count_shard_samples
 
 log = logging.getLogger(__name__)
-
-MASKED_SHARDS_DIRNAME = "masked-shards"
-_MASKS_PER_PROCESS_START = 1000
-"""Below this many images a rank segments them in its own process (a process pool starts in seconds)."""
 
 
 def _device(cfg: PretrainConfig, info: distributed.DistInfo) -> torch.device:
@@ -99,38 +91,6 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda"
-
-
-def _shard_counts(cfg: PretrainConfig, shards: list[str], is_main: bool) -> list[int]:
-    if cfg.num_samples is not None and len(shards) == 1:
-        return [cfg.num_samples]
-    # One rank counts, so a pool is not read world_size times over before training starts.
-    counts = [count_shard_samples(s) for s in shards] if is_main else None
-    return distributed.broadcast_object(counts)
-
-
-def _prepare_masks(cfg: PretrainConfig, shards: list[str], run_dir: str, info: distributed.DistInfo) -> list[str]:
-    """The shards with segmentation masks: ``shards`` if they carry them, else masked copies in
-    the run directory, computed by every rank for its share of the shards, then shared."""
-    from sept.data.masks import add_masks, has_masks
-
-    if has_masks(shards):
-        return shards
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, cores // max(1, distributed.get_local_world_size()))
-    mine = sum(count_shard_samples(s) for s in shards[info.rank :: info.world_size])
-    if mine < _MASKS_PER_PROCESS_START:
-        workers = 0  # starting processes would cost more than segmenting these few images here
-    out_dir = os.path.join(run_dir, MASKED_SHARDS_DIRNAME)
-    log.info("rank %d computing Felzenszwalb masks for its share of %d shards into %s", info.rank, len(shards), out_dir)
-    masked = add_masks(shards, out_dir, workers=workers, rank=info.rank, world_size=info.world_size)
-    distributed.barrier()
-    missing = [p for p in masked if not os.path.exists(p)]
-    if missing:
-        raise SeptError(
-            f"masked shard {missing[0]} is missing: the run directory must be on a file system every node shares"
-        )
-    return masked
 
 
 def train(
@@ -185,35 +145,8 @@ def _train(
     if is_main:
         save_resolved_config(cfg, run_dir)
 
-    keys = None
-    if is_task_data(cfg.data):  # one task's subset of a selection's shared shards
-        subset = open_task_data(cfg.data)
-        shards, keys = list(subset.shards), [subset.keys[s] for s in subset.shards]
-        log.info(
-            "task %s: %d samples in %d shared shards of %s", subset.task, len(subset), len(shards), subset.selection_dir
-        )
-    else:
-        shards = list_shards(cfg.data)
-    if needs_masks(cfg.method):
-        shards = _prepare_masks(cfg, shards, run_dir, info)
     plan = AccelerationPlan.from_config(cfg)
-    stream = PretrainStream(
-        shards,
-        augment=ViewAugment(cfg.image_size, cfg.color_jitter, min_scale=cfg.crop_min_scale),
-        batch_size=cfg.batch_size,
-        rank=rank,
-        world_size=world,
-        seed=cfg.seed,
-        shard_counts=None if keys is not None else _shard_counts(cfg, shards, is_main),  # keys give the counts
-        keys=keys,
-        max_samples=cfg.max_samples,
-        num_workers=cfg.num_workers,
-        plan=plan,
-        num_masks=cfg.num_masks if needs_masks(cfg.method) else 0,
-        pin_memory=on_gpu,
-        cache_bytes=cfg.cache_mb << 20,
-        run_ahead=0 if cfg.num_workers else cfg.run_ahead,
-    )
+    stream, shards = open_stream(cfg, info, run_dir, plan, pin_memory=on_gpu)
     batches_per_epoch = stream.batches_per_epoch
     workers = stream.logical_workers()
 
