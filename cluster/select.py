@@ -378,7 +378,9 @@ class SelectionRun:
                 cluster_probes=plan.probes,
                 cluster_members=plan.members,
             )
-        records = task_records(t, choice, neighbours, leaked, settings=_settings(cfg), extra=extra)
+        records = task_records(
+            t, choice, neighbours, leaked, settings=_task_config(cfg, t.spec, self.n_clusters), extra=extra
+        )
         folder.write_task_records(
             self.out,
             name,
@@ -400,19 +402,6 @@ class SelectionRun:
 def _topk_share(cfg: SelectConfig) -> float | None:
     """The share of the budget given to top scores: a setting of the instance strategy only."""
     return cfg.topk_share if cfg.strategy == "instance" else None
-
-
-def _settings(cfg: SelectConfig) -> dict:
-    """The run's choice settings as a task's summary records them."""
-    return dict(
-        strategy=cfg.strategy,
-        balance=cfg.balance,
-        topk_share=_topk_share(cfg),
-        min_similarity=cfg.min_similarity,
-        near_dup_threshold=cfg.near_dup_threshold,
-        leakage_guard=cfg.leakage_guard,
-        leakage_threshold=cfg.leakage_threshold,
-    )
 
 
 def _task_config(cfg: SelectConfig, spec: TaskSpec, n_clusters: int) -> dict:

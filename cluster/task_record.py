@@ -55,7 +55,7 @@ def task_records(
     settings: dict,
     extra: dict,
 ) -> TaskRecords:
-    """The files of a chosen task. ``settings`` holds the run's strategy, balance, topk_share,
+    """The files of a chosen task. ``settings`` is the task's config (task.json): strategy, balance, topk_share,
     min_similarity, near_dup_threshold, leakage_guard and leakage_threshold; ``extra`` goes into
     the summary as it is (the strategy's own figures)."""
     names, classes = t.query_names, t.classes
