@@ -23,6 +23,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from sept.training.job_shape import JobShape
+
 log = logging.getLogger(__name__)
 
 
@@ -69,7 +71,12 @@ def make_corpus(workdir: str, cfg: DemoConfig | None = None):
 
 
 def run_demo(
-    workdir: str, *, executor: str = "local", ray_address: str | None = None, cfg: DemoConfig | None = None
+    workdir: str,
+    *,
+    executor: str = "local",
+    ray_address: str | None = None,
+    cfg: DemoConfig | None = None,
+    job: JobShape | None = None,
 ) -> dict:
     from sept.experiment import ExperimentConfig, format_results, run_experiment
 
@@ -96,7 +103,8 @@ def run_demo(
             ray_address=ray_address,
             truth=corpus.truth_path,
             truth_label=corpus.target_domain,
-        )
+        ),
+        job=job,
     )
     from sept.index.eval import EvalConfig, evaluate_index, format_eval_table
 

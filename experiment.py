@@ -24,6 +24,7 @@ import numpy as np
 
 from sept.data.selection_folder import MANIFEST, SHARDS_DIR, task_dir
 from sept.io import atomic_write_json, atomic_write_text
+from sept.training.job_shape import JobShape
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +33,63 @@ ARMS = ("selected", "random", "full")
 
 @dataclass
 class ExperimentConfig:
-    pool: str
-    target: str
-    out: str
-    budget_fractions: list[float] = field(default_factory=lambda: [0.1])
-    seeds: int = 3
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
-    encoder: str | None = None  # a checkpoint to retrieve with; None: bootstrap one
+    pool: str = field(metadata={"help": "pool shards: brace pattern, directory or listing file"})
+    target: str = field(metadata={"help": "target task: ImageFolder dir with train/ and val/"})
+    out: str = field(metadata={"help": "experiment directory"})
+    budget_fractions: list[float] = field(
+        default_factory=lambda: [0.1],
+        metadata={
+            "flag": "--budget-fraction",
+            "nargs": "+",
+            "help": "share(s) of the pool to select, e.g. 0.05 0.1 0.2",
+        },
+    )
+    seeds: int = field(default=3, metadata={"help": "seeds per arm and budget"})
+    arms: list[str] = field(
+        default_factory=lambda: list(ARMS),
+        metadata={"nargs": "+", "choices": ARMS, "help": "the arms to pre-train"},
+    )
+    encoder: str | None = field(  # None: bootstrap one
+        default=None, metadata={"help": "retrieval encoder to use instead of bootstrapping one"}
+    )
     bootstrap_samples: int = 2000
-    bootstrap_steps: int = 300
-    pretrain_steps: int = 300
-    batch_size: int = 64
-    method: str = "simclr"
-    preset: str | None = None  # a named set of pre-training settings (sept.training.config.PRESETS), e.g. "fast"
-    pretrain_config: str | None = None  # YAML of PretrainConfig keys for every arm; the flags above win over it
+    bootstrap_steps: int = field(default=300, metadata={"help": "optimizer steps of the bootstrapped encoder"})
+    pretrain_steps: int = field(default=300, metadata={"help": "optimizer steps of every arm"})
+    batch_size: int = field(default=64, metadata={"help": "pre-training batch size of every arm"})
+    method: str = field(
+        default="simclr",
+        metadata={
+            # the names sept.training.config accepts (tests/test_config_cli.py checks they agree)
+            "choices": ("simclr", "moco", "byol", "detcon", "detcon_s", "detcon_b"),
+            "help": "the self-supervised method every arm pre-trains with (default: %(default)s)",
+        },
+    )
+    preset: str | None = field(  # a named set of pre-training settings (sept.training.config.PRESETS)
+        default=None,
+        metadata={"choices": ("fast",), "help": "fast: the acceleration strategies of arXiv 2212.05611 for every arm"},
+    )
+    pretrain_config: str | None = field(  # the flags above win over it
+        default=None,
+        metadata={
+            "metavar": "YAML",
+            "help": "pre-training settings for every arm, as for `sept pretrain --config` (e.g. image_size, "
+            "crop_min_scale, optimizer, lr); steps, batch size, method and seed come from the flags above",
+        },
+    )
     pretrain_settings: dict = field(default_factory=dict)  # PretrainConfig keys for every arm, above the YAML's
     curve_points: int = 4  # kNN measured at this many evenly spaced steps
-    executor: str = "inprocess"  # "local" or "slurm": launch each arm with submitit (no kNN curve)
+    executor: str = field(
+        default="inprocess",
+        metadata={
+            "choices": ("inprocess", "local", "slurm"),
+            "help": "inprocess: arms one after another in this process, kNN tracked over steps (default); "
+            "local: each arm through submitit, one after another; slurm: every arm and seed as one job array",
+        },
+    )
     index_shards: int = 2
     ray_address: str | None = None
-    truth: str | None = None  # JSON {pool key: label}, to report selection precision
-    truth_label: str | None = None
+    truth: str | None = field(default=None, metadata={"help": "JSON {pool key: label} to report selection precision"})
+    truth_label: str | None = field(default=None, metadata={"help": "the label in --truth that the target belongs to"})
 
 
 def _done(path: str) -> dict | None:
@@ -184,13 +221,15 @@ def score_arm(run_dir: str, target: str, summary: dict, images: int, default_ste
 
 
 def pretrain_arms(
-    arms: list[tuple[str, str, int, int]], target: str, cfg: ExperimentConfig, out: str
+    arms: list[tuple[str, str, int, int]], target: str, cfg: ExperimentConfig, out: str, job: JobShape | None = None
 ) -> dict[str, dict]:
     """Pre-train and score every (data, run_dir, seed, images) arm not already done; returns results by run_dir.
 
     In process, the arms run one after another and kNN is tracked over steps. On SLURM, every
     pending arm goes out as one job array (one sbatch), so seeds and arms run side by side as the
-    cluster allows; the local executor runs them one after another through submitit."""
+    cluster allows; the local executor runs them one after another through submitit. ``job``
+    shapes each submitit job (default ``JobShape()``); it is how, not what, so no part of the
+    recorded config."""
     results, pending = {}, []
     for data, run_dir, seed, images in arms:
         if (done := _done(os.path.join(run_dir, "arm.json"))) is not None:
@@ -210,10 +249,13 @@ def pretrain_arms(
     if cfg.executor == "local":
         # On one machine, arms running side by side only fight over its cores: one after the
         # other is faster (benchmarks/RESULTS.md).
-        summaries = [launch_pretrain(pcfg, executor="local") for pcfg, _ in pending]
+        summaries = [launch_pretrain(pcfg, executor="local", shape=job) for pcfg, _ in pending]
     else:
         summaries = launch_pretrain_array(
-            [pcfg for pcfg, _ in pending], log_folder=os.path.join(out, "runs", "submitit"), executor=cfg.executor
+            [pcfg for pcfg, _ in pending],
+            log_folder=os.path.join(out, "runs", "submitit"),
+            executor=cfg.executor,
+            shape=job,
         )
     wall = time.time() - t0
     for (pcfg, images), summary in zip(pending, summaries):
@@ -223,7 +265,7 @@ def pretrain_arms(
     return results
 
 
-def run_experiment(cfg: ExperimentConfig) -> dict:
+def run_experiment(cfg: ExperimentConfig, *, job: JobShape | None = None) -> dict:
     from sept.cluster.embed import EmbedConfig, embed_pool
     from sept.cluster.index_build import IndexConfig, build_index
     from sept.cluster.runtime import ray_session
@@ -323,7 +365,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                         budget,
                     )
     unique = list({run[1]: run for run in planned.values()}.values())
-    trained = pretrain_arms(unique, cfg.target, cfg, out)
+    trained = pretrain_arms(unique, cfg.target, cfg, out, job)
     for (frac, arm, seed), run in planned.items():
         results["fractions"][frac]["arms"].setdefault(arm, []).append(dict(trained[run[1]], seed=seed))
     _write_json(os.path.join(out, "results.json"), results)

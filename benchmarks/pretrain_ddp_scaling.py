@@ -23,6 +23,7 @@ import shutil
 
 from sept.data.demo_corpus import make_demo_corpus
 from sept.training.config import load_config
+from sept.training.job_shape import JobShape
 from sept.training.launcher import launch_pretrain
 
 
@@ -43,7 +44,9 @@ def run(corpus, workdir: str, name: str, nodes: int, args) -> dict:
         ),
     )
     summary = launch_pretrain(
-        cfg, executor="slurm", nodes=nodes, tasks_per_node=1, partition=args.partition, cpus_per_task=1, time_min=20
+        cfg,
+        executor="slurm",
+        shape=JobShape(nodes=nodes, tasks_per_node=1, partition=args.partition, cpus_per_task=1, time_min=20),
     )
     print(
         f"  {name}: {nodes} rank(s) on {sorted({r['hostname'] + '/' + str(r['slurm_nodeid']) for r in summary['ranks']})}"

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -36,17 +36,34 @@ MAX_ATTEMPTS = 3
 
 @dataclass
 class EmbedConfig:
-    pool: str
-    encoder: str
-    out: str
+    pool: str = field(metadata={"help": "pool shards: brace pattern, directory or listing file"})
+    encoder: str = field(metadata={"help": "sept encoder checkpoint or torchvision state dict"})
+    out: str = field(metadata={"help": "embeddings store to write (EMB.zarr)"})
     ray_address: str | None = None
-    workers: int = 2
-    batch_size: int = 256
-    threads_per_worker: int = 1  # torch threads, and the CPUs each actor reserves
-    decode_threads: int = 2  # image decoding threads per actor, running beside the model
-    num_gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
-    max_bad_fraction: float = 0.01
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = field(default=2, metadata={"help": "embedding actors"})
+    batch_size: int = field(default=256, metadata={"help": "images per batch of an actor"})
+    threads_per_worker: int = field(default=1, metadata={"help": "torch threads (and CPUs) per actor"})
+    decode_threads: int = field(
+        default=2, metadata={"help": "image decoding threads per actor, running beside the model"}
+    )
+    num_gpus_per_worker: float | None = field(
+        default=None,
+        metadata={
+            "help": "GPUs each actor reserves (default: 1 if the Ray cluster has GPUs, else 0); "
+            "a GPU requested but not usable is an error, never a silent CPU run"
+        },
+    )
+    max_bad_fraction: float = field(
+        default=0.01,
+        metadata={
+            "help": "end non-zero when more than this fraction of samples is bad (default: %(default)s); "
+            "bad samples are listed in EMB.zarr/quarantine.jsonl"
+        },
+    )
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata={"help": "refuse images above this many pixels, before decoding them (decompression bombs)"},
+    )
     max_attempts: int = MAX_ATTEMPTS
 
 

@@ -32,13 +32,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class IndexConfig:
-    embeddings: str
+    embeddings: str = field(metadata={"help": "embeddings store from `sept embed`"})
     out: str
     spec: IndexSpec = field(default_factory=IndexSpec)
     ray_address: str | None = None
-    memory_budget: int | None = None  # bytes the finished index may take in memory; guides the factory
-    add: bool = False  # encode only pool shards embedded since the index was built
-    allow_partial: bool = False  # index the complete shards of a store that has incomplete ones
+    memory_budget: int | None = field(  # bytes; the command line takes a size (sept.index.spec.parse_bytes)
+        default=None,
+        metadata={
+            "type": str,
+            "metavar": "SIZE",
+            "help": "memory the finished index may take, e.g. 16G or 512M; guides the choice of factory",
+        },
+    )
+    add: bool = field(default=False, metadata={"help": "encode only pool shards embedded since the index was built"})
+    allow_partial: bool = field(
+        default=False,
+        metadata={"help": "index the complete shards of an embeddings store that has incomplete ones"},
+    )
     batch_rows: int = CHUNK_ROWS  # embeddings rows an encoding task holds at once
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from sept.errors import SeptError
 from sept.index.spec import choose_factory
@@ -58,14 +58,21 @@ class Profile:
 
 @dataclass
 class PlanInputs:
-    images: int
-    dim: int
-    devices: int  # GPUs in all (or CPU nodes when the profile is a CPU one)
-    nodes: int
-    memory_per_node_gib: float = 256.0
-    budget_fraction: float = 0.1
-    queries: int = 10_000
-    pretrain_epochs: float = 100.0
+    # sept plan asks for images and devices unless it only calibrates, so they are optional there
+    images: int = field(metadata={"required": False, "help": "pool size"})
+    devices: int = field(  # GPUs in all (or CPU nodes when the profile is a CPU one)
+        metadata={"flag": "--gpus", "required": False, "help": "GPUs in all (CPU nodes for a CPU profile)"}
+    )
+    dim: int = field(default=256, metadata={"help": "embedding dimension"})
+    nodes: int = field(default=1, metadata={"help": "nodes in all"})
+    memory_per_node_gib: float = field(
+        default=256.0, metadata={"flag": "--memory-per-node", "help": "GiB of RAM per node"}
+    )
+    budget_fraction: float = field(default=0.1, metadata={"help": "share of the pool selected"})
+    queries: int = field(default=10_000, metadata={"help": "target images that query the index"})
+    pretrain_epochs: float = field(
+        default=100.0, metadata={"flag": "--epochs", "help": "pre-training epochs over the selection"}
+    )
     index_memory_fraction: float = 0.5  # of a node's memory that one searcher may use for its shards
 
 

@@ -51,14 +51,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ReportConfig:
-    selection: str
-    out: str
-    tasks: list[str] = field(default_factory=list)  # default: every task of the selection
-    truth: str | None = None
-    domain: str | list[str] | None = None  # "DOMAIN" for every task, or "TASK=DOMAIN" entries
-    samples: int = 8  # target images per contact sheet
-    top: int = 8  # pool images per target image
-    seed: int = 0
+    selection: str = field(metadata={"help": "selection directory from `sept select`"})
+    out: str = field(metadata={"help": "report directory to write (index.html and PNGs)"})
+    tasks: list[str] = field(
+        default_factory=list, metadata={"flag": "--task", "help": "task to show (repeatable; default: all)"}
+    )
+    truth: str | None = field(default=None, metadata={"help": "JSON {pool key: domain}, to measure precision"})
+    domain: str | list[str] | None = field(  # "DOMAIN" for every task, or "TASK=DOMAIN" entries
+        default_factory=list,
+        metadata={
+            "help": "the domain of --truth that counts as relevant: DOMAIN for every task, or TASK=DOMAIN (repeatable)"
+        },
+    )
+    samples: int = field(default=8, metadata={"help": "target images per contact sheet"})
+    top: int = field(default=8, metadata={"help": "retrieved images shown per target image"})
+    seed: int = field(default=0, metadata={"help": "which target images are sampled"})
     tile: int = 72  # pixels per image in the contact sheet
 
 

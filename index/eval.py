@@ -32,10 +32,20 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     index: str
     embeddings: str
-    queries: int = 1000
-    k: int = 10
-    nprobes: list[int] = field(default_factory=list)  # empty: powers of two up to min(nlist, 256)
-    target_recall: float = 0.95  # recall@10 the chosen nprobe must reach
+    queries: int = field(default=1000, metadata={"help": "eval: held-out queries"})
+    k: int = field(default=10, metadata={"help": "eval: recall@k"})
+    nprobes: list[int] = field(
+        default_factory=list,
+        metadata={
+            "flag": "--nprobe-sweep",
+            "sep": ",",
+            "help": "eval: comma-separated nprobe values (default: powers of two up to min(nlist, 256))",
+        },
+    )
+    target_recall: float = field(
+        default=0.95,
+        metadata={"help": "eval: the chosen nprobe is the smallest reaching this recall@k (default: %(default)s)"},
+    )
     seed: int = 0
     out: str = ""  # the JSON table; "" means INDEX/eval.json
     batch_rows: int = 65536

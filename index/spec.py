@@ -10,7 +10,7 @@ sub-quantizer covers 4 or more dimensions (there balancing variance across them 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import faiss
 
@@ -30,11 +30,19 @@ MIN_PQ_BYTES = 4
 class IndexSpec:
     """Everything that decides the index's content. Saved in the index store's attributes."""
 
-    factory: str = ""  # any FAISS factory string; "" means: choose from the data (see choose_factory)
-    metric: str = "ip"  # embeddings are L2-normalised, so inner product is cosine similarity
-    shards: int = 2
-    train_size: int = 100_000  # vectors sampled to train the coarse quantizer and PQ
-    nprobe: int = 16
+    factory: str = field(  # "" means: choose from the data (see choose_factory)
+        default="",
+        metadata={
+            "help": "FAISS factory string, e.g. Flat or IVF1024,PQ32 "
+            "(default: chosen from the pool size, the dimension and --memory-budget)"
+        },
+    )
+    metric: str = field(  # embeddings are L2-normalised, so inner product is cosine similarity
+        default="ip", metadata={"choices": tuple(METRICS), "help": "ip: inner product (cosine); l2: L2 distance"}
+    )
+    shards: int = field(default=2, metadata={"help": "index shards"})
+    train_size: int = field(default=100_000, metadata={"help": "vectors sampled to train the coarse quantizer and PQ"})
+    nprobe: int = field(default=16, metadata={"help": "IVF lists probed per query (until `index eval` chooses)"})
     seed: int = 0
 
     def faiss_metric(self) -> int:

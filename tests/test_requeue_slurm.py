@@ -22,6 +22,7 @@ from PIL import Image
 
 from sept.training.acceleration import AccelerationPlan
 from sept.training.config import load_config
+from sept.training.job_shape import JobShape
 from sept.training.launcher import launch_pretrain
 from sept.training.run_logs import read_step_csv, samples_filename
 
@@ -95,7 +96,12 @@ def test_requeued_job_resumes_at_the_saved_step(tmp_path, interruption):
         ),
         preset="fast",
     )
-    info = launch_pretrain(cfg, executor="slurm", nodes=2, tasks_per_node=1, partition="debug", time_min=10, wait=False)
+    info = launch_pretrain(
+        cfg,
+        executor="slurm",
+        shape=JobShape(nodes=2, tasks_per_node=1, partition="debug", time_min=10),
+        wait=False,
+    )
     job_id = info["job_id"]
     deadline = time.monotonic() + DEADLINE_S
     try:

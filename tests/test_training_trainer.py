@@ -19,6 +19,7 @@ from sept.training.acceleration import AccelerationPlan
 from sept.training.bootstrap import bootstrap, sample_pool
 from sept.training.config import load_config
 from sept.training.encoder import load_encoder
+from sept.training.job_shape import JobShape
 from sept.training.launcher import launch_pretrain
 from sept.training.trainer import train
 
@@ -237,7 +238,7 @@ def test_trainer_imports_neither_submitit_nor_ray():
 @pytest.mark.integration
 def test_local_launcher_runs_two_ddp_ranks(pool, tmp_path):
     run = tmp_path / "ddp"
-    summary = launch_pretrain(_cfg(pool, run, steps=3), executor="local", tasks_per_node=2, time_min=5)
+    summary = launch_pretrain(_cfg(pool, run, steps=3), executor="local", shape=JobShape(tasks_per_node=2, time_min=5))
     assert summary["world_size"] == 2
     assert summary["allreduce_check"] == 3
     assert [r["rank"] for r in summary["ranks"]] == [0, 1]

@@ -8,7 +8,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -25,25 +25,40 @@ CONFIG_FILENAME = "config.yaml"
 class PretrainConfig:
     """A self-supervised pre-training run. ``batch_size`` is per rank."""
 
-    data: str = ""
+    data: str = field(
+        default="",
+        metadata={
+            "required": True,
+            "help": "training shards: brace pattern, directory or listing file; or a task of a selection "
+            "(SEL/tasks/TASK), or a selection folder with --task: only the task's samples of the shared shards "
+            "are read",
+        },
+    )
     """Shard spec of the training data (see ``sept.data.shards.list_shards``), or one task's folder
     (or manifest) in a selection, ``SEL/tasks/TASK``: then only that task's samples of the shared
     shards are read (``sept.data.task_subset``)."""
-    out: str = "runs/pretrain"
+    out: str = field(
+        default="runs/pretrain", metadata={"required": True, "help": "run directory (checkpoints, logs, encoder.pt)"}
+    )
     """Run directory: config.yaml, checkpoint.pt, metrics.csv, rank_metrics.csv, summary.json,
     encoder.pt (see ``sept.training.trainer``)."""
-    method: str = "simclr"
+    method: str = field(
+        default="simclr",
+        metadata={
+            # METHODS and their aliases (tests/test_config_cli.py checks they agree)
+            "choices": ("simclr", "moco", "byol", "detcon", "detcon_s", "detcon_b"),
+            "help": "SSL method; detcon = detcon_s (masks are computed into the run directory if the data has none)",
+        },
+    )
     """simclr | moco | byol | detcon_s | detcon_b (``detcon`` is read as detcon_s)."""
     arch: str = "resnet18_small"
     """resnet18_small | resnet18 | resnet34 | resnet50."""
     width: int | None = None
     """Base width of resnet18_small (None: ``encoder.SMALL_RESNET_WIDTH``); not for other archs."""
     image_size: int = 32
-    batch_size: int = 64
-    steps: int = 1000
-    """Total optimizer steps."""
-    lr: float = 0.05
-    """Peak learning rate."""
+    batch_size: int = field(default=64, metadata={"help": "batch size per rank"})
+    steps: int = field(default=1000, metadata={"help": "total optimizer steps"})
+    lr: float = field(default=0.05, metadata={"help": "peak learning rate"})
     warmup_steps: int = 0
     """Linear warm-up steps (of the run; of every cycle under the cyclic schedule)."""
     weight_decay: float = 1e-4
@@ -91,8 +106,9 @@ class PretrainConfig:
     compile: bool = False
     """torch.compile the model (GPU only)."""
     seed: int = 0
-    num_workers: int = 0
-    """Data-loading worker processes per rank (0: load in the training process)."""
+    num_workers: int = field(
+        default=0, metadata={"help": "data-loading worker processes per rank (0: load in the training process)"}
+    )
     cache_mb: int = 1024
     """Per rank, the training data (tar bytes and decoded images) kept in memory up to this many MB,
     so a small training set is read and decoded once, not every epoch (0: off). Only the

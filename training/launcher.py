@@ -3,6 +3,7 @@
 The only module that imports submitit for training (after dinov2's ``run/submit.py``): a
 picklable ``PretrainJob`` wraps the config; each task of the job runs ``trainer.train`` as one
 rank. Many configs (seeds, arms, target tasks) go as one job array (``launch_pretrain_array``).
+The job's size and SLURM placement is a ``JobShape`` (``sept.training.job_shape``).
 
 Preemption and time limits. SLURM jobs are submitted with ``--requeue`` and
 ``--signal=USR2@signal_delay_s``. The trainer turns USR2 (the time-limit warning, or a
@@ -31,10 +32,10 @@ from sept.data.shards import list_shards
 from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
 from sept.training.config import PretrainConfig, save_resolved_config
+from sept.training.job_shape import JobShape
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("local", "slurm")
 SUBMITIT_DIRNAME = "submitit"
 SIGNAL_DELAY_S = 120
 """Seconds between SLURM's USR2 warning and the time limit: room to finish a step and checkpoint."""
@@ -87,49 +88,35 @@ def _failure_reason(report: str) -> str:
 
 
 def _executor(
-    executor: str,
-    log_folder: str,
-    *,
-    nodes: int,
-    gpus_per_node: int,
-    tasks_per_node: int,
-    partition: str | None,
-    time_min: int,
-    account: str | None,
-    qos: str | None,
-    constraint: str | None,
-    cpus_per_task: int,
-    mem_gb: float | None,
-    signal_delay_s: int,
-    name: str,
+    executor: str, log_folder: str, shape: JobShape, *, tasks_per_node: int, signal_delay_s: int, name: str
 ) -> submitit.Executor:
     if executor == "local":
         submitter = submitit.LocalExecutor(folder=log_folder)
         submitter.update_parameters(
-            timeout_min=time_min,
+            timeout_min=shape.time_min,
             nodes=1,
             tasks_per_node=tasks_per_node,
-            gpus_per_node=gpus_per_node,
+            gpus_per_node=shape.gpus_per_node,
             signal_delay_s=signal_delay_s,
         )
         return submitter
     submitter = submitit.AutoExecutor(folder=log_folder, cluster="slurm")
     params: dict[str, Any] = dict(
         name=name,
-        timeout_min=time_min,
-        nodes=nodes,
+        timeout_min=shape.time_min,
+        nodes=shape.nodes,
         tasks_per_node=tasks_per_node,
-        cpus_per_task=cpus_per_task,
+        cpus_per_task=shape.cpus_per_task,
         slurm_signal_delay_s=signal_delay_s,
         slurm_additional_parameters={"requeue": True},  # clusters with JobRequeue=0 need it
     )
     optional = {
-        "gpus_per_node": gpus_per_node or None,  # no GPU request at all on clusters without GRES
-        "slurm_partition": partition,
-        "slurm_account": account,
-        "slurm_qos": qos,
-        "slurm_constraint": constraint,
-        "mem_gb": mem_gb,
+        "gpus_per_node": shape.gpus_per_node or None,  # no GPU request at all on clusters without GRES
+        "slurm_partition": shape.partition,
+        "slurm_account": shape.account,
+        "slurm_qos": shape.qos,
+        "slurm_constraint": shape.constraint,
+        "mem_gb": shape.mem_gb,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     submitter.update_parameters(**params)
@@ -153,24 +140,6 @@ def _prepared(cfg: PretrainConfig, gpus_per_node: int) -> PretrainConfig:
     return cfg
 
 
-def _check_shape(executor: str, nodes: int, gpus_per_node: int, tasks_per_node: int | None) -> int:
-    if executor not in EXECUTORS:
-        raise SeptError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
-    if tasks_per_node is None:
-        tasks_per_node = gpus_per_node if gpus_per_node > 0 else 1
-    if nodes < 1 or tasks_per_node < 1:
-        raise SeptError(
-            f"need at least one node and one task per node, got nodes={nodes} tasks_per_node={tasks_per_node}"
-        )
-    if gpus_per_node > 0 and tasks_per_node != gpus_per_node:
-        raise SeptError(
-            f"one task per GPU: tasks per node ({tasks_per_node}) must equal GPUs per node ({gpus_per_node})"
-        )
-    if executor == "local" and nodes != 1:
-        raise SeptError(f"the local executor runs on one node, got nodes={nodes}")
-    return tasks_per_node
-
-
 def _results(job: submitit.Job, log_folder: str) -> dict[str, Any]:
     try:
         results = job.results()
@@ -185,42 +154,26 @@ def launch_pretrain(
     cfg: PretrainConfig,
     *,
     executor: str = "local",
-    nodes: int = 1,
-    gpus_per_node: int = 0,
-    tasks_per_node: int | None = None,
-    partition: str | None = None,
-    time_min: int = 60,
-    account: str | None = None,
-    qos: str | None = None,
-    constraint: str | None = None,
-    cpus_per_task: int = 1,
-    mem_gb: float | None = None,
+    shape: JobShape | None = None,
     signal_delay_s: int = SIGNAL_DELAY_S,
     wait: bool = True,
 ) -> dict[str, Any]:
-    """Submits ``cfg`` as a job of ``nodes`` x ``tasks_per_node`` ranks (default: one per GPU, or 1).
+    """Submits ``cfg`` as a job shaped by ``shape`` (default ``JobShape()``: one rank on one node).
 
     ``local`` runs the tasks as processes here (one node; DDP over localhost with gloo on CPU);
     ``slurm`` submits with sbatch. submitit's logs and pickles go to ``RUN_DIR/submitit/``.
     With ``wait`` returns rank 0's run summary plus ``job_id`` and ``log_folder``; without, just
     those two and ``run_dir``.
     """
-    tasks_per_node = _check_shape(executor, nodes, gpus_per_node, tasks_per_node)
-    cfg = _prepared(cfg, gpus_per_node)
+    shape = shape or JobShape()
+    tasks_per_node = shape.ranks_per_node(executor)
+    cfg = _prepared(cfg, shape.gpus_per_node)
     log_folder = os.path.join(cfg.out, SUBMITIT_DIRNAME)
     submitter = _executor(
         executor,
         log_folder,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
+        shape,
         tasks_per_node=tasks_per_node,
-        partition=partition,
-        time_min=time_min,
-        account=account,
-        qos=qos,
-        constraint=constraint,
-        cpus_per_task=cpus_per_task,
-        mem_gb=mem_gb,
         signal_delay_s=signal_delay_s,
         name="sept-pretrain",
     )
@@ -229,7 +182,7 @@ def launch_pretrain(
         "submitted %s pre-training job %s (%d x %d ranks); logs in %s",
         executor,
         job.job_id,
-        nodes,
+        shape.nodes,
         tasks_per_node,
         log_folder,
     )
@@ -246,16 +199,7 @@ def launch_pretrain_array(
     *,
     log_folder: str,
     executor: str = "local",
-    nodes: int = 1,
-    gpus_per_node: int = 0,
-    tasks_per_node: int | None = None,
-    partition: str | None = None,
-    time_min: int = 60,
-    account: str | None = None,
-    qos: str | None = None,
-    constraint: str | None = None,
-    cpus_per_task: int = 1,
-    mem_gb: float | None = None,
+    shape: JobShape | None = None,
     signal_delay_s: int = SIGNAL_DELAY_S,
     wait: bool = True,
 ) -> list[dict[str, Any]]:
@@ -267,21 +211,14 @@ def launch_pretrain_array(
     outs = [os.path.abspath(c.out) for c in cfgs]
     if len(set(outs)) != len(outs):
         raise SeptError("every run of a job array needs its own out directory")
-    tasks_per_node = _check_shape(executor, nodes, gpus_per_node, tasks_per_node)
-    prepared = [_prepared(c, gpus_per_node) for c in cfgs]
+    shape = shape or JobShape()
+    tasks_per_node = shape.ranks_per_node(executor)
+    prepared = [_prepared(c, shape.gpus_per_node) for c in cfgs]
     submitter = _executor(
         executor,
         log_folder,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
+        shape,
         tasks_per_node=tasks_per_node,
-        partition=partition,
-        time_min=time_min,
-        account=account,
-        qos=qos,
-        constraint=constraint,
-        cpus_per_task=cpus_per_task,
-        mem_gb=mem_gb,
         signal_delay_s=signal_delay_s,
         name="sept-pretrain-array",
     )
