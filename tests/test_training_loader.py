@@ -3,6 +3,7 @@ fewer shards than ranks), exact resume, skip-and-count of bad samples, progressi
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,15 @@ def test_a_rank_opens_only_the_shards_its_block_touches(tmp_path, monkeypatch):
 def test_header_count_matches_a_full_read(tmp_path):
     shards = make_pool(tmp_path / "pool", [7, 0, 3])
     assert [count_shard_samples(s) for s in shards] == [7, 0, 3]
+
+
+def test_a_compressed_shard_is_counted_by_a_full_read(tmp_path):
+    import gzip
+
+    (plain,) = make_pool(tmp_path / "pool", [5])
+    zipped = tmp_path / "pool" / "zipped.tar.gz"
+    zipped.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    assert count_shard_samples(str(zipped)) == 5
 
 
 def test_ids_name_the_samples(tmp_path):

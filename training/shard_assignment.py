@@ -18,34 +18,34 @@ This module decides and reads; it never decodes (``sept.training.decoding``) nor
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 
 import numpy as np
 
-from sept.data.samples import PoolSample, ShardStats, _split_member_name, iter_samples
+from sept.data.samples import PoolSample, ShardStats, iter_samples
+from sept.data.tar_scan import UnsupportedTar, open_tar, scan_samples
 from sept.errors import SeptError
 from sept.training.decoding import SampleCache
 
 
 def count_shard_samples(path: str) -> int:
-    """Samples in one tar from its member headers alone (data is seeked over, not read); falls
-    back to a full read (``iter_samples``, which also records damage) if the headers are bad."""
+    """Samples in one tar from its member headers alone (``sept.data.tar_scan``: data is seeked
+    over, not read); a tar the scanner does not follow (compressed, damaged, remote) is counted
+    by a full read (``iter_samples``, which also records damage)."""
     try:
-        count, last = 0, None
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _ = _split_member_name(info.name)
-                if key is not None and key != last:
-                    count, last = count + 1, key
-                tar.members = []
-        return count
-    except (tarfile.TarError, OSError, EOFError):
-        with closing(iter_samples(path, ShardStats())) as samples:
-            return sum(1 for _ in samples)
+        buf = open_tar(path)
+    except (UnsupportedTar, OSError, ValueError):
+        buf = None
+    if buf is not None:
+        try:
+            return sum(1 for _ in scan_samples(buf))
+        except UnsupportedTar:
+            pass
+        finally:
+            buf.close()
+    with closing(iter_samples(path, ShardStats())) as samples:
+        return sum(1 for _ in samples)
 
 
 def count_samples(shards: Sequence[str], limit: int | None = None) -> int:
