@@ -8,7 +8,7 @@ A shard that is missing, or whose size or hash differs from what the selection r
 ``SeptError`` naming the shard and the manifest: the subset is never read silently wrong.
 
 For the trainer: ``open_task_data("SEL/tasks/TASK")`` (or the manifest's path) gives the shard
-list and, per shard, the keys to keep.
+list, per shard, the keys to keep, and (``TaskSubset.pool_ids``) each sample's pool id.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ class TaskSubset:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def pool_ids(self) -> dict[tuple[int, str], int]:
+        """(index of a shard in ``shards``, a sample's key) -> that sample's pool id (its manifest
+        ``id``): how a trainer, which numbers samples by its own shard list, names them as the
+        pool and the manifest do."""
+        index = {os.path.basename(path): i for i, path in enumerate(self.shards)}
+        return {(index[row["shard"]], row["key"]): int(row["id"]) for row in self.rows}
 
 
 def load_task_subset(selection_dir: str, task: str, *, verify: str = "hash") -> TaskSubset:

@@ -523,13 +523,20 @@ def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path
     )
     train(cfg, distributed_run=False)
     with open(tmp_path / "run" / "samples-rank0.csv") as f:
-        logged = {int(i) for row in csv.DictReader(f) for i in row["ids"].split()}
-    # Ids are the samples' places in the shared shards (listing index, position), never the pool's.
-    shared_ids = set()
+        logged_rows = list(csv.DictReader(f))
+    logged = [int(i) for row in logged_rows for i in row["ids"].split()]
+    logged_pool = [int(i) for row in logged_rows for i in row["pool_ids"].split()]
+    # Ids are the samples' places in the shared shards (listing index, position), never the pool's;
+    # beside each, its pool id: the manifest's id of that (shared shard, key).
+    place_of = {}
     for index, shard in enumerate(subset.shards):
-        positions = [s.position for s in iter_samples(shard) if s.key in subset.keys[shard]]
-        shared_ids.update(int(i) for i in make_ids(index, positions))
-    assert len(logged) == 24 and logged <= shared_ids
+        for s in iter_samples(shard):
+            if s.key in subset.keys[shard]:
+                place_of[int(make_ids(index, [s.position])[0])] = (os.path.basename(shard), s.key)
+    manifest_id = {(r["shard"], r["key"]): int(r["id"]) for r in _manifest(sel, "gradients")}
+    assert len(set(logged)) == 24 and set(logged) <= set(place_of)
+    assert logged_pool == [manifest_id[place_of[i]] for i in logged]
+    assert set(logged_pool) != set(logged)  # the two id spaces differ here, so the join is tested
 
 
 def _two_tasks_config(world, out: str, ray_cluster, **kwargs):

@@ -147,6 +147,7 @@ def test_fast_preset_follows_its_plan_and_extends_by_more_cycles(pool, tmp_path)
     epochs = {}
     for r in _rows(run / "samples-rank0.csv"):
         epochs.setdefault(int(r["epoch"]), []).extend(r["ids"].split())
+        assert r["pool_ids"] == r["ids"]  # trained on the pool itself, its ids are the pool's
     assert sorted(epochs) == [0, 1] and len(epochs[0]) == len(set(epochs[0])) == 40
     assert len(epochs[1]) == len(set(epochs[1])) == 32
 

@@ -1,6 +1,7 @@
 """The training data of one rank's run: the shards named by ``cfg.data`` (a shard spec, or one
 task's subset of a selection's shared shards), with DetCon's segmentation masks added where the
-method needs them and the shards have none, opened as this rank's ``PretrainStream``.
+method needs them and the shards have none, opened as this rank's ``PretrainStream``, and the
+``PoolIds`` that name its samples as the pool does.
 
 Masked copies go to ``masked-shards/`` in the run directory, each rank segmenting its share of
 the shards (``sept.data.masks``); the run directory must therefore be on a file system every
@@ -11,7 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
+
+from sept.data.identity import split_ids
 from sept.data.shards import list_shards
 from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
@@ -28,6 +34,26 @@ log = logging.getLogger(__name__)
 MASKED_SHARDS_DIRNAME = "masked-shards"
 _MASKS_PER_PROCESS_START = 1000
 """Below this many images a rank segments them in its own process (a process pool starts in seconds)."""
+
+
+@dataclass(frozen=True)
+class PoolIds:
+    """Turns the trainer's sample ids (``make_ids`` of its shard list's index and the position
+    there) into pool ids, so a training log joins the selection's manifest and the embeddings.
+
+    Trained on a pool spec, the trainer's shard list is the pool's listing and its ids are pool
+    ids already (``by_key`` None). Trained on a task subset, its shards are the selection's
+    shared shards, and the pool id comes from the manifest by (shard index, sample key): keys
+    are unique within a shared shard and survive DetCon's masked copies, positions need not.
+    """
+
+    by_key: dict[tuple[int, str], int] | None = None
+
+    def of(self, ids: np.ndarray | Sequence[int], keys: Sequence[str]) -> list[int]:
+        if self.by_key is None:
+            return [int(i) for i in ids]
+        shard_index, _ = split_ids(np.asarray(ids, dtype=np.int64))
+        return [self.by_key[(int(s), k)] for s, k in zip(shard_index, keys, strict=True)]
 
 
 def shard_counts(cfg: PretrainConfig, shards: list[str], is_main: bool) -> list[int]:
@@ -65,12 +91,14 @@ def prepare_masks(cfg: PretrainConfig, shards: list[str], run_dir: str, info: di
 
 def open_stream(
     cfg: PretrainConfig, info: distributed.DistInfo, run_dir: str, plan: AccelerationPlan, *, pin_memory: bool
-) -> tuple[PretrainStream, list[str]]:
-    """This rank's stream over ``cfg.data`` and the shards it reads (masked copies for DetCon)."""
-    keys = None
+) -> tuple[PretrainStream, list[str], PoolIds]:
+    """This rank's stream over ``cfg.data``, the shards it reads (masked copies for DetCon) and
+    the pool ids of their samples."""
+    keys, pool_ids = None, PoolIds()
     if is_task_data(cfg.data):  # one task's subset of a selection's shared shards
         subset = open_task_data(cfg.data)
         shards, keys = list(subset.shards), [subset.keys[s] for s in subset.shards]
+        pool_ids = PoolIds(subset.pool_ids())
         log.info(
             "task %s: %d samples in %d shared shards of %s", subset.task, len(subset), len(shards), subset.selection_dir
         )
@@ -95,4 +123,4 @@ def open_stream(
         cache_bytes=cfg.cache_mb << 20,
         run_ahead=0 if cfg.num_workers else cfg.run_ahead,
     )
-    return stream, shards
+    return stream, shards, pool_ids

@@ -4,8 +4,10 @@
   job, the slowest rank's images/s and the largest fraction of time a rank waited for data.
 * ``rank_metrics.csv`` (rank 0, from every rank): step, rank, images/s, data-wait seconds,
   compute seconds of that rank over the logging window.
-* ``samples-rank{r}.csv`` (each rank, ``sample_log``): step, epoch and the sample ids of the
-  batch it trained on: the audit trail of "every sample once per epoch".
+* ``samples-rank{r}.csv`` (each rank, ``sample_log``): step, epoch, the sample ids of the batch
+  it trained on (the trainer's own numbering, by its shard list: the audit trail of "every
+  sample once per epoch") and their pool ids (``sept.training.run_data.PoolIds``), which join
+  the selection's ``manifest.jsonl`` and the pool's embeddings.
 
 A resumed run first rewrites each log without the rows past its checkpoint's step, which the
 interrupted run logged but will now redo (atomically, so a kill mid-rewrite loses nothing); a
@@ -46,7 +48,7 @@ METRICS_COLUMNS = (
 )
 RANK_METRICS_FILENAME = "rank_metrics.csv"
 RANK_METRICS_COLUMNS = ("step", "rank", "imgs_per_s", "data_wait_s", "compute_s")
-SAMPLES_COLUMNS = ("step", "epoch", "ids")
+SAMPLES_COLUMNS = ("step", "epoch", "ids", "pool_ids")
 
 
 def samples_filename(rank: int) -> str:
@@ -133,10 +135,13 @@ class RunLogs:
             StepCsv(os.path.join(run_dir, samples_filename(rank)), SAMPLES_COLUMNS, resume_step) if sample_log else None
         )
 
-    def trained(self, step: int, epoch: int, ids: torch.Tensor) -> None:
-        """Counts a batch of ``ids`` trained on at ``step`` (and logs its samples, with ``sample_log``)."""
+    def trained(self, step: int, epoch: int, ids: torch.Tensor, pool_ids: Sequence[int]) -> None:
+        """Counts a batch of ``ids`` (pool ids ``pool_ids``) trained on at ``step`` (and logs its
+        samples, with ``sample_log``)."""
         if self.samples is not None:
-            self.samples.append([step, epoch, " ".join(str(int(i)) for i in ids)])
+            self.samples.append(
+                [step, epoch, " ".join(str(int(i)) for i in ids), " ".join(str(int(i)) for i in pool_ids)]
+            )
         self.window.images += len(ids)
 
     def log_step(

@@ -146,7 +146,7 @@ def _train(
         save_resolved_config(cfg, run_dir)
 
     plan = AccelerationPlan.from_config(cfg)
-    stream, shards = open_stream(cfg, info, run_dir, plan, pin_memory=on_gpu)
+    stream, shards, pool_ids = open_stream(cfg, info, run_dir, plan, pin_memory=on_gpu)
     batches_per_epoch = stream.batches_per_epoch
     workers = stream.logical_workers()
 
@@ -232,7 +232,7 @@ def _train(
             progress.epoch_state.advance(batch)
             stream.record(batch)
             last_batch = batch
-            logs.trained(step, progress.epoch_state.epoch, batch.ids)
+            logs.trained(step, progress.epoch_state.epoch, batch.ids, pool_ids.of(batch.ids.cpu().numpy(), batch.keys))
 
             if step == start_step + 1 or step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = distributed.all_reduce_mean(loss.detach().float().reshape(1).to(collective_device)).item()
