@@ -224,13 +224,14 @@ def _add_select(p: argparse.ArgumentParser) -> None:
     the union of the selections once, as shared WebDataset shards, with one manifest per task. A rerun resumes;
     adding a task later copies only its new samples.
     """
-    from sept.cluster.select import SelectConfig
+    from sept.cluster.select_config import SelectConfig
 
     add_config_arguments(p, SelectConfig, flags=RAY)
 
 
 def _run_select(args: argparse.Namespace) -> object:
-    from sept.cluster.select import SelectConfig, select
+    from sept.cluster.select import select
+    from sept.cluster.select_config import SelectConfig
 
     return select(config_from_args(SelectConfig, args))
 

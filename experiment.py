@@ -269,7 +269,8 @@ def run_experiment(cfg: ExperimentConfig, *, job: JobShape | None = None) -> dic
     from sept.cluster.embed import EmbedConfig, embed_pool
     from sept.cluster.index_build import IndexConfig, build_index
     from sept.cluster.runtime import ray_session
-    from sept.cluster.select import SelectConfig, select
+    from sept.cluster.select import select
+    from sept.cluster.select_config import SelectConfig
     from sept.errors import SeptError
     from sept.index.spec import IndexSpec
     from sept.index.store import IndexStore

@@ -93,7 +93,8 @@ def run(
     from sept.cluster.embed import EmbedConfig, embed_pool
     from sept.cluster.index_build import IndexConfig, build_index
     from sept.cluster.runtime import ray_session
-    from sept.cluster.select import SelectConfig, select
+    from sept.cluster.select import select
+    from sept.cluster.select_config import SelectConfig
     from sept.data import selection_folder as files
     from sept.data.targets import load_target
     from sept.index.embedding_store import EmbeddingStore

@@ -150,7 +150,7 @@ def centred(xb: np.ndarray, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def rule_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarray, budget: int) -> dict[str, Selection]:
     """The selection rules of ``RULES`` (sept's default, per-instance round robin, class-balanced
     round robin, global top-k) on the same features; ids are row indices of ``xb``."""
-    from sept.cluster.select import SelectConfig
+    from sept.cluster.select_config import SelectConfig
     from sept.index.strategies import choose
 
     k = max(neighbours_needed(budget, len(xq), len(xb)), min(len(xb), budget))

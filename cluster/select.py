@@ -26,7 +26,8 @@ import numpy as np
 
 from sept.cluster.materialize import materialize
 from sept.cluster.runtime import ray_session
-from sept.cluster.search import DEFAULT_QUERY_BATCH, SearcherPool, SearchStats, search_index
+from sept.cluster.search import SearcherPool, SearchStats, search_index
+from sept.cluster.select_config import SelectConfig, as_list, check_select_config
 from sept.cluster.task_record import SelectionTask, task_records
 from sept.data import selection_folder as folder
 from sept.data.task_list import TaskSpec, heldout_refs, resolve_tasks
@@ -35,8 +36,6 @@ from sept.index.budget import neighbours_needed
 from sept.index.dedup import NearDuplicateFilter, leaked_ids, to_similarity
 from sept.index.store import IndexStore
 from sept.index.strategies import (
-    BALANCES,
-    STRATEGIES,
     choose,
     choose_by_clusters,
     query_neighbours,
@@ -49,121 +48,6 @@ log = logging.getLogger(__name__)
 
 LEAK_NEIGHBOURS = 32  # first look at each held-out image's 32 nearest pool samples; more if all are close
 NEIGHBOURS_SHOWN = 16  # per target image, in queries.jsonl (what the report shows)
-
-
-@dataclass
-class SelectConfig:
-    index: str = field(metadata={"help": "index store from `sept index`"})
-    encoder: str = field(metadata={"help": "the encoder the index was built with"})
-    target: str | list[str] = field(
-        default_factory=list,
-        metadata={"help": "target task: ImageFolder dir with train/ (and val/, test/); repeat for several tasks"},
-    )
-    budget: int | None = field(default=None, metadata={"help": "pool samples to select per task"})
-    out: str = field(
-        default="", metadata={"help": "selection directory to write (shared by its tasks)", "required": True}
-    )
-    task: str | list[str] = field(
-        default_factory=list,
-        metadata={"help": "task name, one per --target in order (default: the target directory's name)"},
-    )
-    tasks_file: str | None = field(
-        default=None,
-        metadata={
-            "flag": "--tasks",
-            "metavar": "TASKS.yaml",
-            "help": "YAML list of tasks (name, target, budget), instead of or besides --target",
-        },
-    )
-    strategy: str = field(
-        default="instance",
-        metadata={
-            "choices": STRATEGIES,
-            "help": "instance: SEPT's per-instance search, each target image's nearest neighbours in turn "
-            "(default); topk: the top scores only; cluster: k-means on the pool, keep the clusters the "
-            "target falls into",
-        },
-    )
-    # The defaults below were chosen by benchmarks/retrieval_quality.py (see index/strategies.py).
-    balance: str = field(
-        default="class",
-        metadata={
-            "choices": BALANCES,
-            "help": "split the budget evenly over classes (default), each class's share over its images, "
-            "or over target images regardless of class",
-        },
-    )
-    topk_share: float = field(  # of the instance strategy's budget
-        default=0.5,
-        metadata={
-            "help": "with --strategy instance, the fraction of the budget filled by the top scores (per "
-            "class with --balance class), the rest by the round robin over target images (default: "
-            "%(default)s; 0 is SEPT's pure per-instance search). The defaults were chosen by "
-            "benchmarks/retrieval_quality.py"
-        },
-    )
-    min_similarity: float | None = field(default=None, metadata={"help": "never select below this cosine similarity"})
-    near_dup_threshold: float | None = field(
-        default=None,
-        metadata={"help": "keep one of pool images at least this similar to each other (default: off)"},
-    )
-    leakage_guard: bool = field(
-        default=True,
-        metadata={
-            "help": "exclude pool images close to the target's val/test images (default: on; "
-            "--no-leakage-guard turns the guard off)"
-        },
-    )
-    # cosine; distinct images of one class reach ~0.975 with the demo encoder, copies ~0.998
-    leakage_threshold: float = field(
-        default=0.97,
-        metadata={"help": "exclude pool images this similar to a target val/test image (default: %(default)s)"},
-    )
-    clusters: int | None = field(
-        default=None,
-        metadata={"help": "k-means clusters for --strategy cluster (default: sqrt of the pool size)"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the k-means (the other strategies are exact)"})
-    # how, not what: these never change the selection
-    ray_address: str | None = None
-    searchers: int | None = field(
-        default=None,
-        metadata={"help": "searcher actors (default: one per index shard, at most the cluster's CPUs)"},
-    )
-    memory_per_searcher: str | int | None = field(
-        default=None,
-        metadata={
-            "metavar": "SIZE",
-            "help": "memory a searcher may hold, e.g. 8GB; shards that do not fit are searched in waves",
-        },
-    )
-    query_batch: int = field(default=DEFAULT_QUERY_BATCH, metadata={"help": "queries per batch sent to the searchers"})
-
-
-def _as_list(value) -> list[str]:
-    if value is None or value == "":
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _check_options(cfg: SelectConfig) -> None:
-    if cfg.strategy not in STRATEGIES:
-        raise SeptError(f"--strategy {cfg.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
-    if cfg.balance not in BALANCES:
-        raise SeptError(f"--balance {cfg.balance!r} is unknown; use one of {', '.join(BALANCES)}")
-    for name, value in (
-        ("--min-similarity", cfg.min_similarity),
-        ("--near-dup-threshold", cfg.near_dup_threshold),
-        ("--leakage-threshold", cfg.leakage_threshold),
-    ):
-        if value is not None and not -1.0 <= value <= 1.0:
-            raise SeptError(f"{name} {value} is not a cosine similarity in [-1, 1]")
-    if not 0.0 <= cfg.topk_share <= 1.0:
-        raise SeptError(f"--topk-share {cfg.topk_share} is not a fraction in [0, 1]")
-    if cfg.clusters is not None and cfg.clusters < 1:
-        raise SeptError(f"--clusters must be at least 1, got {cfg.clusters}")
-    if not cfg.out:
-        raise SeptError("no --out folder given")
 
 
 def select(cfg: SelectConfig) -> dict:
@@ -233,13 +117,13 @@ class SelectionRun:
         from sept.data.targets import load_target
         from sept.training.encoder import load_encoder
 
-        _check_options(cfg)
+        check_select_config(cfg)
         store = IndexStore.open(cfg.index)
         attrs = store.attrs
         if not attrs.get("complete"):
             raise SeptError(f"index {cfg.index} is incomplete; rerun `sept index`")
         ntotal = int(attrs["ntotal"])
-        specs = resolve_tasks(_as_list(cfg.target), _as_list(cfg.task), cfg.budget, cfg.tasks_file, ntotal=ntotal)
+        specs = resolve_tasks(as_list(cfg.target), as_list(cfg.task), cfg.budget, cfg.tasks_file, ntotal=ntotal)
         encoder = load_encoder(cfg.encoder)
         require_same_encoder(
             attrs,

@@ -98,7 +98,7 @@ def test_index_defaults_are_the_configs():
 
 
 def test_select_defaults_are_the_configs():
-    from sept.cluster.select import SelectConfig
+    from sept.cluster.select_config import SelectConfig
 
     args = parse("select", "--index", "I", "--encoder", "E", "--out", "O")
     assert config_from_args(SelectConfig, args) == SelectConfig(index="I", encoder="E", out="O")

@@ -270,7 +270,8 @@ def test_report_shows_both_tasks_with_their_precision(world, tmp_path):
 
 
 def test_cluster_strategy_with_class_balance_and_near_duplicates(world, ray_cluster, tmp_path):
-    from sept.cluster.select import SelectConfig, select
+    from sept.cluster.select import select
+    from sept.cluster.select_config import SelectConfig
 
     out = str(tmp_path / "sel_cluster")
     summary = select(
@@ -540,7 +541,7 @@ def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path
 
 
 def _two_tasks_config(world, out: str, ray_cluster, **kwargs):
-    from sept.cluster.select import SelectConfig
+    from sept.cluster.select_config import SelectConfig
 
     return SelectConfig(
         index=world["index"],
