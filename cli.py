@@ -146,6 +146,13 @@ def _add_import_encoder(p: argparse.ArgumentParser) -> None:
         default=None,
         help="key prefix to remove, repeatable (default: module. model. backbone. encoder.)",
     )
+    p.add_argument(
+        "--key-map",
+        metavar="FILE",
+        default=None,
+        help="YAML list of ordered regex renames {from: PATTERN, to: REPLACEMENT} for a checkpoint with its own "
+        "key names; applied after --strip-prefix",
+    )
 
 
 def _run_import_encoder(args: argparse.Namespace) -> object:
@@ -153,7 +160,14 @@ def _run_import_encoder(args: argparse.Namespace) -> object:
 
     prefixes = tuple(args.strip_prefix or DEFAULT_PREFIXES)
     out = import_encoder(
-        args.weights, args.arch, args.out, image_size=args.image_size, mean=args.mean, std=args.std, prefixes=prefixes
+        args.weights,
+        args.arch,
+        args.out,
+        image_size=args.image_size,
+        mean=args.mean,
+        std=args.std,
+        prefixes=prefixes,
+        key_map=args.key_map,
     )
     print(f"sept import-encoder: wrote {out}", file=sys.stderr)
     return None

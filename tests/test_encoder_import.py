@@ -1,5 +1,7 @@
 """Bringing your own checkpoint: timm and torchvision state dicts imported into sept encoder files."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,46 @@ def test_a_torchvision_resnet_imports_too(tmp_path):
     torch.save(model.state_dict(), weights)
     bundle = load_encoder(import_encoder(weights, "resnet18", str(tmp_path / "enc.pt")), device="cpu")
     assert bundle.dim == 512 and bundle.image_size == 224 and bundle.extra["dropped_keys"] == ["fc.bias", "fc.weight"]
+
+
+def _own_names(state_dict):
+    """The timm ResNet's keys in a checkpoint's own naming, as lukemelas-style files have."""
+    return {re.sub(r"^conv1\.", "_stem.", k).replace("layer", "_blocks."): v.clone() for k, v in state_dict.items()}
+
+
+def test_a_key_map_renames_a_checkpoints_own_names_onto_the_backbone(timm_model, tmp_path):
+    weights = str(tmp_path / "own.pth")
+    torch.save(_own_names(timm_model.state_dict()), weights)
+    with pytest.raises(
+        SeptError,
+        match=r"own\.pth does not fit timm/resnet10t: .*missing \(first: conv1\.0\.weight, closest in the checkpoint: _stem\.0\.weight\).*--key-map",
+    ):
+        import_encoder(weights, "timm/resnet10t", str(tmp_path / "enc.pt"))
+    key_map = tmp_path / "map.yaml"
+    key_map.write_text("- {from: '^_stem\\.', to: 'conv1.'}\n- {from: '^_blocks\\.(\\d)', to: 'layer\\1'}\n")
+    out = import_encoder(weights, "timm/resnet10t", str(tmp_path / "enc.pt"), image_size=32, key_map=str(key_map))
+    bundle = load_encoder(out, device="cpu")
+    assert bundle.extra["key_map"] == str(key_map) and bundle.extra["dropped_keys"] == ["fc.bias", "fc.weight"]
+    images = _images()
+    batch = torch.stack([bundle.preprocess(im) for im in images])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(
+            timm_model.forward_head(timm_model.forward_features(batch), pre_logits=True), dim=1
+        ).numpy()
+    np.testing.assert_allclose(bundle.embed_images(images), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bad_key_map_names_its_file_and_rule(timm_model, tmp_path):
+    weights = str(tmp_path / "own.pth")
+    torch.save(_own_names(timm_model.state_dict()), weights)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {from: '(', to: x}\n")
+    with pytest.raises(SeptError, match=r"key map .*bad\.yaml: rule 1: '\(' is not a regex"):
+        import_encoder(weights, "timm/resnet10t", str(tmp_path / "enc.pt"), key_map=str(bad))
+    bad.write_text("- {from: a}\n")
+    with pytest.raises(SeptError, match=r"bad\.yaml: rule 1 must have exactly the fields from and to"):
+        import_encoder(weights, "timm/resnet10t", str(tmp_path / "enc.pt"), key_map=str(bad))
+    merging = tmp_path / "merging.yaml"
+    merging.write_text("- {from: '^_stem\\.0\\.', to: '_stem.1.'}\n")
+    with pytest.raises(SeptError, match=r"renames both _stem\.0\.weight and _stem\.1\.weight to _stem\.1\.weight"):
+        import_encoder(weights, "timm/resnet10t", str(tmp_path / "enc.pt"), key_map=str(merging))

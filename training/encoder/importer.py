@@ -9,9 +9,11 @@ features, no classifier) and filled from local weights only: nothing is ever dow
 
 1. read it (``safetensors`` or ``torch.load(weights_only=True)``; a ``state_dict`` or ``model``
    entry holding the tensors is unwrapped);
-2. strip a key prefix that wrappers add (``module.``, ``model.``, ``backbone.``, ``encoder.``);
-3. load it into the backbone: every backbone weight must be present, and the keys the backbone
-   does not have (the classifier head) are dropped and listed in the file's provenance;
+2. strip a key prefix that wrappers add (``module.``, ``model.``, ``backbone.``, ``encoder.``),
+   then rename keys by the ``--key-map`` file, if one is given;
+3. load it into the backbone: every backbone weight must be present with its shape
+   (``key_map.check_fit``), and the keys the backbone does not have (the classifier head) are
+   dropped and listed in the file's provenance;
 4. write the sept encoder with the preprocessing timm records for the model (input size, mean,
    std), or the caller's.
 """
@@ -27,6 +29,7 @@ import torch
 from sept.errors import SeptError, first_line
 from sept.training.encoder.archs import build_backbone
 from sept.training.encoder.bundle import save_encoder
+from sept.training.encoder.key_map import apply_key_map, check_fit, read_key_map
 from sept.training.encoder.preprocess import default_preprocessing
 
 log = logging.getLogger(__name__)
@@ -83,22 +86,19 @@ def import_encoder(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     prefixes: Sequence[str] = DEFAULT_PREFIXES,
+    key_map: str | None = None,
 ) -> str:
-    """Writes the sept encoder file ``out`` from the state dict ``weights`` for ``arch``; returns ``out``."""
+    """Writes the sept encoder file ``out`` from the state dict ``weights`` for ``arch``; returns ``out``.
+
+    ``key_map``: a YAML file of ordered regex renames for a checkpoint with its own key names
+    (``sept.training.encoder.key_map``)."""
     state_dict = strip_prefixes(read_state_dict(weights), prefixes)
+    if key_map is not None:
+        state_dict = apply_key_map(state_dict, read_key_map(key_map))
     model, _ = build_backbone(arch)
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as err:  # shapes differ: another architecture or width
-        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "shapes differ")
-        raise SeptError(f"{weights} does not fit {arch}: {detail}; check --arch") from None
-    if result.missing_keys:
-        shown = ", ".join(result.missing_keys[:3])
-        raise SeptError(
-            f"{weights} does not fit {arch}: {len(result.missing_keys)} of its weights are missing "
-            f"(first: {shown}); check --arch and --strip-prefix"
-        )
-    dropped = sorted(result.unexpected_keys)
+    dropped = check_fit(state_dict, model.state_dict(), source=weights, arch=arch)
+    unused = set(dropped)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in unused})
     if dropped:
         log.info(
             "import: dropped %d keys the backbone has no place for (the classifier): %s",
@@ -113,5 +113,10 @@ def import_encoder(
         image_size=image_size or size,
         mean=mean or default_mean,
         std=std or default_std,
-        extra=dict(source=os.path.abspath(weights), imported=True, dropped_keys=dropped),
+        extra=dict(
+            source=os.path.abspath(weights),
+            imported=True,
+            dropped_keys=dropped,
+            key_map=os.path.abspath(key_map) if key_map else None,
+        ),
     )
