@@ -194,10 +194,14 @@ def run(
         )
     lap("refinements")
 
-    trivial = [r for r in matrix if r["name"].startswith(("colour", "random"))]
-    random_rows = [r for r in trivial if r["name"].startswith("random")]
-    issue_baseline = max(trivial[0]["raw"][DEFAULT_RULE], float(np.mean([r["raw"][DEFAULT_RULE] for r in random_rows])))
-    strict_baseline = max(v for r in trivial for part in ("raw", "centred") for v in r[part].values())
+    # Issue 8's goal compares with the colour histogram and the random networks under sept's rule;
+    # the strict baseline is every trivial feature of the table (the thumbnail too) under any rule.
+    issue_rows = [r for r in matrix if r["name"].startswith(("colour", "random"))]
+    random_rows = [r for r in issue_rows if r["name"].startswith("random")]
+    issue_baseline = max(
+        issue_rows[0]["raw"][DEFAULT_RULE], float(np.mean([r["raw"][DEFAULT_RULE] for r in random_rows]))
+    )
+    strict_baseline, strict_name = strongest_trivial(matrix)
     result = dict(
         pool=len(keys),
         budget=budget,
@@ -209,6 +213,7 @@ def run(
         refinements=refinements,
         issue_baseline=issue_baseline,
         strict_baseline=strict_baseline,
+        strict_name=strict_name,
         goal=GOAL_FACTOR * issue_baseline,
         met=sept_precision >= GOAL_FACTOR * issue_baseline,
         seconds=seconds,
@@ -222,6 +227,18 @@ def run(
         f.write(text + "\n")
     print(text)
     return result
+
+
+def strongest_trivial(matrix: list[dict]) -> tuple[float, str]:
+    """The best precision of any trivial feature (every row but sept's) under any rule and
+    normalisation, and which it is."""
+    return max(
+        (v, f"{r['name']}, {rule} {part}")
+        for r in matrix
+        if not r["name"].startswith("sept")
+        for part in ("raw", "centred")
+        for rule, v in r.get(part, {}).items()
+    )
 
 
 def format_table(result: dict) -> str:
@@ -263,8 +280,9 @@ def format_table(result: dict) -> str:
         f"Goal (issue 8): sept's pipeline >= {GOAL_FACTOR:g} x the best trivial baseline with the same selection rule on "
         f"raw features (colour histogram, or the mean of the random ResNet-18 seeds) = {GOAL_FACTOR:g} x "
         f"{result['issue_baseline']:.3f} = {result['goal']:.3f}: **{'met' if result['met'] else 'NOT met'}**.",
-        f"Stricter: the best trivial feature under any rule and normalisation above scores "
-        f"{result['strict_baseline']:.3f} (sept pipeline / that = {result['sept_pipeline'] / result['strict_baseline']:.2f}).",
+        f"Stricter: the strongest trivial baseline of the table, any feature, rule and normalisation, is "
+        f"{result['strict_name']} at {result['strict_baseline']:.3f} "
+        f"(sept pipeline / that = {result['sept_pipeline'] / result['strict_baseline']:.2f}).",
         "",
         "Selection refinements on sept's embeddings (exact search, same budget, no leakage guard):",
         "",
