@@ -124,3 +124,19 @@ def test_a_bad_key_map_names_its_file_and_rule(timm_model, tmp_path):
     merging.write_text("- {from: '^_stem\\.0\\.', to: '_stem.1.'}\n")
     with pytest.raises(SeptError, match=r"renames both _stem\.0\.weight and _stem\.1\.weight to _stem\.1\.weight"):
         import_encoder(weights, "timm/resnet10t", str(tmp_path / "enc.pt"), key_map=str(merging))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this pickle ran code",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
+    weights = str(tmp_path / "evil.pth")
+    torch.save({"conv1.weight": torch.zeros(1), "hook": _RunsCode()}, weights)
+    with pytest.raises(
+        SeptError, match=r"evil\.pth is refused: unpickling it would build objects other than tensors"
+    ) as err:
+        import_encoder(weights, "resnet18", str(tmp_path / "enc.pt"))
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
+    assert "this pickle ran code" not in capsys.readouterr().out

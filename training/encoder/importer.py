@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -48,6 +49,14 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             obj = load_file(path, device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" not in str(err):  # not a class or function the pickle names: a damaged file
+            raise SeptError(f"cannot read weights {path}: {first_line(err)}") from None
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        raise SeptError(
+            f"{path} is refused: unpickling it would build objects other than tensors (and could run code); "
+            "save its state dict alone, or as .safetensors"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any reader failure is the same user error
         reason = first_line(err)
         raise SeptError(f"cannot read weights {path}: {reason}") from None
