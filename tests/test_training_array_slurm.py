@@ -12,6 +12,7 @@ from PIL import Image
 
 from sept.errors import SeptError
 from sept.training.config import load_config
+from sept.training.job_shape import JobShape
 from sept.training.launcher import launch_pretrain_array
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,10 @@ def test_seeds_run_as_one_job_array(tmp_path):
         for s in (0, 1)
     ]
     results = launch_pretrain_array(
-        cfgs, log_folder=str(tmp_path / "submitit"), executor="slurm", partition="debug", time_min=5
+        cfgs,
+        log_folder=str(tmp_path / "submitit"),
+        executor="slurm",
+        shape=JobShape(partition="debug", time_min=5),
     )
     array_ids = {r["job_id"].split("_")[0] for r in results}
     assert len(array_ids) == 1 and [r["job_id"].split("_")[1] for r in results] == ["0", "1"]
