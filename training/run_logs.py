@@ -26,10 +26,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from sept.io import atomic_write_text
+
+if TYPE_CHECKING:  # run_data opens the loader; the logs need only its id translation
+    from sept.training.run_data import PoolIds
 from sept.training import distributed
 
 log = logging.getLogger(__name__)
@@ -119,8 +123,18 @@ class RunLogs:
     """The CSV logs of one rank of a run in ``run_dir`` (rank 0: metrics and rank metrics; every
     rank with ``sample_log``: its samples), kept to rows up to ``resume_step``."""
 
-    def __init__(self, run_dir: str, rank: int, resume_step: int, *, sample_log: bool, collective_device: torch.device):
+    def __init__(
+        self,
+        run_dir: str,
+        rank: int,
+        resume_step: int,
+        *,
+        sample_log: bool,
+        pool_ids: PoolIds,
+        collective_device: torch.device,
+    ):
         self.is_main = rank == 0
+        self.pool_ids = pool_ids
         self.collective_device = collective_device
         self.window = ThroughputWindow()
         self.metrics = (
@@ -135,10 +149,11 @@ class RunLogs:
             StepCsv(os.path.join(run_dir, samples_filename(rank)), SAMPLES_COLUMNS, resume_step) if sample_log else None
         )
 
-    def trained(self, step: int, epoch: int, ids: torch.Tensor, pool_ids: Sequence[int]) -> None:
-        """Counts a batch of ``ids`` (pool ids ``pool_ids``) trained on at ``step`` (and logs its
-        samples, with ``sample_log``)."""
+    def trained(self, step: int, epoch: int, ids: torch.Tensor, keys: Sequence[str]) -> None:
+        """Counts a batch of ``ids`` (sample ``keys``) trained on at ``step`` (and logs its samples
+        with their pool ids, with ``sample_log``)."""
         if self.samples is not None:
+            pool_ids = self.pool_ids.of(ids.cpu().numpy(), keys)
             self.samples.append(
                 [step, epoch, " ".join(str(int(i)) for i in ids), " ".join(str(int(i)) for i in pool_ids)]
             )

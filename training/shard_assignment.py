@@ -34,16 +34,10 @@ def count_shard_samples(path: str) -> int:
     over, not read); a tar the scanner does not follow (compressed, damaged, remote) is counted
     by a full read (``iter_samples``, which also records damage)."""
     try:
-        buf = open_tar(path)
-    except (UnsupportedTar, OSError, ValueError):
-        buf = None
-    if buf is not None:
-        try:
+        with open_tar(path) as buf:
             return sum(1 for _ in scan_samples(buf))
-        except UnsupportedTar:
-            pass
-        finally:
-            buf.close()
+    except (UnsupportedTar, OSError, ValueError):
+        pass
     with closing(iter_samples(path, ShardStats())) as samples:
         return sum(1 for _ in samples)
 

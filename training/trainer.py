@@ -175,7 +175,9 @@ def _train(
         model = DistributedDataParallel(method, device_ids=[device.index] if on_gpu else None)
     if cfg.compile and on_gpu:
         model = torch.compile(model)
-    logs = RunLogs(run_dir, rank, start_step, sample_log=cfg.sample_log, collective_device=collective_device)
+    logs = RunLogs(
+        run_dir, rank, start_step, sample_log=cfg.sample_log, pool_ids=pool_ids, collective_device=collective_device
+    )
     window = logs.window
 
     def run_step(batch: TrainBatch) -> torch.Tensor:
@@ -232,7 +234,7 @@ def _train(
             progress.epoch_state.advance(batch)
             stream.record(batch)
             last_batch = batch
-            logs.trained(step, progress.epoch_state.epoch, batch.ids, pool_ids.of(batch.ids.cpu().numpy(), batch.keys))
+            logs.trained(step, progress.epoch_state.epoch, batch.ids, batch.keys)
 
             if step == start_step + 1 or step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = distributed.all_reduce_mean(loss.detach().float().reshape(1).to(collective_device)).item()

@@ -106,8 +106,7 @@ def import_encoder(
         state_dict = apply_key_map(state_dict, read_key_map(key_map))
     model, _ = build_backbone(arch)
     dropped = check_fit(state_dict, model.state_dict(), source=weights, arch=arch)
-    unused = set(dropped)
-    model.load_state_dict({k: v for k, v in state_dict.items() if k not in unused})
+    model.load_state_dict(state_dict, strict=False)  # check_fit: only the dropped keys are extra
     if dropped:
         log.info(
             "import: dropped %d keys the backbone has no place for (the classifier): %s",

@@ -11,8 +11,9 @@ the keys as the rules above it left them. Two keys renamed onto one name are ref
 of the two weights would be lost without a word.
 
 ``check_fit`` compares the renamed state dict with the backbone's own names and shapes before
-anything is loaded, and names the first backbone key that is missing (with the checkpoint key
-closest to it among those of its shape, which usually shows the rename that is needed) or the first whose shape differs.
+anything is loaded, and names the first backbone key whose shape differs or that is missing
+(with the checkpoint key closest to it among those of its shape, which usually shows the rename
+that is needed).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sept.errors import SeptError
+from sept.errors import SeptError, first_line
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def read_key_map(path: str) -> list[KeyRename]:
         try:
             rules = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise SeptError(f"key map {path} is not YAML: {str(err).splitlines()[0]}") from None
+            raise SeptError(f"key map {path} is not YAML: {first_line(err)}") from None
     if not isinstance(rules, list):
         raise SeptError(f"key map {path} must be a YAML list of {{from: PATTERN, to: REPLACEMENT}}")
     out = []
