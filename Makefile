@@ -27,7 +27,7 @@ demo: install
 
 # The package's own code (not tests or benchmarks) for pylint's copy-paste check: 6 similar lines
 # or more anywhere in it fail, and no pair is accepted.
-PACKAGE_CODE := cli.py config_cli.py demo.py experiment.py errors.py io.py data index cluster training
+PACKAGE_CODE := cli.py config_cli.py demo.py experiment.py errors.py io.py storage.py data index cluster training
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -7,6 +7,11 @@ rename itself, survive a machine crash, not only a process crash.
 
 One staging-name scheme, ``.{final name}.{8 hex}.tmp`` in the final name's own directory, is used
 for files and folders alike, so ``remove_stale_staging`` can clear what dead writers left.
+
+A final name may also be an object-store URL (``sept.storage``). There is no rename there, so a
+file is staged on local disk and uploaded in one PUT, which an object store makes visible whole
+or not at all; a folder is uploaded file by file with its root ``zarr.json`` last, because that
+file is what every reader of a sept store takes as the mark of a complete group.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
+
+from sept import storage
 
 STAGING_SUFFIX = ".tmp"
 _FILE_MODE = 0o644  # outputs are read by other jobs and users
@@ -26,7 +34,11 @@ _DIR_MODE = 0o755
 
 
 def staging_path(final: str) -> str:
-    """A fresh name beside ``final`` for staging it; its parent directory is created."""
+    """A fresh name beside ``final`` for staging it; its parent directory is created.
+
+    For a URL the staged file lies in a fresh local temporary folder (removed when published)."""
+    if storage.is_url(final):
+        return os.path.join(tempfile.mkdtemp(prefix="sept-stage-"), storage.basename(final))
     directory = os.path.dirname(os.path.abspath(final))
     os.makedirs(directory, exist_ok=True)
     return os.path.join(directory, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}{STAGING_SUFFIX}")
@@ -58,7 +70,20 @@ def fsync_tree(root: str) -> None:
         fsync_dir(dirpath)
 
 
+def _discard(staged: str, final: str) -> None:
+    if storage.is_url(final):
+        shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
+    elif os.path.exists(staged):
+        os.unlink(staged)
+
+
 def _publish(staged: str, final: str) -> None:
+    if storage.is_url(final):
+        try:
+            storage.put_file(staged, final)
+        finally:
+            shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
+        return
     os.replace(staged, final)
     fsync_dir(os.path.dirname(os.path.abspath(final)))
 
@@ -82,8 +107,7 @@ def atomic_file(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
         os.chmod(tmp, _FILE_MODE)
         _publish(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp, path)
         raise
 
 
@@ -104,8 +128,7 @@ def atomic_target(path: str) -> Iterator[str]:
         os.chmod(tmp, _FILE_MODE)
         _publish(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp, path)
         raise
 
 
@@ -159,13 +182,35 @@ def staging_dir(final: str) -> str:
     return tmp
 
 
+COMMIT_FILE = "zarr.json"
+"""The file of a published folder that is uploaded last to an object store: readers trust it."""
+
+
+def _publish_dir_to_url(staged: str, final: str, replace: bool) -> bool:
+    try:
+        if storage.exists(storage.join(final, COMMIT_FILE)):
+            if not replace:
+                return False
+            storage.remove_tree(final)
+        files = [os.path.relpath(os.path.join(d, n), staged) for d, _, names in os.walk(staged) for n in names]
+        # Deepest first, the root's commit file last: a reader that sees it sees everything.
+        for rel in sorted(files, key=lambda r: (r == COMMIT_FILE, -r.count(os.sep), r)):
+            storage.put_file(os.path.join(staged, rel), storage.join(final, *rel.split(os.sep)))
+        return True
+    finally:
+        shutil.rmtree(os.path.dirname(staged), ignore_errors=True)  # the local folder staging_path made
+
+
 def publish_dir(staged: str, final: str, *, replace: bool = False) -> bool:
     """Make a staged folder durable and rename it to ``final``; returns whether this call published it.
 
     When ``final`` already exists it is kept and ``staged`` is removed (another attempt at the same
     work finished first), unless ``replace`` is set, in which case the old folder is removed first.
     A rename onto a non-empty folder fails on POSIX, so a race between two writers keeps the first.
+    On an object store, two writers racing may both upload; their bytes are the same work's.
     """
+    if storage.is_url(final):
+        return _publish_dir_to_url(staged, final, replace)
     fsync_tree(staged)
     if os.path.exists(final):
         if not replace:
@@ -186,9 +231,9 @@ def publish_dir(staged: str, final: str, *, replace: bool = False) -> bool:
 def remove_stale_staging(directory: str) -> int:
     """Delete the staged files and folders that dead writers left in ``directory``; returns how many.
 
-    Call only while no writer is staging into ``directory``.
+    Call only while no writer is staging into ``directory``. Nothing is staged in an object store.
     """
-    if not os.path.isdir(directory):
+    if storage.is_url(directory) or not os.path.isdir(directory):
         return 0
     stale = [name for name in os.listdir(directory) if is_staging_name(name)]
     for name in stale:

@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
+from sept import storage
 from sept.cluster.runtime import ray_session
 from sept.data.decode import DEFAULT_MAX_PIXELS
 from sept.data.embed_shard import BAD_KINDS
@@ -137,7 +138,7 @@ def embed_pool(cfg: EmbedConfig) -> dict:
     from sept.training.encoder import load_encoder
 
     # Ray workers may run in another working directory: hand them absolute paths.
-    cfg = replace(cfg, encoder=os.path.abspath(cfg.encoder), out=os.path.abspath(cfg.out))
+    cfg = replace(cfg, encoder=storage.resolve(cfg.encoder), out=storage.resolve(cfg.out))
     if not 0 <= cfg.max_bad_fraction <= 1:
         raise SeptError(f"--max-bad-fraction must lie in [0, 1], got {cfg.max_bad_fraction}")
     if cfg.workers < 1 or cfg.batch_size < 1:

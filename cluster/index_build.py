@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
+from sept import storage
 from sept.cluster.runtime import ray_session
 from sept.errors import SeptError
 from sept.index.codes import ShardEncoder, train_index
@@ -110,7 +110,7 @@ def build_index(cfg: IndexConfig) -> dict:
         raise SeptError(f"{cfg.embeddings} holds no vectors")
     if missing:
         log.warning("index: --allow-partial: leaving out %d incomplete shard(s) of %s", len(missing), cfg.embeddings)
-    exists = os.path.exists(os.path.join(cfg.out, "zarr.json"))
+    exists = storage.exists(storage.join(cfg.out, "zarr.json"))
     if cfg.add:
         if not exists:
             raise SeptError(f"--add needs an existing index at {cfg.out}; build it first without --add")
@@ -137,7 +137,7 @@ def build_index(cfg: IndexConfig) -> dict:
     if added is not None:
         summary["added"] = added
     _write_json(
-        os.path.join(store.path, "config.json"), dict(config=dict(asdict(cfg), spec=attrs["spec"]), summary=summary)
+        storage.join(store.path, "config.json"), dict(config=dict(asdict(cfg), spec=attrs["spec"]), summary=summary)
     )
     return summary
 
@@ -165,9 +165,9 @@ def _open_or_create(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int
     n, dim = sum(counts.values()), emb.dim
     metric = spec.faiss_metric()
     fingerprint = _fingerprint(emb.encoder.identity, emb.pool, counts)
-    if os.path.exists(os.path.join(cfg.out, "zarr.json")):
+    if storage.exists(storage.join(cfg.out, "zarr.json")):
         return _reopen(cfg, emb, counts, fingerprint)
-    if os.path.exists(cfg.out) and os.listdir(cfg.out):
+    if storage.listdir(cfg.out):
         raise SeptError(f"{cfg.out} exists and is not a sept index; choose another --out")
     factory, why = _resolve_factory(cfg, n, dim)
     index = make_index(factory, dim, metric)  # fails fast on a bad factory string, before any work

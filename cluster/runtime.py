@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import ray
 
+from sept import storage
+
 log = logging.getLogger(__name__)
 
 LOCAL_NODE_IP = "127.0.0.2"
@@ -25,7 +27,12 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     if ray.is_initialized():
         yield
         return
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    # Workers open the same object-store URLs as the driver, so they get its credentials and endpoints.
+    kwargs = dict(
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        runtime_env={"env_vars": storage.forwarded_environment()},
+    )
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, **kwargs)

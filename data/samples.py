@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from sept import storage
 from sept.errors import SeptError
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def iter_samples(path: str, stats: ShardStats | None = None) -> Iterator[PoolSam
     entry), otherwise ``TruncatedShard`` is raised.
     """
     try:
-        raw = open(path, "rb")
+        raw = storage.open_file(path, "rb")
     except FileNotFoundError:
         raise SeptError(f"pool shard not found: {path}") from None
     except OSError as err:
@@ -174,10 +175,12 @@ def _truncated_at_open(err: Exception, raw) -> bool:
     """Whether tarfile failed on the first header because the file ends there (not another format)."""
     if "empty file" in str(err) or "truncated header" in str(err):
         return True
+    size = getattr(raw, "size", None)  # an fsspec file knows its size; it has no descriptor
     try:
-        return os.fstat(raw.fileno()).st_size < tarfile.BLOCKSIZE
+        size = os.fstat(raw.fileno()).st_size if size is None else size
     except OSError:
         return False
+    return size < tarfile.BLOCKSIZE
 
 
 def _split_member_name(name: str) -> tuple[str | None, str]:

@@ -166,10 +166,47 @@ def _members(buf) -> Iterator[tuple[str, bytes, int, int, int, int]]:
         offset = end
 
 
+class RangeReader:
+    """A remote tar as a sliceable buffer: each slice is a ranged read through an fsspec file,
+    whose read-ahead cache turns the walk over adjacent headers into few large requests."""
+
+    def __init__(self, path: str):
+        from sept import storage
+
+        self._file = storage.open_file(path, "rb", cache_type="readahead", block_size=8 << 20)
+        self._size = int(self._file.size)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, span: slice) -> bytes:
+        start, stop, _ = span.indices(self._size)
+        self._file.seek(start)
+        return self._file.read(max(0, stop - start))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def open_tar(path: str):
-    """The tar's bytes, memory-mapped (pages are read only where headers or wanted data are)."""
+    """The tar's bytes, memory-mapped (pages are read only where headers or wanted data are), or
+    for a URL a ``RangeReader``; either is closed by ``with`` or ``close()``."""
     import mmap
 
+    from sept import storage
+
+    if storage.is_url(path):
+        reader = RangeReader(path)
+        if not len(reader):
+            reader.close()
+            raise UnsupportedTar("empty file")
+        return reader
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise UnsupportedTar("empty file")

@@ -14,20 +14,22 @@ Layout (docs/zarr-layout.md)::
       quarantine.jsonl          every bad sample of the complete shards: shard, key, kind, reason
 
 A shard group is written under a temporary name and renamed into place once its data is on disk,
-so a shard group that exists is complete: that rename is the whole resume story. Writers of
+so a shard group that exists is complete: that rename is the whole resume story. In an object
+store (``sept.storage``) the group is uploaded with its ``zarr.json`` last, and a group counts as
+existing only once that file does. Writers of
 different shards never touch the same files, so any number of processes can write at once.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
+from sept import storage
 from sept.errors import SeptError
 from sept.io import atomic_file, publish_dir, remove_stale_staging, staging_dir
 
@@ -58,17 +60,17 @@ class EncoderIdentity:
 
 
 class EmbeddingStore:
-    """Read and write access to one embeddings store on a local or shared filesystem."""
+    """Read and write access to one embeddings store on a local or shared filesystem, or a URL."""
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        self.path = storage.resolve(path)
 
     # ---- creation -------------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, path: str, *, encoder: EncoderIdentity, pool: list[str]) -> EmbeddingStore:
         """Create the store, or reopen it for the same encoder. The pool may have grown since."""
         store = cls(path)
-        if os.path.exists(os.path.join(store.path, "zarr.json")):
+        if storage.exists(storage.join(store.path, "zarr.json")):
             attrs = store.attrs
             if attrs.get("kind") != KIND:
                 raise SeptError(f"{path} exists and is not a sept embeddings store; choose another --out")
@@ -83,12 +85,12 @@ class EmbeddingStore:
                     f"{path} was embedded from a different pool listing; shard indices would change "
                     f"(first difference at shard {_first_difference(old_pool, pool)}); choose another --out"
                 )
-            group = zarr.open_group(store.path, mode="r+")
+            group = zarr.open_group(storage.zarr_store(store.path), mode="r+")
             group.attrs["pool"] = list(pool)
             return store
-        if os.path.exists(store.path) and os.listdir(store.path):
+        if storage.listdir(store.path):
             raise SeptError(f"{path} exists and is not a sept embeddings store; choose another --out")
-        group = zarr.open_group(store.path, mode="w")
+        group = zarr.open_group(storage.zarr_store(store.path), mode="w")
         group.require_group("shards")
         group.attrs.update(kind=KIND, dim=encoder.dim, encoder=encoder.to_dict(), pool=list(pool))
         return store
@@ -96,7 +98,7 @@ class EmbeddingStore:
     @classmethod
     def open(cls, path: str) -> EmbeddingStore:
         store = cls(path)
-        if not os.path.exists(os.path.join(store.path, "zarr.json")):
+        if not storage.exists(storage.join(store.path, "zarr.json")):
             raise SeptError(f"embeddings store not found: {path}")
         if store.attrs.get("kind") != KIND:
             raise SeptError(f"not a sept embeddings store: {path}")
@@ -105,7 +107,7 @@ class EmbeddingStore:
     # ---- metadata -------------------------------------------------------------------------
     @property
     def attrs(self) -> dict:
-        with open(os.path.join(self.path, "zarr.json")) as f:
+        with storage.open_file(storage.join(self.path, "zarr.json"), "r") as f:
             return json.load(f).get("attributes", {})
 
     @property
@@ -121,16 +123,23 @@ class EmbeddingStore:
         return list(self.attrs["pool"])
 
     def _shard_dir(self, shard_index: int) -> str:
-        return os.path.join(self.path, "shards", shard_name(shard_index))
+        return storage.join(self.path, "shards", shard_name(shard_index))
 
     def is_complete(self, shard_index: int) -> bool:
-        return os.path.exists(os.path.join(self._shard_dir(shard_index), "zarr.json"))
+        return storage.exists(storage.join(self._shard_dir(shard_index), "zarr.json"))
 
     def complete_shards(self) -> list[int]:
+        if storage.is_url(self.path):  # one listing, not one request per shard
+            done = {
+                storage.basename(storage.dirname(u))
+                for u in storage.glob(storage.join(self.path, "shards", "*", "zarr.json"))
+            }
+            return [i for i in range(len(self.pool)) if shard_name(i) in done]
         return [i for i in range(len(self.pool)) if self.is_complete(i)]
 
     def missing_shards(self) -> list[int]:
-        return [i for i in range(len(self.pool)) if not self.is_complete(i)]
+        done = set(self.complete_shards())
+        return [i for i in range(len(self.pool)) if i not in done]
 
     # ---- data -----------------------------------------------------------------------------
     def write_shard(
@@ -155,11 +164,11 @@ class EmbeddingStore:
 
     def remove_partial_writes(self) -> int:
         """Delete temporary shard groups left by writers that died; call only while none is writing."""
-        return remove_stale_staging(os.path.join(self.path, "shards"))
+        return remove_stale_staging(storage.join(self.path, "shards"))
 
     def set_attrs(self, **values) -> None:
         """Update the root attributes; only the coordinator calls this, never a shard writer."""
-        zarr.open_group(self.path, mode="r+").attrs.update(**values)
+        zarr.open_group(storage.zarr_store(self.path), mode="r+").attrs.update(**values)
 
     def write_quarantine(self) -> dict:
         """Rewrite quarantine.jsonl from the complete shards' reports; returns the counts.
@@ -170,7 +179,7 @@ class EmbeddingStore:
 
         kinds = {kind: 0 for kind in BAD_KINDS}
         samples = bad = 0
-        path = os.path.join(self.path, QUARANTINE)
+        path = storage.join(self.path, QUARANTINE)
         with atomic_file(path, "w") as f:
             for i in self.complete_shards():
                 attrs = self.shard_attrs(i)
@@ -191,14 +200,17 @@ class EmbeddingStore:
         return dict(path=path, samples=samples, bad=bad, kinds=kinds)
 
     def shard_attrs(self, shard_index: int) -> dict:
-        with open(os.path.join(self._shard_dir(shard_index), "zarr.json")) as f:
+        with storage.open_file(storage.join(self._shard_dir(shard_index), "zarr.json"), "r") as f:
             return json.load(f).get("attributes", {})
+
+    def _open_shard(self, shard_index: int) -> zarr.Group:
+        return zarr.open_group(storage.zarr_store(self._shard_dir(shard_index), read_only=True), mode="r")
 
     def read_shard(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
         """(vectors as float32, ids) of one complete shard."""
         if not self.is_complete(shard_index):
             raise SeptError(f"shard {shard_index} ({self.pool[shard_index]}) is not embedded in {self.path}")
-        group = zarr.open_group(self._shard_dir(shard_index), mode="r")
+        group = self._open_shard(shard_index)
         return np.asarray(group["vectors"][...], dtype=np.float32), np.asarray(group["ids"][...])
 
     def shard_count(self, shard_index: int) -> int:
@@ -206,7 +218,7 @@ class EmbeddingStore:
 
     def read_rows(self, shard_index: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(vectors as float32, ids) of rows start:stop of one shard; reads only their chunks."""
-        group = zarr.open_group(self._shard_dir(shard_index), mode="r")
+        group = self._open_shard(shard_index)
         return np.asarray(group["vectors"][start:stop], dtype=np.float32), np.asarray(group["ids"][start:stop])
 
     def iter_batches(
@@ -259,7 +271,7 @@ class EmbeddingStore:
             start += count
             if not len(local):
                 continue
-            group = zarr.open_group(self._shard_dir(i), mode="r")
+            group = self._open_shard(i)
             vectors, ids = group["vectors"], group["ids"]
             rows = vectors.chunks[0]
             for c in np.unique(local // rows):

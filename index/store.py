@@ -16,18 +16,21 @@ Layout (docs/zarr-layout.md)::
       config.json          the resolved config and summary of the last `sept index`
       eval.json            the last `sept index eval` table
 
+The store may live at an object-store URL (``sept.storage``); a shard group counts as present
+once its ``zarr.json``, uploaded last, does.
+
 A non-IVF index (Flat, PQ, ...) is stored as a single list of its standalone codes. A shard
 loads into faiss without re-encoding, and without reading the other shards."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import faiss
 import numpy as np
 import zarr
 
+from sept import storage
 from sept.errors import SeptError
 from sept.io import publish_dir, staging_dir
 
@@ -40,19 +43,19 @@ def shard_name(index_shard: int) -> str:
 
 class IndexStore:
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        self.path = storage.resolve(path)
 
     @classmethod
     def open(cls, path: str) -> IndexStore:
         store = cls(path)
-        if not os.path.exists(os.path.join(store.path, "zarr.json")) or store.attrs.get("kind") != KIND:
+        if not storage.exists(storage.join(store.path, "zarr.json")) or store.attrs.get("kind") != KIND:
             raise SeptError(f"not a sept index store: {path}")
         return store
 
     @classmethod
     def create(cls, path: str, *, trained: faiss.Index, attrs: dict) -> IndexStore:
         store = cls(path)
-        group = zarr.open_group(store.path, mode="w")
+        group = zarr.open_group(storage.zarr_store(store.path), mode="w")
         blob = faiss.serialize_index(trained)
         group.create_array("trained", shape=blob.shape, dtype="uint8", chunks=(max(1, len(blob)),))[...] = blob
         group.require_group("shards")
@@ -61,25 +64,27 @@ class IndexStore:
 
     @property
     def attrs(self) -> dict:
-        with open(os.path.join(self.path, "zarr.json")) as f:
+        with storage.open_file(storage.join(self.path, "zarr.json"), "r") as f:
             return json.load(f).get("attributes", {})
 
     def update_attrs(self, **values) -> None:
-        zarr.open_group(self.path, mode="r+").attrs.update(**values)
+        zarr.open_group(storage.zarr_store(self.path), mode="r+").attrs.update(**values)
 
     @property
     def nshards(self) -> int:
         return len(self.attrs["assignment"])
 
     def trained_index(self) -> faiss.Index:
-        blob = np.asarray(zarr.open_group(self.path, mode="r")["trained"][...], dtype=np.uint8)
+        blob = np.asarray(
+            zarr.open_group(storage.zarr_store(self.path, read_only=True), mode="r")["trained"][...], dtype=np.uint8
+        )
         return faiss.deserialize_index(blob)
 
     def _shard_dir(self, index_shard: int) -> str:
-        return os.path.join(self.path, "shards", shard_name(index_shard))
+        return storage.join(self.path, "shards", shard_name(index_shard))
 
     def is_complete(self, index_shard: int) -> bool:
-        return os.path.exists(os.path.join(self._shard_dir(index_shard), "zarr.json"))
+        return storage.exists(storage.join(self._shard_dir(index_shard), "zarr.json"))
 
     def write_shard(self, index_shard: int, offsets: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> None:
         """Write one index shard under a temporary name, then rename it into place."""
@@ -97,7 +102,7 @@ class IndexStore:
     def read_shard(self, index_shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.is_complete(index_shard):
             raise SeptError(f"index shard {index_shard} is missing from {self.path}")
-        group = zarr.open_group(self._shard_dir(index_shard), mode="r")
+        group = zarr.open_group(storage.zarr_store(self._shard_dir(index_shard), read_only=True), mode="r")
         return (
             np.asarray(group["offsets"][...]),
             np.asarray(group["ids"][...]),
