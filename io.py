@@ -88,6 +88,16 @@ def _publish(staged: str, final: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
+def move_into_place(local: str, final: str) -> None:
+    """Publish a finished, durable local file at ``final``: a rename on disk, one upload (then the
+    local file removed) to a URL. The caller owns the order in which several files appear."""
+    if storage.is_url(final):
+        storage.put_file(local, final)
+        os.unlink(local)
+    else:
+        os.replace(local, final)
+
+
 @contextmanager
 def atomic_file(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """``open(path, mode)`` whose content appears at ``path`` only when the ``with`` body succeeds.
@@ -167,7 +177,7 @@ def file_digest(path: str) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of a file, read in 1 MiB blocks: how a published file is verified."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
             size += len(block)

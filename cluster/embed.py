@@ -3,6 +3,9 @@
 The coordinator hands out shards one at a time from a queue. An actor that dies (or whose node
 leaves the cluster) is replaced and its shard goes back on the queue; a shard that fails
 ``max_attempts`` times is reported by name and the run ends non-zero, every other shard embedded.
+A shard with no result after ``shard_timeout_s`` (a read stalled on NFS or S3) counts as a failed
+attempt: its actor is killed and replaced, and the shard goes to another one, so a hang never
+stalls the run.
 Vectors never travel through Ray: each actor writes its shard's group straight to the store
 (atomically, see sept.index.embedding_store), and a retried shard that was already written is
 dropped, so every sample is embedded exactly once. Bad samples are skipped and counted; more
@@ -33,6 +36,7 @@ from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+SHARD_TIMEOUT_S = 1800.0  # far above a healthy shard's minutes; a stalled read is the only thing that waits this long
 
 
 @dataclass
@@ -65,7 +69,17 @@ class EmbedConfig:
         default=DEFAULT_MAX_PIXELS,
         metadata={"help": "refuse images above this many pixels, before decoding them (decompression bombs)"},
     )
-    max_attempts: int = MAX_ATTEMPTS
+    max_attempts: int = field(
+        default=MAX_ATTEMPTS,
+        metadata={"help": "tries per shard before it is reported as failed (default: %(default)s)"},
+    )
+    shard_timeout_s: float = field(
+        default=SHARD_TIMEOUT_S,
+        metadata={
+            "help": "seconds one shard may take before its actor counts as hung, is replaced, and the shard is "
+            "tried elsewhere (default: %(default)s)"
+        },
+    )
 
 
 @ray.remote(max_restarts=0)
@@ -201,6 +215,7 @@ class _EmbedRun:
         queue = deque(todo)
         attempts = {i: 0 for i in todo}
         inflight: dict = {}  # ref -> (actor, shard); shard None for an actor's setup call
+        started: dict = {}  # ref of a shard call -> when it was handed out
         idle: deque = deque()
         dead: set = set()  # actors already replaced (both their setup and shard calls fail)
         reports, failed = [], {}
@@ -219,11 +234,26 @@ class _EmbedRun:
                 shard = queue.popleft()
                 actor = idle.popleft()
                 attempts[shard] += 1
-                inflight[actor.embed.remote(shard, self.shards[shard])] = (actor, shard)
+                ref = actor.embed.remote(shard, self.shards[shard])
+                inflight[ref] = (actor, shard)
+                started[ref] = time.monotonic()
             if not inflight:
                 raise AssertionError("embed: shards queued but no worker running")
-            done, _ = ray.wait(list(inflight), num_returns=1)
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=self._until_next_deadline(started))
+            if not done:
+                for ref in self._overdue(started):
+                    actor, shard = inflight.pop(ref)
+                    started.pop(ref)
+                    why = f"no result in {self.cfg.shard_timeout_s:g}s (a stalled read?)"
+                    log.warning("embed: shard %s: %s; replacing its worker", self.shards[shard], why)
+                    self._retry_or_fail(shard, attempts, queue, failed, why)
+                    dead.add(actor)
+                    ray.kill(actor)
+                    self.replaced += 1
+                    start_worker()
+                continue
             actor, shard = inflight.pop(done[0])
+            started.pop(done[0], None)
             try:
                 result = ray.get(done[0])
             except RayActorError as exc:  # the actor (or its node) died: replace it, retry its shard
@@ -289,6 +319,15 @@ class _EmbedRun:
             seconds=end - start,
             embed_seconds=end - (self.first_ready or start),
         )
+
+    def _until_next_deadline(self, started: dict) -> float:
+        if not started:
+            return self.cfg.shard_timeout_s
+        return max(0.0, min(started.values()) + self.cfg.shard_timeout_s - time.monotonic())
+
+    def _overdue(self, started: dict) -> list:
+        now = time.monotonic()
+        return [ref for ref, t in started.items() if now - t >= self.cfg.shard_timeout_s]
 
     def _retry_or_fail(self, shard: int, attempts: dict, queue: deque, failed: dict, why: str) -> None:
         if attempts[shard] < self.cfg.max_attempts:

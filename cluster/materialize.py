@@ -10,13 +10,14 @@ deleted before new work starts, so no sample is ever held twice.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import ray
 from ray.exceptions import RayTaskError
 from tqdm import tqdm
 
+from sept import storage
+from sept.cluster.runtime import completed_with_deadline
 from sept.data.identity import split_ids
 from sept.data.selection_folder import CATALOG, discard_unfinished, read_catalog, writer_lock
 from sept.data.shard_copy import MAX_SAMPLES_PER_PART, copy_job, plan_jobs
@@ -25,16 +26,26 @@ from sept.errors import SeptError, first_line, task_cause
 log = logging.getLogger(__name__)
 
 materialize_job = ray.remote(num_cpus=1, max_retries=2)(copy_job)
+JOB_TIMEOUT_S = 1800.0  # a job copies about 60 MB; only a stalled read takes half an hour
+JOB_ATTEMPTS = 3
 
 
-def materialize(ids, pool: list[str], out_dir: str, *, max_per_part: int = MAX_SAMPLES_PER_PART) -> list[dict]:
+def materialize(
+    ids,
+    pool: list[str],
+    out_dir: str,
+    *,
+    max_per_part: int = MAX_SAMPLES_PER_PART,
+    timeout_s: float = JOB_TIMEOUT_S,
+) -> list[dict]:
     """Make sure every sample with these global ids is in the shared shards at ``out_dir``; return their rows.
 
-    Copies only samples not there yet. Rows are sorted by id. Needs a Ray session.
+    Copies only samples not there yet. Rows are sorted by id. Needs a Ray session. A copy job with
+    no result after ``timeout_s`` is retried; after ``JOB_ATTEMPTS`` tries the run stops naming it.
     """
     ids = np.unique(np.asarray(ids, dtype=np.int64))
     with writer_lock(out_dir):
-        os.makedirs(os.path.join(out_dir, CATALOG), exist_ok=True)
+        storage.makedirs(storage.join(out_dir, CATALOG))
         discard_unfinished(out_dir)
         catalog = read_catalog(out_dir)
         new = np.asarray([i for i in ids.tolist() if i not in catalog.rows], dtype=np.int64)
@@ -53,18 +64,21 @@ def materialize(ids, pool: list[str], out_dir: str, *, max_per_part: int = MAX_S
             len(jobs),
         )
         if jobs:
-            refs = [
-                materialize_job.remote(
-                    job, {s: pool[s] for s, _ in job.sources}, os.path.abspath(out_dir), max_per_part
-                )
-                for job in jobs
-            ]
+            target = storage.resolve(out_dir)
+
+            def submit(job):
+                return materialize_job.remote(job, {s: pool[s] for s, _ in job.sources}, target, max_per_part)
+
+            def describe(job) -> str:
+                return f"materialize: copy job {job.name} (from {pool[job.sources[0][0]]})"
+
+            finished = completed_with_deadline(
+                jobs, submit, timeout_s=timeout_s, attempts=JOB_ATTEMPTS, describe=describe
+            )
             with tqdm(total=len(new), desc="materialize", unit="sample", disable=None) as bar:
-                pending = refs
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
+                for _, ref in finished:
                     try:
-                        record = ray.get(done[0])
+                        record = ray.get(ref)
                     except RayTaskError as err:
                         if isinstance(task_cause(err), SeptError):  # bad input (a changed pool shard): one line
                             raise SeptError(first_line(task_cause(err))) from None

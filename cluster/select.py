@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sept import storage
 from sept.cluster.materialize import materialize
 from sept.cluster.runtime import ray_session
 from sept.cluster.search import SearcherPool, SearchStats, search_index
@@ -54,7 +55,7 @@ def select(cfg: SelectConfig) -> dict:
     """Select every task of ``cfg`` into ``cfg.out``; returns a summary per task and of the shards."""
     started = time.time()
     run = SelectionRun.open(cfg)
-    os.makedirs(run.out, exist_ok=True)
+    storage.makedirs(run.out)
     with folder.writer_lock(run.out):
         pending = run.claim()
         union = folder.union_of_choices(run.out, exclude={t.name for t in pending})
@@ -65,7 +66,9 @@ def select(cfg: SelectConfig) -> dict:
                 run.embed_targets(pending)
                 summaries.update(run.choose(pending))
             union = folder.union_of_choices(run.out)
-            materialize(np.asarray(sorted(union), np.int64), run.attrs["pool"], run.shards)
+            materialize(
+                np.asarray(sorted(union), np.int64), run.attrs["pool"], run.shards, timeout_s=cfg.copy_timeout_s
+            )
         catalog = folder.read_catalog(run.shards)
         for name in folder.tasks_in(run.out):
             folder.write_manifest(run.out, name, catalog)
@@ -150,7 +153,7 @@ class SelectionRun:
                     heldout_refs=heldout_refs(spec.target, [ref for ref, _ in target.val]),
                 )
             )
-        return cls(cfg, store, attrs, encoder, tasks, os.path.abspath(cfg.out), n_clusters)
+        return cls(cfg, store, attrs, encoder, tasks, storage.resolve(cfg.out), n_clusters)
 
     @property
     def ntotal(self) -> int:
@@ -370,7 +373,7 @@ def _embeddings(attrs: dict, cfg: SelectConfig):
     from sept.index.embedding_store import EmbeddingStore
 
     path = attrs["embeddings"]["path"]
-    if not os.path.exists(os.path.join(path, "zarr.json")):
+    if not storage.exists(storage.join(path, "zarr.json")):
         why = "--strategy cluster" if cfg.strategy == "cluster" else "--near-dup-threshold"
         raise SeptError(f"{why} reads the pool's embeddings, but the store {path} the index was built from is gone")
     return EmbeddingStore.open(path)

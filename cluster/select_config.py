@@ -101,6 +101,10 @@ class SelectConfig:
         },
     )
     query_batch: int = field(default=DEFAULT_QUERY_BATCH, metadata={"help": "queries per batch sent to the searchers"})
+    copy_timeout_s: float = field(
+        default=1800.0,
+        metadata={"help": "seconds a copy job may take before it counts as stalled and is retried (3 tries)"},
+    )
 
 
 def as_list(value) -> list[str]:

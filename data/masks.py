@@ -132,15 +132,22 @@ def add_masks(
     rank: int = 0,
     world_size: int = 1,
     params: MaskParams = MaskParams(),
+    by_name: bool = False,
 ) -> list[str]:
     """Masked copies of ``shards`` in ``out_dir`` (``masked_shard_path``), in listing order.
+
+    ``by_name``: name each copy by its shard's base name alone, for shards whose names are unique
+    (a selection's shared shards), so runs over other subsets of them find the same copies.
 
     This caller writes the shards at indices ``rank, rank + world_size, ...`` that do not exist
     yet, with ``workers`` processes (0: in this process); the others are left to the other
     ranks (wait for them before reading). Returns every output path.
     """
     os.makedirs(out_dir, exist_ok=True)
-    outputs = [masked_shard_path(out_dir, i, s) for i, s in enumerate(shards)]
+    outputs = [
+        os.path.join(out_dir, os.path.basename(s)) if by_name else masked_shard_path(out_dir, i, s)
+        for i, s in enumerate(shards)
+    ]
     todo = [i for i in range(rank, len(shards), world_size) if not os.path.exists(outputs[i])]
     if not todo:
         return outputs

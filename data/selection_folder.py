@@ -8,12 +8,18 @@ Layout::
     SEL/shards/part-JOB-NNNNNN.tar  the shared shards, each sample copied once (``sept.data.shard_copy``)
     SEL/shards/.catalog/JOB.json    a copy job's done-marker: its rows and every part's size and sha256
     SEL/shards/.lock                held by the one process copying into SEL/shards
+    SEL/masks/part-JOB-NNNNNN.tar   DetCon's segmentation masks: each shared shard with a mask per sample,
+                                    made by the first DetCon run over it (``sept.training.run_data``)
     SEL/tasks/TASK/task.json        the task's resolved config, and its summary once chosen
     SEL/tasks/TASK/choice.jsonl     its chosen samples: id, score, who chose and who retrieved each
     SEL/tasks/TASK/queries.jsonl    per target image: its class and its best chosen neighbours
     SEL/tasks/TASK/leakage.jsonl    pool samples excluded as too close to a held-out image, and to which
     SEL/tasks/TASK/manifest.jsonl   the choice joined with where each sample sits in the shards
     SEL/tasks/TASK/shards.json      size and sha256 of every shared shard the task uses
+
+The folder may be an object-store URL (``s3://bucket/sel``): every file is then staged on local disk
+and uploaded whole (``sept.io``), and the markers below are what readers trust there too, since a
+prefix exists as soon as one object under it does.
 
 Two markers make a run resumable: ``choice.jsonl``, written last when a task is chosen, lets an
 interrupted run skip its search; a job's catalog file, moved into place after its parts, lets it
@@ -25,13 +31,15 @@ reproduces every byte.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
-import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from sept import storage
 from sept.errors import SeptError
 from sept.io import atomic_write_text, is_staging_name
 
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 
 TASKS_DIR = "tasks"
 SHARDS_DIR = "shards"
+MASKS_DIR = "masks"
 CATALOG = ".catalog"
 LOCK_FILE = ".lock"
 PART_PREFIX = "part-"
@@ -54,29 +63,27 @@ KIND = "sept-selection"
 
 
 def task_dir(selection_dir: str, task: str) -> str:
-    return os.path.join(os.path.abspath(selection_dir), TASKS_DIR, task)
+    return storage.join(storage.resolve(selection_dir), TASKS_DIR, task)
 
 
 def shards_dir(selection_dir: str) -> str:
-    return os.path.join(os.path.abspath(selection_dir), SHARDS_DIR)
+    return storage.join(storage.resolve(selection_dir), SHARDS_DIR)
 
 
 def is_selection_dir(path: str) -> bool:
     """Whether ``path`` is a selection folder (``SEL`` with ``SEL/tasks/``), not a task or shards."""
-    return os.path.isdir(os.path.join(path, TASKS_DIR)) and os.path.isdir(os.path.join(path, SHARDS_DIR))
+    return storage.isdir(storage.join(path, TASKS_DIR)) and storage.isdir(storage.join(path, SHARDS_DIR))
 
 
 def list_tasks(selection_dir: str) -> list[str]:
     """Tasks with a manifest in the selection, sorted by name."""
-    root = os.path.join(os.path.abspath(selection_dir), TASKS_DIR)
-    if not os.path.isdir(root):
-        return []
-    return sorted(t for t in os.listdir(root) if os.path.isfile(os.path.join(root, t, MANIFEST)))
+    root = storage.join(storage.resolve(selection_dir), TASKS_DIR)
+    return sorted(t for t in storage.listdir(root) if storage.isfile(storage.join(root, t, MANIFEST)))
 
 
 def read_manifest(selection_dir: str, task: str) -> list[dict]:
-    path = os.path.join(task_dir(selection_dir, task), MANIFEST)
-    if not os.path.isfile(path):
+    path = storage.join(task_dir(selection_dir, task), MANIFEST)
+    if not storage.isfile(path):
         known = list_tasks(selection_dir)
         raise SeptError(f"no manifest for task {task!r} in {selection_dir} (tasks there: {', '.join(known) or 'none'})")
     return read_jsonl(path)
@@ -91,12 +98,12 @@ def write_jsonl(path: str, rows) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
+    with storage.open_file(path, "r") as f:
         return json.load(f)
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
+    with storage.open_file(path, "r") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -106,8 +113,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 def claim_selection(out: str, shared: dict, out_as_given: str) -> None:
     """Make ``out`` a selection folder for this index and encoder, or check that it already is one."""
-    record = os.path.join(out, SELECTION_FILE)
-    if os.path.exists(record):
+    record = storage.join(out, SELECTION_FILE)
+    if storage.exists(record):
         old = read_json(record)
         if old.get("kind") != KIND or old.get("shared") != shared:
             changed = sorted(k for k in shared if (old.get("shared") or {}).get(k) != shared[k])
@@ -116,15 +123,15 @@ def claim_selection(out: str, shared: dict, out_as_given: str) -> None:
                 f"{', '.join(changed) or 'kind'}); choose another --out"
             )
         return
-    if os.path.exists(out) and [n for n in os.listdir(out) if n != LOCK_FILE]:
+    if [n for n in storage.listdir(out) if n != LOCK_FILE]:
         raise SeptError(f"{out_as_given} exists and does not hold a sept selection; choose another --out")
     write_json(record, dict(kind=KIND, shared=shared))
 
 
 def claim_task(out: str, name: str, config: dict, out_as_given: str) -> None:
     """Record a task's config; the same task with another config is refused, never overwritten."""
-    path = os.path.join(task_dir(out, name), TASK_FILE)
-    if os.path.exists(path):
+    path = storage.join(task_dir(out, name), TASK_FILE)
+    if storage.exists(path):
         old = read_json(path).get("config", {})
         if old != config:
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -137,15 +144,12 @@ def claim_task(out: str, name: str, config: dict, out_as_given: str) -> None:
 
 
 def task_is_chosen(out: str, name: str) -> bool:
-    return os.path.exists(os.path.join(task_dir(out, name), CHOICE_FILE))
+    return storage.exists(storage.join(task_dir(out, name), CHOICE_FILE))
 
 
 def tasks_in(out: str) -> list[str]:
     """Every task of the selection folder that has been chosen, sorted."""
-    root = os.path.join(out, TASKS_DIR)
-    if not os.path.isdir(root):
-        return []
-    return sorted(t for t in os.listdir(root) if task_is_chosen(out, t))
+    return sorted(t for t in storage.listdir(storage.join(out, TASKS_DIR)) if task_is_chosen(out, t))
 
 
 def union_of_choices(out: str, exclude: set[str] = frozenset()) -> set[int]:
@@ -153,7 +157,7 @@ def union_of_choices(out: str, exclude: set[str] = frozenset()) -> set[int]:
     ids: set[int] = set()
     for name in tasks_in(out):
         if name not in exclude:
-            ids.update(int(r["id"]) for r in read_jsonl(os.path.join(task_dir(out, name), CHOICE_FILE)))
+            ids.update(int(r["id"]) for r in read_jsonl(storage.join(task_dir(out, name), CHOICE_FILE)))
     return ids
 
 
@@ -162,22 +166,22 @@ def write_task_records(
 ) -> None:
     """Write a chosen task's files; ``choice.jsonl`` goes last, since its presence means chosen."""
     folder = task_dir(out, name)
-    config = read_json(os.path.join(folder, TASK_FILE))["config"]
-    write_jsonl(os.path.join(folder, QUERIES_FILE), queries)
-    write_jsonl(os.path.join(folder, LEAKAGE_FILE), leakage)
-    write_json(os.path.join(folder, TASK_FILE), dict(config=config, summary=summary))
-    write_jsonl(os.path.join(folder, CHOICE_FILE), choice)
+    config = read_json(storage.join(folder, TASK_FILE))["config"]
+    write_jsonl(storage.join(folder, QUERIES_FILE), queries)
+    write_jsonl(storage.join(folder, LEAKAGE_FILE), leakage)
+    write_json(storage.join(folder, TASK_FILE), dict(config=config, summary=summary))
+    write_jsonl(storage.join(folder, CHOICE_FILE), choice)
 
 
 def task_summary(out: str, name: str) -> dict | None:
-    return read_json(os.path.join(task_dir(out, name), TASK_FILE))["summary"]
+    return read_json(storage.join(task_dir(out, name), TASK_FILE))["summary"]
 
 
 def write_manifest(out: str, name: str, catalog: Catalog) -> None:
     """Join a task's choice with where the catalog holds each sample: its manifest and its shards' record."""
     folder = task_dir(out, name)
     manifest, parts = [], {}
-    for row in read_jsonl(os.path.join(folder, CHOICE_FILE)):
+    for row in read_jsonl(storage.join(folder, CHOICE_FILE)):
         where = catalog.rows[int(row["id"])]
         parts[where["shard"]] = catalog.parts[where["shard"]]
         manifest.append(
@@ -190,8 +194,8 @@ def write_manifest(out: str, name: str, catalog: Catalog) -> None:
                 sha256=where["sha256"],
             )
         )
-    write_json(os.path.join(folder, SHARDS_FILE), dict(sorted(parts.items())))
-    write_jsonl(os.path.join(folder, MANIFEST), manifest)
+    write_json(storage.join(folder, SHARDS_FILE), dict(sorted(parts.items())))
+    write_jsonl(storage.join(folder, MANIFEST), manifest)
 
 
 @dataclass
@@ -205,18 +209,18 @@ class Catalog:
 
 def catalog_marker(shards: str, job: str) -> str:
     """The done-marker of copy job ``job`` in the shared shard folder ``shards``."""
-    return os.path.join(shards, CATALOG, f"{job}.json")
+    return storage.join(shards, CATALOG, f"{job}.json")
 
 
 def read_catalog(shards: str) -> Catalog:
     rows: dict[int, dict] = {}
     parts: dict[str, dict] = {}
     jobs = []
-    folder = os.path.join(shards, CATALOG)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    folder = storage.join(shards, CATALOG)
+    for name in sorted(storage.listdir(folder)):
         if not name.endswith(".json"):
             continue
-        record = read_json(os.path.join(folder, name))
+        record = read_json(storage.join(folder, name))
         jobs.append(record["job"])
         parts.update(record["parts"])
         for row in record["rows"]:
@@ -224,11 +228,23 @@ def read_catalog(shards: str) -> Catalog:
     return Catalog(rows=rows, parts=parts, jobs=jobs)
 
 
+def _lock_path(folder: str) -> str:
+    """The lock file of a folder: inside it on disk; for a URL, in this machine's temporary folder.
+
+    An object store has no advisory locks, so for a URL only writers on the same machine are kept
+    apart; one writer per selection URL across machines is the user's to arrange.
+    """
+    if not storage.is_url(folder):
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, LOCK_FILE)
+    digest = hashlib.sha256(storage.resolve(folder).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"sept-lock-{digest}")
+
+
 @contextmanager
 def writer_lock(folder: str):
     """One writer per selection (or shared shard) folder at a time; a second one is refused, not queued."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, LOCK_FILE), "w") as handle:
+    with open(_lock_path(folder), "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -241,26 +257,26 @@ def writer_lock(folder: str):
 
 def discard_unfinished(shards: str) -> None:
     """Remove what a crashed copy left: job folders, parts no done-marker names; drop jobs with damaged parts."""
-    for name in os.listdir(shards):
+    for name in storage.listdir(shards):
         if is_staging_name(name):
-            shutil.rmtree(os.path.join(shards, name), ignore_errors=True)
+            storage.remove_tree(storage.join(shards, name))
     catalog = read_catalog(shards)  # read after the job folders are gone: no marker can appear any more
-    for name in os.listdir(shards):
+    names = storage.listdir(shards)
+    for name in names:
         if name.startswith(PART_PREFIX) and name.endswith(".tar") and name not in catalog.parts:
             log.warning("materialize: removing %s, left by an interrupted run", name)
-            os.remove(os.path.join(shards, name))
+            storage.remove(storage.join(shards, name))
     for job in catalog.jobs:
         record = read_json(catalog_marker(shards, job))
         broken = [
             p
             for p, info in record["parts"].items()
-            if not os.path.exists(os.path.join(shards, p)) or os.path.getsize(os.path.join(shards, p)) != info["size"]
+            if p not in names or storage.size(storage.join(shards, p)) != info["size"]
         ]
         if broken:
             log.warning(
                 "materialize: part %s of job %s is missing or changed; copying its samples again", broken[0], job
             )
-            os.remove(catalog_marker(shards, job))
+            storage.remove(catalog_marker(shards, job))
             for p in record["parts"]:
-                if os.path.exists(os.path.join(shards, p)):
-                    os.remove(os.path.join(shards, p))
+                storage.remove(storage.join(shards, p))

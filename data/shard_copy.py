@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sept import storage
 from sept.data.identity import make_ids, split_ids
 from sept.data.selection_folder import PART_PREFIX, catalog_marker, read_json
 from sept.data.selection_writer import SelectionShardWriter, extract_samples
@@ -32,7 +33,7 @@ from sept.data.tar_scan import (
     read_members,
     scan_samples,
 )
-from sept.io import atomic_write_json, staging_dir
+from sept.io import atomic_write_json, move_into_place, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,9 @@ def copy_job(job: Job, pool: dict[int, str], out_dir: str, max_per_part: int = M
     copied again.
     """
     marker = catalog_marker(out_dir, job.name)
-    if os.path.exists(marker):
+    if storage.exists(marker):
         return read_json(marker)
-    tmp_dir = staging_dir(os.path.join(out_dir, job.name))
+    tmp_dir = staging_dir(storage.join(out_dir, job.name))
     try:
         try:
             rows, parts = _copy_raw(job, pool, tmp_dir, max_per_part)
@@ -116,14 +117,15 @@ def copy_job(job: Job, pool: dict[int, str], out_dir: str, max_per_part: int = M
         )
         # The marker is written inside the private folder and moved last: a run that cleaned up after
         # this job's driver died has removed that folder, so a late job can no longer publish a marker.
+        # (For a URL the folder is on this worker's disk, and the parts are uploaded before the marker.)
         staged = os.path.join(tmp_dir, "marker.json")
         atomic_write_json(staged, record, sort_keys=True, indent=None)
         for path, _, _ in parts:
-            os.replace(path, os.path.join(out_dir, os.path.basename(path)))
-        os.replace(staged, marker)
+            move_into_place(path, storage.join(out_dir, os.path.basename(path)))
+        move_into_place(staged, marker)
         return record
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(tmp_dir if not storage.is_url(out_dir) else os.path.dirname(tmp_dir), ignore_errors=True)
 
 
 def _row(job_source: int, source: str, key: str, position: int, part: str, members: dict[str, bytes]) -> dict:

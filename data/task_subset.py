@@ -14,11 +14,11 @@ list, per shard, the keys to keep, and (``TaskSubset.pool_ids``) each sample's p
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 
+from sept import storage
 from sept.data.samples import PoolSample, ShardStats, iter_samples
 from sept.data.selection_folder import (
     MANIFEST,
@@ -42,7 +42,7 @@ class TaskSubset:
     selection_dir: str
     rows: list[dict]
     shards: list[str]
-    """Absolute paths of the shared shards holding the task's samples, sorted."""
+    """Absolute paths (or URLs) of the shared shards holding the task's samples, sorted."""
     keys: dict[str, frozenset[str]] = field(default_factory=dict)
     """Shard path -> keys of the task's samples in that shard."""
 
@@ -53,7 +53,7 @@ class TaskSubset:
         """(index of a shard in ``shards``, a sample's key) -> that sample's pool id (its manifest
         ``id``): how a trainer, which numbers samples by its own shard list, names them as the
         pool and the manifest do."""
-        index = {os.path.basename(path): i for i, path in enumerate(self.shards)}
+        index = {storage.basename(path): i for i, path in enumerate(self.shards)}
         return {(index[row["shard"]], row["key"]): int(row["id"]) for row in self.rows}
 
 
@@ -67,25 +67,25 @@ def load_task_subset(selection_dir: str, task: str, *, verify: str = "hash") -> 
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     rows = read_manifest(selection_dir, task)
     folder = task_dir(selection_dir, task)
-    manifest_path = os.path.join(folder, MANIFEST)
-    shards_path = os.path.join(folder, SHARDS_FILE)
-    if not os.path.isfile(shards_path):
+    manifest_path = storage.join(folder, MANIFEST)
+    shards_path = storage.join(folder, SHARDS_FILE)
+    if not storage.isfile(shards_path):
         raise SeptError(f"task {task!r}: {shards_path} is missing; rerun `sept select` to write it")
-    with open(shards_path) as f:
+    with storage.open_file(shards_path, "r") as f:
         recorded: dict[str, dict] = json.load(f)
-    shard_root = os.path.join(os.path.abspath(selection_dir), SHARDS_DIR)
+    shard_root = storage.join(storage.resolve(selection_dir), SHARDS_DIR)
     keys: dict[str, set[str]] = {}
     for row in rows:
         if row["shard"] not in recorded:
             raise SeptError(
                 f"task {task!r}: {manifest_path} names shard {row['shard']} that {shards_path} does not record"
             )
-        keys.setdefault(os.path.join(shard_root, row["shard"]), set()).add(row["key"])
+        keys.setdefault(storage.join(shard_root, row["shard"]), set()).add(row["key"])
     for path in sorted(keys):
-        check_shard(path, recorded[os.path.basename(path)], verify=verify, named_by=manifest_path)
+        check_shard(path, recorded[storage.basename(path)], verify=verify, named_by=manifest_path)
     return TaskSubset(
         task=task,
-        selection_dir=os.path.abspath(selection_dir),
+        selection_dir=storage.resolve(selection_dir),
         rows=rows,
         shards=sorted(keys),
         keys={p: frozenset(k) for p, k in keys.items()},
@@ -97,9 +97,9 @@ def check_shard(path: str, record: dict, *, verify: str = "hash", named_by: str 
     if verify == "none":
         return
     where = f" (named by {named_by})" if named_by else ""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise SeptError(f"shared shard {path} is missing{where}")
-    size = os.path.getsize(path)
+    size = storage.size(path)
     if size != record["size"]:
         raise SeptError(f"shared shard {path} changed since selection: {size} bytes, recorded {record['size']}{where}")
     if verify == "hash":
@@ -125,14 +125,14 @@ def iter_task_samples(subset: TaskSubset, stats: ShardStats | None = None) -> It
 
 def open_task_data(path: str, *, verify: str = "size") -> TaskSubset:
     """A task subset from its folder (``SEL/tasks/TASK``) or its manifest's path: the trainer's entry point."""
-    path = os.path.abspath(path)
-    if os.path.basename(path) == MANIFEST:
-        path = os.path.dirname(path)
-    task = os.path.basename(path)
-    tasks_root = os.path.dirname(path)
-    if os.path.basename(tasks_root) != TASKS_DIR:
+    path = storage.resolve(path)
+    if storage.basename(path) == MANIFEST:
+        path = storage.dirname(path)
+    task = storage.basename(path)
+    tasks_root = storage.dirname(path)
+    if storage.basename(tasks_root) != TASKS_DIR:
         raise SeptError(f"{path} is not a task folder of a selection (SEL/{TASKS_DIR}/TASK)")
-    return load_task_subset(os.path.dirname(tasks_root), task, verify=verify)
+    return load_task_subset(storage.dirname(tasks_root), task, verify=verify)
 
 
 def resolve_training_data(data: str, task: str | None = None) -> str:
@@ -160,5 +160,5 @@ def resolve_training_data(data: str, task: str | None = None) -> str:
 
 def is_task_data(path: str) -> bool:
     """Whether ``path`` names a task subset (its folder or manifest) rather than shards."""
-    path = os.path.abspath(path)
-    return os.path.basename(path) == MANIFEST or os.path.isfile(os.path.join(path, MANIFEST))
+    path = storage.resolve(path)
+    return storage.basename(path) == MANIFEST or storage.isfile(storage.join(path, MANIFEST))

@@ -3,6 +3,8 @@
 - an embed actor SIGKILLed mid-shard is replaced and its shard redone;
 - the second node of a two-node cluster killed mid-run costs only its shards in flight;
 - a shard that fails three times is named, the run ends non-zero, every other shard is embedded;
+- a shard whose read stalls (an HTTP object server that never sends the body) times out, is tried
+  on a fresh actor, and is then named; the run ends instead of hanging;
 - bad samples (one of each kind) are counted, listed in the quarantine report and budgeted.
 Each run then checks that every decodable sample is in the store exactly once, and re-embeds a
 few random ids to compare them with the stored vectors.
@@ -257,6 +259,78 @@ def test_failing_shard_is_named_and_bad_samples_are_counted_and_budgeted(ray_clu
     summary = _summary(proc.stdout)
     assert summary["bad_kinds"] == {kind: 1 for kind in BAD_KINDS}
     assert (summary["bad_samples"], summary["vectors"], summary["samples"]) == (5, 20 + 3 + 3, 31)
+
+
+class StallingServer:
+    """An HTTP object server on loopback that names a shard's size but never sends its bytes."""
+
+    def __init__(self):
+        import http.server
+
+        release = self.release = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "10240")
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
+            def do_GET(self):
+                self.do_HEAD()
+                release.wait(120)  # the stalled read: headers sent, the body never comes
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stall.tar"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def test_stalled_read_is_retried_elsewhere_then_named_and_never_hangs(ray_cluster, encoder_path, tmp_path):
+    good = _good_pool(tmp_path, shards=2, per_shard=6)
+    server = StallingServer()
+    try:
+        pool = [good[0], server.url, good[1]]
+        out = str(tmp_path / "emb.zarr")
+        started = time.monotonic()
+        proc = ray_cluster.run_sept(
+            "embed",
+            "--pool",
+            _listing(tmp_path, pool),
+            "--encoder",
+            encoder_path,
+            "--out",
+            out,
+            "--workers",
+            "2",
+            "--max-attempts",
+            "2",
+            "--shard-timeout-s",
+            "8",
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and server.url in errors[0] and "failed 2 times" in errors[0], proc.stderr[-4000:]
+    assert "no result in 8s" in errors[0]
+    assert proc.stderr.count("replacing its worker") == 2
+    assert EmbeddingStore.open(out).missing_shards() == [1]
+    _, ids = EmbeddingStore.open(out).read_all()
+    assert sorted(ids.tolist()) == sorted([*make_ids(0, range(6)).tolist(), *make_ids(2, range(6)).tolist()])
+    assert elapsed < 240  # two 8 s timeouts and two actor starts, not the stall's 120 s per try
 
 
 def test_gpu_requested_on_a_cpu_cluster_is_an_error(ray_cluster, encoder_path, tmp_path):

@@ -1,8 +1,10 @@
 """Pools and stores in object storage: the real S3 protocol against moto's standalone server.
 
-A pool uploaded to a bucket is embedded into a store in the bucket and indexed into another, on
-the two-node Ray cluster; a shard group whose upload was cut off (no ``zarr.json``) is redone by
-the next run and the rest kept. The server listens on 127.0.0.1 and is stopped afterwards.
+A pool uploaded to a bucket is embedded into a store in the bucket, indexed into another and
+selected into a selection folder in the bucket, on the two-node Ray cluster. Interrupted uploads
+are redone by the next run and the rest kept: a shard group cut off before its ``zarr.json``, and a
+copy job whose parts were uploaded but not its done-marker. The server listens on 127.0.0.1 and is
+stopped afterwards.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import VENV_BIN
+from PIL import Image
 from test_embed_pools import write_good_shard
 
 from sept import storage
+from sept.data import selection_folder
 from sept.data.samples import iter_samples
 from sept.data.shards import list_shards
+from sept.data.task_subset import iter_task_samples, open_task_data
 from sept.index.embedding_store import EmbeddingStore
 from sept.index.store import IndexStore
 from sept.training.encoder import build_backbone, save_encoder
@@ -169,6 +174,68 @@ def test_bucket_pool_embedded_and_indexed_into_the_bucket_and_resumed(s3_env, ra
     found = sorted(np.concatenate([built.read_shard(i)[1] for i in range(built.nshards)]).tolist())
     assert found == sorted(ids.tolist())
     assert storage.isfile(storage.join(index, "config.json"))
+
+    target = _target(tmp_path / "target")
+    sel = f"s3://{BUCKET}/sel"
+
+    def select() -> dict:
+        proc = _run(
+            env,
+            "select",
+            "--index",
+            index,
+            "--encoder",
+            encoder_path,
+            "--target",
+            target,
+            "--budget",
+            "10",
+            "--out",
+            sel,
+            # the untrained encoder puts every random picture within the guard's threshold of the held-out ones
+            "--no-leakage-guard",
+            "--ray-address",
+            ray_cluster.address,
+        )
+        return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+    first = select()
+    task = first["tasks"]["target"]
+    manifest = selection_folder.read_manifest(sel, "target")
+    assert len(manifest) == 10 == first["samples"] and len({r["id"] for r in manifest}) == 10
+    shards = selection_folder.shards_dir(sel)
+    parts = sorted(n for n in storage.listdir(shards) if n.endswith(".tar"))
+    assert parts == first["shards"] and task is not None
+    by_key = {s.key: s for p in parts for s in iter_samples(storage.join(shards, p))}
+    assert sorted(by_key) == sorted(r["key"] for r in manifest)
+    digests = {p: storage.read_bytes(storage.join(shards, p)) for p in parts}
+
+    # A copy job cut off after its parts were uploaded but before its done-marker, and a stray part.
+    jobs = selection_folder.read_catalog(shards).jobs
+    storage.remove(selection_folder.catalog_marker(shards, jobs[0]))
+    storage.put_file(str(tmp_path / "00000.tar"), storage.join(shards, "part-stray-000000.tar"))
+    storage.remove(storage.join(selection_folder.task_dir(sel, "target"), "manifest.jsonl"))
+    again = select()
+    assert again["copied"] == 10
+    assert sorted(n for n in storage.listdir(shards) if n.endswith(".tar")) == parts
+    assert {p: storage.read_bytes(storage.join(shards, p)) for p in parts} == digests
+    assert selection_folder.read_manifest(sel, "target") == manifest
+
+    # What a trainer reads: the task's subset straight from the bucket, every shard's hash checked.
+    subset = open_task_data(f"{sel}/tasks/target", verify="hash")
+    assert sorted(s.key for s in iter_task_samples(subset)) == sorted(r["key"] for r in manifest)
+
+
+def _target(root) -> str:
+    """A two-class target of random pictures: what the bucket test needs is queries, not meaning."""
+    rng = np.random.default_rng(3)
+    for cls in ("a", "b"):
+        for split, n in (("train", 3), ("val", 1)):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return str(root)
 
 
 def _run(env: dict, *args: str) -> subprocess.CompletedProcess:

@@ -540,6 +540,46 @@ def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path
     assert set(logged_pool) != set(logged)  # the two id spaces differ here, so the join is tested
 
 
+def test_detcon_masks_are_made_once_beside_the_selection_and_reused_by_other_tasks(world, tmp_path, caplog):
+    import shutil
+
+    from sept.training.config import load_config
+    from sept.training.trainer import train
+
+    sel = str(tmp_path / "sel")
+    shutil.copytree(world["sel"], sel)
+
+    def detcon_run(task: str, out: str) -> None:
+        cfg = load_config(
+            None,
+            dict(
+                data=os.path.join(sel, "tasks", task),
+                out=str(tmp_path / out),
+                method="detcon",
+                steps=2,
+                batch_size=8,
+                image_size=16,
+                width=4,
+            ),
+        )
+        train(cfg, distributed_run=False)
+
+    caplog.set_level("INFO", logger="sept.data.masks")
+    detcon_run("gradients", "run-a")
+    masks = os.path.join(sel, "masks")
+    first = {n: os.stat(os.path.join(masks, n)).st_mtime_ns for n in os.listdir(masks)}
+    made = [line for line in caplog.text.splitlines() if "masks for" in line]
+    assert sorted(first) == sorted({r["shard"] for r in _manifest(sel, "gradients")}) and len(made) == len(first)
+    assert not (tmp_path / "run-a" / "masked-shards").exists()
+    caplog.clear()
+    detcon_run("digits", "run-b")  # the other task: only the shards the first did not use are segmented
+    digits_shards = {r["shard"] for r in _manifest(sel, "digits")}
+    made = [line for line in caplog.text.splitlines() if "masks for" in line]
+    assert len(made) == len(digits_shards - set(first))
+    assert {n: os.stat(os.path.join(masks, n)).st_mtime_ns for n in first} == first  # reused, not redone
+    assert set(os.listdir(masks)) == set(first) | digits_shards
+
+
 def _two_tasks_config(world, out: str, ray_cluster, **kwargs):
     from sept.cluster.select_config import SelectConfig
 

@@ -91,3 +91,18 @@ def test_precision_auto_is_bf16_on_gpus_only():
     assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu) and uses_bf16("auto", torch.device("cuda", 0))
     assert not uses_bf16("auto", cpu)  # even where the CPU has native bfloat16 (trainer.uses_bf16)
     assert not uses_bf16("fp32", torch.device("cuda", 0))
+
+
+def test_data_loading_workers_follow_the_cpus_each_rank_is_given(tmp_path):
+    from test_embed_pools import write_good_shard
+
+    from sept.training.launcher import _prepared
+
+    shard = str(tmp_path / "00000.tar")
+    write_good_shard(shard, 4, seed=0)
+    base = PretrainConfig(data=shard, out=str(tmp_path / "run"))
+    assert base.num_workers is None
+    assert _prepared(base, 0, cpus_per_task=6).num_workers == 5
+    assert _prepared(base, 0, cpus_per_task=1).num_workers == 0
+    explicit = PretrainConfig(data=shard, out=str(tmp_path / "run2"), num_workers=0)
+    assert _prepared(explicit, 0, cpus_per_task=6).num_workers == 0  # a user's choice is kept

@@ -94,3 +94,8 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     assert distributed.broadcast_object(5) == 5
     assert distributed.all_reduce_max_flags([2, 0]) == [2, 0]
     assert distributed.node_info()["hostname"] == socket.gethostname()
+
+
+def test_nccl_only_for_ranks_on_a_gpu():
+    assert distributed.backend_for(False) == "gloo"  # a CPU run on a GPU node too
+    assert distributed.backend_for(True) == ("nccl" if torch.cuda.is_available() else "gloo")

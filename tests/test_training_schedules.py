@@ -142,3 +142,11 @@ def test_short_cycles_still_end_at_full_size():
     plan = _plan(6, lr_schedule="cyclic", cycle_steps=3, progressive=True, min_image_size=8, min_strength=0.5, stages=4)
     assert [plan.image_size_at(s) for s in range(6)] == [8, 20, 32] * 2
     assert [plan.strength_at(s) for s in range(3)] == pytest.approx([0.5, 0.75, 1.0])
+
+
+def test_global_batch_lr_scales_linearly_only_when_a_reference_batch_is_given():
+    from sept.training.schedule import global_batch_lr
+
+    assert global_batch_lr(0.1, 1024, 256) == pytest.approx(0.4)
+    assert global_batch_lr(0.1, 64, 256) == pytest.approx(0.025)
+    assert global_batch_lr(0.1, 1024, None) == 0.1

@@ -59,6 +59,14 @@ class PretrainConfig:
     batch_size: int = field(default=64, metadata={"help": "batch size per rank"})
     steps: int = field(default=1000, metadata={"help": "total optimizer steps"})
     lr: float = field(default=0.05, metadata={"help": "peak learning rate"})
+    lr_reference_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "when set, --lr is the rate for a global batch of this many samples and is scaled "
+            "linearly to the run's global batch (batch size x ranks), the rule of Goyal et al. 2017; "
+            "default: --lr is used as given"
+        },
+    )
     warmup_steps: int = 0
     """Linear warm-up steps (of the run; of every cycle under the cyclic schedule)."""
     weight_decay: float = 1e-4
@@ -106,8 +114,12 @@ class PretrainConfig:
     compile: bool = False
     """torch.compile the model (GPU only)."""
     seed: int = 0
-    num_workers: int = field(
-        default=0, metadata={"help": "data-loading worker processes per rank (0: load in the training process)"}
+    num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "data-loading worker processes per rank (0: load in the training process; default: one "
+            "fewer than the CPUs each rank is given by --cpus-per-task, so a GPU is not starved)"
+        },
     )
     cache_mb: int = 1024
     """Per rank, the training data (tar bytes and decoded images) kept in memory up to this many MB,
@@ -199,9 +211,9 @@ def _validate(cfg: PretrainConfig, source: str) -> None:
         if getattr(cfg, key) < 1:
             raise SeptError(f"config key {key!r} in {source} must be at least 1, got {getattr(cfg, key)}")
     for key in ("warmup_steps", "num_workers", "seed", "cache_mb", "run_ahead"):
-        if getattr(cfg, key) < 0:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise SeptError(f"config key {key!r} in {source} must be non-negative, got {getattr(cfg, key)}")
-    for key in ("max_samples", "num_samples", "width"):
+    for key in ("max_samples", "num_samples", "width", "lr_reference_batch"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise SeptError(f"config key {key!r} in {source} must be at least 1, got {getattr(cfg, key)}")
     check_method(cfg.method)

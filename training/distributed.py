@@ -69,8 +69,15 @@ def _under_submitit() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
 
-def init_distributed() -> DistInfo:
+def backend_for(use_gpu: bool) -> str:
+    """NCCL only for ranks that train on a GPU; a CPU run on a GPU node still talks over gloo."""
+    return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(use_gpu: bool | None = None) -> DistInfo:
     """Joins the job's process group: gloo on CPU, nccl on GPU; nothing for a world of one.
+
+    ``use_gpu``: whether this rank trains on a GPU (None: whenever CUDA is available).
 
     Under submitit the rank, world size and master address come from
     ``submitit.helpers.TorchDistributedEnvironment`` (exported as env:// variables); otherwise
@@ -95,7 +102,7 @@ def init_distributed() -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:
         return DistInfo(0, 1, 0, None)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend_for(torch.cuda.is_available() if use_gpu is None else use_gpu)
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank() % torch.cuda.device_count())
     dist.init_process_group(backend=backend, init_method="env://", timeout=_INIT_TIMEOUT)

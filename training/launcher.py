@@ -28,6 +28,7 @@ from typing import Any
 
 import submitit
 
+from sept import storage
 from sept.data.shards import list_shards
 from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
@@ -123,9 +124,11 @@ def _executor(
     return submitter
 
 
-def _prepared(cfg: PretrainConfig, gpus_per_node: int) -> PretrainConfig:
+def _prepared(cfg: PretrainConfig, gpus_per_node: int, cpus_per_task: int = 1) -> PretrainConfig:
     # Tasks may start in another working directory (sbatch --chdir, requeues): absolute paths only.
     cfg = dataclasses.replace(cfg, out=os.path.abspath(cfg.out))
+    if cfg.num_workers is None:  # the rank's own process trains; the other CPUs it is given load data
+        cfg = dataclasses.replace(cfg, num_workers=max(0, cpus_per_task - 1))
     if gpus_per_node > 0 and cfg.device == "auto":
         cfg = dataclasses.replace(cfg, device="cuda")  # a requested GPU that is missing is an error
     if not cfg.data:
@@ -133,7 +136,7 @@ def _prepared(cfg: PretrainConfig, gpus_per_node: int) -> PretrainConfig:
     # Missing or changed data fails here, not minutes later inside the job.
     if is_task_data(cfg.data):
         open_task_data(cfg.data)
-        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+        cfg = dataclasses.replace(cfg, data=storage.resolve(cfg.data))
     else:
         list_shards(cfg.data)
     save_resolved_config(cfg, cfg.out)
@@ -167,7 +170,7 @@ def launch_pretrain(
     """
     shape = shape or JobShape()
     tasks_per_node = shape.ranks_per_node(executor)
-    cfg = _prepared(cfg, shape.gpus_per_node)
+    cfg = _prepared(cfg, shape.gpus_per_node, shape.cpus_per_task)
     log_folder = os.path.join(cfg.out, SUBMITIT_DIRNAME)
     submitter = _executor(
         executor,
@@ -213,7 +216,7 @@ def launch_pretrain_array(
         raise SeptError("every run of a job array needs its own out directory")
     shape = shape or JobShape()
     tasks_per_node = shape.ranks_per_node(executor)
-    prepared = [_prepared(c, shape.gpus_per_node) for c in cfgs]
+    prepared = [_prepared(c, shape.gpus_per_node, shape.cpus_per_task) for c in cfgs]
     submitter = _executor(
         executor,
         log_folder,

@@ -3,8 +3,10 @@ task's subset of a selection's shared shards), with DetCon's segmentation masks 
 method needs them and the shards have none, opened as this rank's ``PretrainStream``, and the
 ``PoolIds`` that name its samples as the pool does.
 
-Masked copies go to ``masked-shards/`` in the run directory, each rank segmenting its share of
-the shards (``sept.data.masks``); the run directory must therefore be on a file system every
+Masked copies are made once, each rank segmenting its share of the shards (``sept.data.masks``).
+For a task of a selection on disk they go beside the selection (``SEL/masks/``, one copy of each
+shared shard), so every later run, of any task and any number of ranks, reuses them; otherwise
+they go to ``masked-shards/`` in the run directory. Either folder must be on a file system every
 node shares. Shard sizes are counted once, by rank 0, and shared.
 """
 
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sept import storage
 from sept.data.identity import split_ids
+from sept.data.selection_folder import MASKS_DIR as SELECTION_MASKS_DIR
 from sept.data.shards import list_shards
 from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
@@ -65,21 +69,35 @@ def shard_counts(cfg: PretrainConfig, shards: list[str], is_main: bool) -> list[
     return distributed.broadcast_object(counts)
 
 
-def prepare_masks(cfg: PretrainConfig, shards: list[str], run_dir: str, info: distributed.DistInfo) -> list[str]:
-    """The shards with segmentation masks: ``shards`` if they carry them, else masked copies in
-    the run directory, computed by every rank for its share of the shards, then shared."""
+def prepare_masks(
+    cfg: PretrainConfig,
+    shards: list[str],
+    run_dir: str,
+    info: distributed.DistInfo,
+    selection_dir: str | None = None,
+) -> list[str]:
+    """The shards with segmentation masks: ``shards`` if they carry them, else masked copies
+    (beside the selection ``selection_dir`` when it is on disk, else in the run directory),
+    computed by every rank for its share of the shards not masked yet, then shared."""
     from sept.data.masks import add_masks, has_masks
 
     if has_masks(shards):
         return shards
+    beside_selection = selection_dir is not None and not storage.is_url(selection_dir)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, cores // max(1, distributed.get_local_world_size()))
     mine = sum(count_shard_samples(s) for s in shards[info.rank :: info.world_size])
     if mine < _MASKS_PER_PROCESS_START:
         workers = 0  # starting processes would cost more than segmenting these few images here
-    out_dir = os.path.join(run_dir, MASKED_SHARDS_DIRNAME)
-    log.info("rank %d computing Felzenszwalb masks for its share of %d shards into %s", info.rank, len(shards), out_dir)
-    masked = add_masks(shards, out_dir, workers=workers, rank=info.rank, world_size=info.world_size)
+    out_dir = (
+        os.path.join(selection_dir, SELECTION_MASKS_DIR)
+        if beside_selection
+        else os.path.join(run_dir, MASKED_SHARDS_DIRNAME)
+    )
+    log.info("rank %d: Felzenszwalb masks for its share of %d shards in %s", info.rank, len(shards), out_dir)
+    masked = add_masks(
+        shards, out_dir, workers=workers, rank=info.rank, world_size=info.world_size, by_name=beside_selection
+    )
     distributed.barrier()
     missing = [p for p in masked if not os.path.exists(p)]
     if missing:
@@ -94,18 +112,19 @@ def open_stream(
 ) -> tuple[PretrainStream, list[str], PoolIds]:
     """This rank's stream over ``cfg.data``, the shards it reads (masked copies for DetCon) and
     the pool ids of their samples."""
-    keys, pool_ids = None, PoolIds()
+    keys, pool_ids, selection_dir = None, PoolIds(), None
     if is_task_data(cfg.data):  # one task's subset of a selection's shared shards
         subset = open_task_data(cfg.data)
         shards, keys = list(subset.shards), [subset.keys[s] for s in subset.shards]
         pool_ids = PoolIds(subset.pool_ids())
+        selection_dir = subset.selection_dir
         log.info(
             "task %s: %d samples in %d shared shards of %s", subset.task, len(subset), len(shards), subset.selection_dir
         )
     else:
         shards = list_shards(cfg.data)
     if needs_masks(cfg.method):
-        shards = prepare_masks(cfg, shards, run_dir, info)
+        shards = prepare_masks(cfg, shards, run_dir, info, selection_dir)
     stream = PretrainStream(
         shards,
         augment=ViewAugment(cfg.image_size, cfg.color_jitter, min_scale=cfg.crop_min_scale),
@@ -116,7 +135,7 @@ def open_stream(
         shard_counts=None if keys is not None else shard_counts(cfg, shards, info.rank == 0),  # keys give the counts
         keys=keys,
         max_samples=cfg.max_samples,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers or 0,
         plan=plan,
         num_masks=cfg.num_masks if needs_masks(cfg.method) else 0,
         pin_memory=pin_memory,

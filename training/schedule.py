@@ -4,6 +4,7 @@
   schedule; it depends on the total step count, so extending a run changes its past).
 * ``cyclic_learning_rate``: the extendable cyclic schedule of arXiv 2212.05611 (see
   ``sept.training.acceleration`` for how and why); it never looks at the total step count.
+* ``global_batch_lr``: the linear scaling rule, a peak rate given for one global batch moved to another.
 * ``progressive_stage``: where a step sits in its cycle, as one of ``stages`` equal stages;
   the progressive image-resolution and augmentation-magnitude schedules are functions of it.
 """
@@ -11,6 +12,14 @@
 from __future__ import annotations
 
 import math
+
+
+def global_batch_lr(lr: float, global_batch: int, reference_batch: int | None) -> float:
+    """``lr`` given for ``reference_batch`` samples per step, at ``global_batch`` (Goyal et al. 2017:
+    the rate grows with the batch, so adding ranks keeps the per-sample step); as given when None."""
+    if reference_batch is None:
+        return lr
+    return lr * global_batch / reference_batch
 
 
 def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:

@@ -22,6 +22,7 @@ ends the epoch on every rank at the same step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ from sept.training.optim import apply_learning_rate, make_optimizer
 from sept.training.preemption import StopRequests, signal_of_code
 from sept.training.run_data import open_stream
 from sept.training.run_logs import RunLogs
+from sept.training.schedule import global_batch_lr
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ def train(
     (the bootstrap scores checkpoints with it); the model is put back in training mode after it.
     """
     owns_group = distributed_run and not distributed.is_initialized()
-    info = distributed.init_distributed() if distributed_run else distributed.DistInfo(0, 1, 0, None)
+    wants_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    info = distributed.init_distributed(wants_gpu) if distributed_run else distributed.DistInfo(0, 1, 0, None)
     threads = torch.get_num_threads()
     try:
         with StopRequests() as stop:
@@ -145,7 +148,18 @@ def _train(
     if is_main:
         save_resolved_config(cfg, run_dir)
 
-    plan = AccelerationPlan.from_config(cfg)
+    # The peak rate of this run's global batch; the saved config keeps the rule, not the result.
+    lr = global_batch_lr(cfg.lr, cfg.batch_size * world, cfg.lr_reference_batch)
+    if lr != cfg.lr and is_main:
+        log.info(
+            "learning rate %.4g for a global batch of %d (%.4g given for %d)",
+            lr,
+            cfg.batch_size * world,
+            cfg.lr,
+            cfg.lr_reference_batch,
+        )
+    run_cfg = dataclasses.replace(cfg, lr=lr)
+    plan = AccelerationPlan.from_config(run_cfg)
     stream, shards, pool_ids = open_stream(cfg, info, run_dir, plan, pin_memory=on_gpu)
     batches_per_epoch = stream.batches_per_epoch
     workers = stream.logical_workers()
@@ -163,7 +177,9 @@ def _train(
     # Channels-last convolutions are faster on CPUs (oneDNN) as on GPUs (tensor cores);
     # benchmarks/RESULTS.md has the figures.
     method = method.to(device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(method, cfg)
+    if world > 1 and on_gpu:  # per-GPU batches are small: batch statistics over the global batch
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    optimizer = make_optimizer(method, run_cfg)
     bf16 = uses_bf16(cfg.precision, device)
 
     checkpoints = Checkpointer(run_dir, cfg, method, optimizer, rank, world)
