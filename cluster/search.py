@@ -4,12 +4,15 @@ The plan (``sept.index.search_plan``) gives every searcher a group of index shar
 ``memory_per_searcher``; when the groups outnumber the searchers they are searched in waves,
 each searcher reloading its next group. Query batches go into Ray's object store once and
 stream to every searcher, at most ``max_in_flight`` per searcher at a time. Each searcher
-answers with the top-k of each of its shards, and ``sept.index.merge.TopK`` folds those into
-the exact global top-k, whatever order they arrive in.
+merges its own shards' top-k (``sept.index.merge.merge_topk``) and answers once per batch, so
+the coordinator's work grows with the searchers, not with the shards; ``sept.index.merge.TopK``
+folds the answers into the exact global top-k, whatever order they arrive in.
 
-A searcher that dies (its process killed, its node lost) is replaced by a new actor that loads
-the same shards, and every batch it had not answered is sent again; the merge adds each
-(batch, shard) result exactly once.
+A searcher that dies (its process killed, its node lost), or that has not answered a batch in
+``batch_timeout_s`` (a stalled read, a frozen node), is replaced by a new actor that loads the
+same shards, and every batch it had not answered is sent again; the merge adds each (batch,
+searcher) answer exactly once. After ``MAX_RESTARTS_PER_SEARCHER`` replacements the search
+fails, naming the shards.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from sept.errors import SeptError
-from sept.index.merge import TopK
+from sept.index.merge import TopK, merge_topk
 from sept.index.search_plan import plan_waves, shard_footprints
 from sept.index.spec import parse_bytes
 from sept.index.store import IndexStore
@@ -42,7 +45,10 @@ TIE_MARGIN = 8
 distances at its k-th place; with a few more, the merge can break such ties by id, so the result
 is the monolithic top-k with ties broken by id, whatever the sharding."""
 MAX_RESTARTS_PER_SEARCHER = 3
+BATCH_TIMEOUT_S = 1800.0
+"""A searcher with a batch unanswered this long is taken for stalled and replaced."""
 _DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
+_DEATH_OR_STALL = (*_DEATH, GetTimeoutError)  # a shard load that never returns counts as a death
 
 
 @ray.remote(num_cpus=1, max_restarts=0)
@@ -54,6 +60,7 @@ class ShardSearcher:
 
         faiss.omp_set_num_threads(threads)
         self.store = IndexStore(index_path)
+        self.metric = self.store.attrs["metric"]
         self.shards: dict[int, object] = {}
 
     def load(self, index_shards: list[int]) -> dict:
@@ -68,9 +75,10 @@ class ShardSearcher:
             shards=list(index_shards),
         )
 
-    def search(self, xq: np.ndarray, k: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k over every shard this searcher holds, merged here."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
-        return [(j, *index.search(xq, k)) for j, index in sorted(self.shards.items())]
+        return merge_topk([index.search(xq, k) for _, index in sorted(self.shards.items())], k, metric=self.metric)
 
 
 @dataclass
@@ -96,6 +104,7 @@ def search_index(
     memory_per_searcher: int | str | None = None,
     batch_size: int = DEFAULT_QUERY_BATCH,
     max_in_flight: int = 2,
+    batch_timeout_s: float = BATCH_TIMEOUT_S,
     stats: SearchStats | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     pool: SearcherPool | None = None,
@@ -153,34 +162,31 @@ def search_index(
             for wave_number, groups in enumerate(plan.waves):
                 pool.load_wave(groups)
                 todo = {s: deque(range(len(batches))) for s in range(len(groups))}
-                inflight: dict[ray.ObjectRef, tuple[int, int]] = {}
+                inflight: dict[ray.ObjectRef, tuple[int, int, float]] = {}
+
                 while inflight or any(todo.values()):
                     for s in range(len(groups)):
                         while todo[s] and sum(1 for v in inflight.values() if v[0] == s) < max_in_flight:
                             b = todo[s].popleft()
-                            inflight[pool.actors[s].search.remote(batches[b], k + TIE_MARGIN)] = (s, b)
-                    ready, _ = ray.wait(list(inflight), num_returns=1)
-                    ref = ready[0]
-                    s, b = inflight.pop(ref)
-                    try:
-                        answers = ray.get(ref)
-                    except _DEATH as err:
-                        # Everything this searcher had not answered goes back on its queue.
-                        lost = sorted([b] + [bb for r, (ss, bb) in list(inflight.items()) if ss == s])
-                        for r in [r for r, (ss, _) in inflight.items() if ss == s]:
-                            del inflight[r]
-                        todo[s].extendleft(reversed(lost))
-                        log.warning(
-                            "search: searcher %d (shards %s) died (%s); restarting it, redoing %d batch(es)",
-                            s,
-                            groups[s],
-                            type(err).__name__,
-                            len(lost),
-                        )
-                        pool.restart(s, groups[s])
+                            ref = pool.actors[s].search.remote(batches[b], k + TIE_MARGIN)
+                            inflight[ref] = (s, b, time.monotonic())
+                    oldest = min(v[2] for v in inflight.values())
+                    wait_s = max(0.0, oldest + batch_timeout_s - time.monotonic())
+                    ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait_s)
+                    if not ready:
+                        now = time.monotonic()
+                        for s in sorted({v[0] for v in inflight.values() if now - v[2] >= batch_timeout_s}):
+                            _replace(pool, inflight, todo, groups, s, f"answered no batch in {batch_timeout_s:g}s")
                         continue
-                    for _, D, I in answers:
-                        tops[b].add(D, I)  # k + TIE_MARGIN columns in, the best k kept
+                    ref = ready[0]
+                    s, b, _ = inflight[ref]
+                    try:
+                        D, I = ray.get(ref)
+                    except _DEATH as err:
+                        _replace(pool, inflight, todo, groups, s, f"died ({type(err).__name__})")
+                        continue
+                    del inflight[ref]
+                    tops[b].add(D, I)  # k + TIE_MARGIN columns in, the best k kept
                     done += 1
                     bar.update(1)
                     if on_batch is not None:
@@ -193,6 +199,14 @@ def search_index(
     I = np.concatenate([t.I for t in tops])
     stats.seconds = time.time() - started
     return D, I
+
+
+def _replace(pool: SearcherPool, inflight: dict, todo: dict, groups: list[list[int]], s: int, why: str) -> None:
+    """Everything searcher s had not answered goes back on its queue; a new actor takes its shards."""
+    lost = sorted(inflight.pop(r)[1] for r in [r for r, v in inflight.items() if v[0] == s])
+    todo[s].extendleft(reversed(lost))
+    log.warning("search: searcher %d (shards %s) %s; restarting it, redoing %d batch(es)", s, groups[s], why, len(lost))
+    pool.restart(s, groups[s])
 
 
 class SearcherPool:
@@ -213,6 +227,7 @@ class SearcherPool:
         self.loaded: list[list[int]] = []
         self.pids: list[int] = []
         self.restarts: dict[int, int] = {}
+        self.timeout_s = BATCH_TIMEOUT_S  # for loading a group of shards
 
     def __enter__(self) -> SearcherPool:
         return self
@@ -237,8 +252,8 @@ class SearcherPool:
         refs = [a.load.remote(g) for a, g in zip(self.actors, groups)]
         for s, ref in enumerate(refs):
             try:
-                self._loaded(s, ray.get(ref))
-            except _DEATH:
+                self._loaded(s, ray.get(ref, timeout=self.timeout_s))
+            except _DEATH_OR_STALL:
                 self.restart(s, groups[s])
         self.loaded = [list(g) for g in groups]
 
@@ -252,16 +267,19 @@ class SearcherPool:
             self.restarts[s] = self.restarts.get(s, 0) + 1
             self.stats.restarts += 1
             if self.restarts[s] > MAX_RESTARTS_PER_SEARCHER:
-                raise RuntimeError(f"searcher for index shards {shards} died {MAX_RESTARTS_PER_SEARCHER + 1} times")
+                raise SeptError(
+                    f"{self.index_path}: the searcher of index shards {shards} failed "
+                    f"{MAX_RESTARTS_PER_SEARCHER + 1} times (died or stalled); see the warnings above"
+                )
             try:
                 ray.kill(self.actors[s], no_restart=True)
             except Exception:  # already gone
                 pass
             self.actors[s] = self._new()
             try:
-                self._loaded(s, ray.get(self.actors[s].load.remote(shards)))
+                self._loaded(s, ray.get(self.actors[s].load.remote(shards), timeout=self.timeout_s))
                 return
-            except _DEATH:
+            except _DEATH_OR_STALL:
                 continue
 
     def close(self) -> None:

@@ -34,7 +34,7 @@ from sept.data import selection_folder as folder
 from sept.data.task_list import TaskSpec, heldout_refs, resolve_tasks
 from sept.errors import SeptError
 from sept.index.budget import neighbours_needed
-from sept.index.dedup import NearDuplicateFilter, leaked_ids, to_similarity
+from sept.index.dedup import CandidateNearDuplicates, NearDuplicateFilter, leaked_ids, to_similarity
 from sept.index.store import IndexStore
 from sept.index.strategies import (
     choose,
@@ -42,7 +42,7 @@ from sept.index.strategies import (
     query_neighbours,
     train_clusters,
 )
-from sept.index.vector_lookup import LazyVectors, fetch_vectors
+from sept.index.vector_lookup import LazyVectors, fetch_vector_array
 from sept.training.encoder.identity import require_same_encoder
 
 log = logging.getLogger(__name__)
@@ -59,22 +59,20 @@ def select(cfg: SelectConfig) -> dict:
     with folder.writer_lock(run.out):
         pending = run.claim()
         union = folder.union_of_choices(run.out, exclude={t.name for t in pending})
-        held = set(folder.read_catalog(run.shards).rows)
+        held = np.fromiter(folder.read_catalog(run.shards).rows, np.int64)
         summaries: dict[str, dict] = {}
-        with ray_session(cfg.ray_address) if pending or union - held else nullcontext():
+        with ray_session(cfg.ray_address) if pending or len(np.setdiff1d(union, held)) else nullcontext():
             if pending:
                 run.embed_targets(pending)
                 summaries.update(run.choose(pending))
             union = folder.union_of_choices(run.out)
-            materialize(
-                np.asarray(sorted(union), np.int64), run.attrs["pool"], run.shards, timeout_s=cfg.copy_timeout_s
-            )
+            materialize(union, run.attrs["pool"], run.shards, timeout_s=cfg.copy_timeout_s)
         catalog = folder.read_catalog(run.shards)
         for name in folder.tasks_in(run.out):
             folder.write_manifest(run.out, name, catalog)
     for t in run.tasks:
         summaries.setdefault(t.name, folder.task_summary(run.out, t.name))
-    copied = len(union - held)
+    copied = len(np.setdiff1d(union, held))
     log.info(
         "select: %d task(s), %d samples in %d shared shards (%d copied now) in %.1fs",
         len(run.tasks),
@@ -293,9 +291,11 @@ class SelectionRun:
                 topk_share=_topk_share(cfg) or 0.0,
             )
             if choice.needs_more_neighbours and kk < ntotal:
-                # The search returned kk neighbours per image (the largest k of any task): search
-                # again with twice what was searched, never with a k already searched.
-                self.k[name] = min(ntotal, 2 * kk)
+                # The search returned kk neighbours per image (the largest k of any task). The
+                # next k is sized from the shortfall it showed (duplicates between images, leaked
+                # and near-duplicate samples all shrink what k neighbours give), with a quarter
+                # more for the estimate's error: one more search, rarely two; never a k searched.
+                self.k[name] = min(ntotal, max(2 * kk, math.ceil(1.25 * kk * choice.neighbours_factor)))
                 log.info(
                     "select: task %s needs more than the %d neighbours per target image searched; "
                     "searching again with k=%d",
@@ -388,11 +388,12 @@ def _effective_queries(t: SelectionTask, balance: str) -> int:
     return int(counts.min() * len(counts))
 
 
-def _near_dup_filter(cfg: SelectConfig, attrs: dict, I: np.ndarray | None, emb=None) -> NearDuplicateFilter | None:
+def _near_dup_filter(
+    cfg: SelectConfig, attrs: dict, I: np.ndarray | None, emb=None
+) -> NearDuplicateFilter | CandidateNearDuplicates | None:
     if cfg.near_dup_threshold is None:
         return None
     emb = emb or _embeddings(attrs, cfg)
     if I is None:
         return NearDuplicateFilter(LazyVectors(emb), cfg.near_dup_threshold, dim=emb.dim)
-    candidates = np.unique(I[I >= 0])
-    return NearDuplicateFilter(fetch_vectors(emb, candidates), cfg.near_dup_threshold, dim=emb.dim)
+    return CandidateNearDuplicates(*fetch_vector_array(emb, np.unique(I[I >= 0])), cfg.near_dup_threshold)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ class SelectionTask:
 
 @dataclass
 class TaskRecords:
-    choice: list[dict]
+    choice: Iterable[dict]  # one row per chosen sample, made as it is written: never all at once
     queries: list[dict]
     leakage: list[dict]
     summary: dict
@@ -60,18 +61,7 @@ def task_records(
     the summary as it is (the strategy's own figures)."""
     names, classes = t.query_names, t.classes
     cls_of = [classes[c] for c in t.query_class.tolist()]
-    rows = [
-        dict(
-            id=int(pid),
-            score=float(score),
-            chosen_by=names[q],
-            cls=cls_of[q],
-            retrieved_by=[names[r] for r in retrievers],
-        )
-        for pid, score, q, retrievers in zip(
-            choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist(), choice.retrieved_by
-        )
-    ]
+    rows = _choice_rows(choice, names, cls_of)
     queries = [
         dict(image=names[q], ref=t.query_refs[q], cls=cls_of[q], neighbours=[[int(i), float(s)] for i, s in nb])
         for q, nb in enumerate(neighbours)
@@ -90,6 +80,14 @@ def task_records(
     summary = _summary(t, choice, leaked, settings, extra)
     _warn(t, choice, leaked, settings)
     return TaskRecords(choice=rows, queries=queries, leakage=leakage, summary=summary)
+
+
+def _choice_rows(choice: Choice, names: list[str], cls_of: list[str]) -> Iterator[dict]:
+    retrievers = choice.retrieved_by
+    for j, (pid, score, q) in enumerate(zip(choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist())):
+        yield dict(
+            id=pid, score=score, chosen_by=names[q], cls=cls_of[q], retrieved_by=[names[r] for r in retrievers[j]]
+        )
 
 
 def _summary(t: SelectionTask, choice: Choice, leaked: dict, settings: dict, extra: dict) -> dict:
@@ -123,7 +121,7 @@ def _summary(t: SelectionTask, choice: Choice, leaked: dict, settings: dict, ext
             for c in range(len(classes))
         },
         duplicates=dict(
-            retrieved_by_several=int(sum(len(r) > 1 for r in choice.retrieved_by)),
+            retrieved_by_several=int(np.count_nonzero(choice.retrieved_by.counts() > 1)),
             near_dup_threshold=settings["near_dup_threshold"],
             near_duplicates_dropped=len(choice.near_duplicates),
         ),

@@ -36,12 +36,15 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+
 from sept import storage
 from sept.errors import SeptError
-from sept.io import atomic_write_text, is_staging_name
+from sept.io import atomic_file, atomic_write_text, is_staging_name
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +96,11 @@ def write_json(path: str, obj) -> None:
     _write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def write_jsonl(path: str, rows) -> None:
-    _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+def write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    """One JSON object a line, written row by row to the staged file: the rows may be a generator."""
+    with atomic_file(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
 
 
 def read_json(path: str):
@@ -152,13 +158,20 @@ def tasks_in(out: str) -> list[str]:
     return sorted(t for t in storage.listdir(storage.join(out, TASKS_DIR)) if task_is_chosen(out, t))
 
 
-def union_of_choices(out: str, exclude: set[str] = frozenset()) -> set[int]:
-    """The pool ids chosen by every chosen task of the folder, but those in ``exclude``."""
-    ids: set[int] = set()
+def union_of_choices(out: str, exclude: set[str] = frozenset()) -> np.ndarray:
+    """The pool ids chosen by every chosen task of the folder but those in ``exclude``: sorted, distinct, int64."""
+    parts = [np.zeros(0, np.int64)]
     for name in tasks_in(out):
         if name not in exclude:
-            ids.update(int(r["id"]) for r in read_jsonl(storage.join(task_dir(out, name), CHOICE_FILE)))
-    return ids
+            parts.append(np.unique(np.fromiter(_ids_of(storage.join(task_dir(out, name), CHOICE_FILE)), np.int64)))
+    return np.unique(np.concatenate(parts))
+
+
+def _ids_of(path: str) -> Iterator[int]:
+    with storage.open_file(path, "r") as f:
+        for line in f:
+            if line.strip():
+                yield int(json.loads(line)["id"])
 
 
 def write_task_records(

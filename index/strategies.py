@@ -47,7 +47,7 @@ class Stream:
 
     ids: np.ndarray  # (n,) int64
     scores: np.ndarray  # (n,) float32 similarity, higher is better
-    queries: np.ndarray  # (n,) int64 target image (query row) proposing each candidate
+    queries: np.ndarray  # (n,) int32 target image (query row) proposing each candidate
     weight: float = 1.0
     bound: float = -np.inf
     """Best similarity a candidate beyond this stream's end could have; -inf when nothing lies beyond
@@ -61,18 +61,61 @@ class Stream:
 
 
 @dataclass
+class Retrievers:
+    """Every query that retrieved each chosen sample, as compressed rows (CSR): sample j's queries are
+    ``queries[indptr[j]:indptr[j + 1]]``, sorted. Two arrays, not a list per sample."""
+
+    indptr: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    queries: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    @classmethod
+    def from_pairs(cls, sample: np.ndarray, query: np.ndarray, n: int) -> Retrievers:
+        """From (chosen sample j, query) pairs, in any order, repeats allowed."""
+        order = np.lexsort((query, sample))
+        sample, query = sample[order], query[order]
+        first = np.ones(len(sample), bool)
+        first[1:] = (sample[1:] != sample[:-1]) | (query[1:] != query[:-1])
+        sample, query = sample[first], query[first]
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(np.bincount(sample, minlength=n), out=indptr[1:])
+        return cls(indptr=indptr, queries=query)
+
+    @classmethod
+    def from_lists(cls, lists: Sequence[Sequence[int]]) -> Retrievers:
+        sample = np.repeat(np.arange(len(lists), dtype=np.int64), [len(q) for q in lists])
+        query = np.fromiter((q for qs in lists for q in qs), np.int64, len(sample))
+        return cls.from_pairs(sample, query, len(lists))
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, j: int) -> list[int]:
+        return self.queries[self.indptr[j] : self.indptr[j + 1]].tolist()
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+
+@dataclass
 class Choice:
     ids: np.ndarray  # (n,) int64 chosen pool ids, in the order they were chosen
     scores: np.ndarray  # (n,) float32 best similarity of each chosen id
     chosen_by: np.ndarray  # (n,) int64 the query whose turn chose it
     stream_of: np.ndarray  # (n,) int64 the stream it was taken from
-    retrieved_by: list[list[int]] = field(default_factory=list)  # every query that retrieved it
+    retrieved_by: Retrievers = field(default_factory=Retrievers)  # every query that retrieved it
     taken: list[int] = field(default_factory=list)  # per stream
     leaked_skipped: int = 0  # distinct excluded ids met while filling
     near_duplicates: dict[int, int] = field(default_factory=dict)  # skipped id -> the chosen id it duplicates
     needs_more_neighbours: bool = False
     """A stream ran short, or took candidates worse than what lies beyond its k neighbours:
     searching again with a larger k could change the choice."""
+    neighbours_factor: float = 1.0
+    """How many times the searched k the next search should ask for: a stream that ran short took
+    ``taken`` of its ``wanted`` share, so about wanted/taken times the neighbours fill it (2 when
+    the shortfall says nothing, as for the pure top-k's exactness)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -115,7 +158,7 @@ def instance_streams(
             Stream(
                 ids=I[rows].T.ravel()[rank_major_valid].astype(np.int64),
                 scores=S[rows].T.ravel()[rank_major_valid].astype(np.float32),
-                queries=np.tile(rows, k)[rank_major_valid].astype(np.int64),
+                queries=np.tile(rows.astype(np.int32), k)[rank_major_valid],
                 bound=_bound(S, valid, rows),
                 name=name,
             )
@@ -152,7 +195,7 @@ def topk_streams(
         v = valid[rows]
         ids = I[rows][v].astype(np.int64)
         scores = S[rows][v].astype(np.float32)
-        queries = np.repeat(rows, k).reshape(len(rows), k)[v].astype(np.int64)
+        queries = np.repeat(rows.astype(np.int32), k).reshape(len(rows), k)[v]
         order = np.lexsort((queries, ids, -scores))
         ids, scores, queries = ids[order], scores[order], queries[order]
         _, first = np.unique(ids, return_index=True)  # the first occurrence is the best
@@ -193,6 +236,18 @@ def mix_streams(groups: Sequence[Sequence[Stream]], fractions: Sequence[float]) 
 # ---- filling the budget ------------------------------------------------------------------------
 
 
+def _compact(streams: Sequence[Stream]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every distinct candidate id once (sorted), and each stream's candidates as int32 positions in it."""
+    if not streams:
+        return np.zeros(0, np.int64), []
+    universe = np.unique(np.concatenate([st.ids for st in streams]))
+    dtype = np.int32 if len(universe) < 2**31 else np.int64
+    return universe, [np.searchsorted(universe, st.ids).astype(dtype) for st in streams]
+
+
+_FREE, _CHOSEN, _EXCLUDED, _EXCLUDED_MET = 0, 1, 2, 3
+
+
 def fill(
     streams: list[Stream],
     budget: int,
@@ -200,77 +255,119 @@ def fill(
     excluded: set[int] | frozenset = frozenset(),
     near_dup: NearDuplicateFilter | None = None,
 ) -> Choice:
-    """Take candidates from the streams, each turn from the one furthest below its weighted share."""
+    """Take candidates from the streams, each turn from the one furthest below its weighted share.
+
+    The state is a few bytes a candidate and a sample: one mark per distinct candidate id (free,
+    chosen, excluded, excluded and met) and the chosen arrays, never Python objects per sample, so
+    a budget of 10^8 fits a coordinator's memory. Memoryviews give the loop plain Python scalars.
+    """
     if budget < 0:
         raise ValueError(f"budget must be non-negative, got {budget}")
-    chosen: dict[int, int] = {}
-    ids, scores, chosen_by, stream_of = [], [], [], []
+    universe, codes = _compact(streams)
+    marks = np.zeros(len(universe), np.uint8)
+    if excluded:
+        marks[np.isin(universe, np.fromiter(excluded, np.int64, len(excluded)))] = _EXCLUDED
+    cap = min(int(budget), len(universe))
+    ids = np.empty(cap, np.int64)
+    scores = np.empty(cap, np.float32)
+    chosen_by = np.empty(cap, np.int64)
+    stream_of = np.empty(cap, np.int64)
+    mark, pool_id = memoryview(marks), memoryview(universe)
+    out_id, out_score, out_query, out_stream = (memoryview(a) for a in (ids, scores, chosen_by, stream_of))
+    code_of = [memoryview(np.ascontiguousarray(c)) for c in codes]
+    score_of = [memoryview(np.ascontiguousarray(st.scores, np.float32)) for st in streams]
+    query_of = [memoryview(np.ascontiguousarray(st.queries)) for st in streams]
     taken = [0] * len(streams)
     lowest = [np.inf] * len(streams)
     ran_out = [False] * len(streams)
     position = [0] * len(streams)
-    leaked: set[int] = set()
     turns = [(0.0, s) for s, st in enumerate(streams) if st.weight > 0]
     heapq.heapify(turns)
-    while turns and len(ids) < budget:
+    n = 0
+    while turns and n < budget:  # past cap nothing is left to take, but a stream learns it ran out
         _, s = heapq.heappop(turns)
-        st = streams[s]
+        codes_s, end, p = code_of[s], len(code_of[s]), position[s]
         accepted = False
-        while position[s] < len(st):
-            p = position[s]
-            position[s] += 1
-            pid = int(st.ids[p])
-            if pid in chosen:
+        while p < end:
+            c = codes_s[p]
+            p += 1
+            state = mark[c]
+            if state == _CHOSEN:
                 continue
-            if pid in excluded:
-                leaked.add(pid)
-                continue
-            if near_dup is not None and near_dup.duplicate_of(pid) is not None:
+            if state != _FREE:
+                mark[c] = _EXCLUDED_MET
                 continue
             if near_dup is not None:
-                near_dup.accept(pid)
-            chosen[pid] = len(ids)
-            ids.append(pid)
-            scores.append(float(st.scores[p]))
-            chosen_by.append(int(st.queries[p]))
-            stream_of.append(s)
-            lowest[s] = min(lowest[s], float(st.scores[p]))
+                if near_dup.duplicate_of(pool_id[c]) is not None:
+                    continue
+                near_dup.accept(pool_id[c])
+            mark[c] = _CHOSEN
+            score = score_of[s][p - 1]
+            out_id[n], out_score[n], out_query[n], out_stream[n] = pool_id[c], score, query_of[s][p - 1], s
+            n += 1
+            if score < lowest[s]:
+                lowest[s] = score
             accepted = True
             break
+        position[s] = p
         if not accepted:
             ran_out[s] = True
             continue
         taken[s] += 1
-        heapq.heappush(turns, (taken[s] / st.weight, s))
+        heapq.heappush(turns, (taken[s] / streams[s].weight, s))
     needs_more = any(
         st.bound > -np.inf and (ran_out[s] or (st.sorted_by_score and taken[s] and lowest[s] < st.bound))
         for s, st in enumerate(streams)
     )
+    total_weight = sum(st.weight for st in streams if st.weight > 0) or 1.0
+    short = [
+        budget * st.weight / total_weight / max(1, taken[s])
+        for s, st in enumerate(streams)
+        if st.bound > -np.inf and ran_out[s] and st.weight > 0
+    ]
+    factor = max([2.0, *short]) if needs_more else 1.0
     return Choice(
-        ids=np.asarray(ids, np.int64),
-        scores=np.asarray(scores, np.float32),
-        chosen_by=np.asarray(chosen_by, np.int64),
-        stream_of=np.asarray(stream_of, np.int64),
+        ids=_first(ids, n),
+        scores=_first(scores, n),
+        chosen_by=_first(chosen_by, n),
+        stream_of=_first(stream_of, n),
         taken=taken,
-        leaked_skipped=len(leaked),
+        leaked_skipped=int(np.count_nonzero(marks == _EXCLUDED_MET)),
         near_duplicates=dict(near_dup.duplicates) if near_dup is not None else {},
         needs_more_neighbours=needs_more,
+        neighbours_factor=float(factor),
     )
+
+
+def _first(a: np.ndarray, n: int) -> np.ndarray:
+    return a if n == len(a) else a[:n].copy()  # a view would keep the whole allocation alive
+
+
+_ROWS_PER_BLOCK = 1024  # rows of (S, I) looked up at once: bounds the temporaries of a large search
 
 
 def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> Choice:
     """Fill ``retrieved_by`` (every query with the id among its valid neighbours) and best scores."""
-    valid = _valid(S, I, min_similarity)
-    position = {int(pid): j for j, pid in enumerate(choice.ids.tolist())}
-    retrievers: list[list[int]] = [[] for _ in range(len(choice))]
+    order = np.argsort(choice.ids, kind="stable")
+    sorted_ids = choice.ids[order]
     best = choice.scores.copy()
-    qs, ranks = np.nonzero(valid)
-    for q, r in zip(qs.tolist(), ranks.tolist()):
-        j = position.get(int(I[q, r]))
-        if j is not None:
-            retrievers[j].append(q)
-            best[j] = max(best[j], S[q, r])
-    choice.retrieved_by = [sorted(set(r)) for r in retrievers]
+    rows, cols = [], []
+    for start in range(0, len(I), _ROWS_PER_BLOCK):
+        Ib, Sb = I[start : start + _ROWS_PER_BLOCK], S[start : start + _ROWS_PER_BLOCK]
+        if not len(sorted_ids):
+            break
+        at = np.minimum(np.searchsorted(sorted_ids, Ib), len(sorted_ids) - 1)
+        hit = _valid(Sb, Ib, min_similarity) & (sorted_ids[at] == Ib)
+        q, r = np.nonzero(hit)
+        j = order[at[q, r]]
+        np.maximum.at(best, j, Sb[q, r])
+        rows.append(j)
+        cols.append((q + start).astype(np.int32 if len(I) < 2**31 else np.int64))
+    choice.retrieved_by = Retrievers.from_pairs(
+        np.concatenate(rows) if rows else np.zeros(0, np.int64),
+        np.concatenate(cols) if cols else np.zeros(0, np.int32),
+        len(choice),
+    )
     choice.scores = best.astype(np.float32)
     return choice
 
@@ -279,18 +376,28 @@ def query_neighbours(
     choice: Choice, S: np.ndarray | None, I: np.ndarray | None, nq: int, top: int = 16
 ) -> list[list[tuple[int, float]]]:
     """For each query, its chosen neighbours best first (id, similarity), at most ``top``: what the report shows."""
-    pairs: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
-    chosen = set(choice.ids.tolist())
-    if S is not None and I is not None:
-        for q in range(nq):
-            for r in range(I.shape[1]):
-                pid = int(I[q, r])
-                if pid in chosen and np.isfinite(S[q, r]):
-                    pairs[q].append((pid, float(S[q, r])))
-    else:
+    if S is None or I is None:
+        pairs: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
         for pid, score, q in zip(choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist()):
             pairs[q].append((pid, float(score)))
-    return [sorted(p, key=lambda t: (-t[1], t[0]))[:top] for p in pairs]
+        return [sorted(p, key=lambda t: (-t[1], t[0]))[:top] for p in pairs]
+    sorted_ids = np.sort(choice.ids)
+    out: list[list[tuple[int, float]]] = []
+    for start in range(0, nq, _ROWS_PER_BLOCK):
+        Ib, Sb = I[start : start + _ROWS_PER_BLOCK], S[start : start + _ROWS_PER_BLOCK]
+        if len(sorted_ids):
+            at = np.minimum(np.searchsorted(sorted_ids, Ib), len(sorted_ids) - 1)
+            keep = (sorted_ids[at] == Ib) & np.isfinite(Sb)
+        else:
+            keep = np.zeros(Ib.shape, bool)
+        primary = np.where(keep, -Sb, np.inf)
+        order = np.lexsort((np.where(keep, Ib, np.iinfo(np.int64).max), primary), axis=1)[:, :top]
+        ids_b = np.take_along_axis(Ib, order, axis=1)
+        sims_b = np.take_along_axis(Sb, order, axis=1)
+        kept_b = np.take_along_axis(keep, order, axis=1)
+        for ids_q, sims_q, kept_q in zip(ids_b.tolist(), sims_b.tolist(), kept_b.tolist()):
+            out.append([(i, s) for i, s, k in zip(ids_q, sims_q, kept_q) if k])
+    return out
 
 
 def choose(
@@ -311,13 +418,19 @@ def choose(
     ``topk_share`` (instance strategy only) gives that fraction of the budget to the top scores
     and the rest to the per-instance round robin: the round robin keeps every target image
     represented, the top scores add the samples the target is surest of. ``balance`` applies to
-    both: with "class", every class gets an equal share of each."""
+    both: with "class", every class gets an equal share of each. The mix's top scores are taken
+    among each image's k nearest (k sized from its share), not over the whole pool: finding the
+    pool-wide top would mean searching again with ever larger k, and one image among many similar
+    off-target pool samples would take them all."""
     if not 0.0 <= topk_share <= 1.0:
         raise ValueError(f"topk_share must lie in [0, 1], got {topk_share}")
     if strategy == "instance":
         streams = instance_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
         if topk_share > 0:
             top = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
+            # In the mix the top scores are those among each image's k nearest, so no image takes
+            # more than k of them: only the round robin running short asks for a larger k.
+            top = [dataclasses.replace(st, bound=-np.inf) for st in top]
             streams = mix_streams([streams, top], [1.0 - topk_share, topk_share])
     elif strategy == "topk":
         streams = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
@@ -479,5 +592,5 @@ def choose_by_clusters(
     for i, clusters in enumerate(query_clusters):
         for cl in clusters:
             probing.setdefault(cl, []).append(i)
-    choice.retrieved_by = [probing[streams[s].cluster] for s in choice.stream_of.tolist()]
+    choice.retrieved_by = Retrievers.from_lists([probing[streams[s].cluster] for s in choice.stream_of.tolist()])
     return choice, plan

@@ -84,6 +84,12 @@ def test_sharded_search_equals_monolithic_in_waves(ray_driver, tmp_path, factory
     assert len(stats4.nodes) == 2, "searchers should run on both Ray nodes"
     np.testing.assert_array_equal(I4, Im)
     np.testing.assert_array_equal(D4, Dm)
+    # one searcher holding all four shards merges them itself and answers once per batch
+    stats1 = SearchStats()
+    D1, I1 = search_index(store.path, xq, k, searchers=1, batch_size=32, stats=stats1)
+    assert stats1.waves == [[[0, 1, 2, 3]]]
+    np.testing.assert_array_equal(I1, Im)
+    np.testing.assert_array_equal(D1, Dm)
     # a memory limit that holds one shard (plus the quantizer and queries) but not two: waves
     one_shard = max(stats4.group_bytes[0])
     stats = SearchStats()
@@ -114,6 +120,38 @@ def test_killed_searcher_is_restarted_and_its_queries_redone(ray_driver, tmp_pat
     D, I = search_index(store.path, xq, k, batch_size=10, stats=stats, on_batch=kill_one)
     assert killed and stats.restarts >= 1
     assert stats.searcher_pids[1] != killed[0], "a new searcher process took over the shards"
+    Dm, Im = reference(mono, xq, k, "ip")
+    np.testing.assert_array_equal(I, Im)
+    np.testing.assert_array_equal(D, Dm)
+
+
+def test_stalled_searcher_is_replaced_after_its_timeout_and_the_search_completes(ray_driver, tmp_path, caplog):
+    """A searcher frozen mid-search (SIGSTOP: alive to Ray, but never answering, as on a hung read)."""
+    import logging
+
+    faiss.omp_set_num_threads(1)
+    store, mono, x = make_index_store(str(tmp_path / "index.zarr"), "Flat", "ip", nshards=2, n=4000)
+    xq = x[::10] + 0.01
+    k = 10
+    stats = SearchStats()
+    frozen = []
+
+    def freeze_one(done, total):
+        if not frozen:
+            frozen.append(stats.searcher_pids[1])
+            os.kill(frozen[0], signal.SIGSTOP)
+
+    caplog.set_level(logging.WARNING, logger="sept.cluster.search")
+    try:
+        D, I = search_index(store.path, xq, k, batch_size=10, stats=stats, on_batch=freeze_one, batch_timeout_s=4)
+    finally:
+        if frozen:
+            try:
+                os.kill(frozen[0], signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert frozen and stats.restarts >= 1 and stats.searcher_pids[1] != frozen[0]
+    assert "answered no batch in 4s" in caplog.text
     Dm, Im = reference(mono, xq, k, "ip")
     np.testing.assert_array_equal(I, Im)
     np.testing.assert_array_equal(D, Dm)

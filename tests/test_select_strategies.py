@@ -186,3 +186,114 @@ def test_class_balanced_topk_gives_each_class_its_share_of_its_own_best_scores()
     assert np.bincount(cls[mixed.chosen_by]).tolist() == [6, 6]
     # Class 0's round robin reaches each of its three images once, its top scores go to image 0.
     assert np.bincount(mixed.chosen_by, minlength=4).tolist() == [4, 1, 1, 6]
+
+
+def _reference_fill(streams, budget, excluded):
+    """The rule of ``fill`` written the plain way (a dict of chosen ids, a heap of turns): the compact one must agree."""
+    import heapq
+
+    chosen, out, taken, met = {}, [], [0] * len(streams), set()
+    turns = [(0.0, s) for s, st in enumerate(streams) if st.weight > 0]
+    heapq.heapify(turns)
+    position = [0] * len(streams)
+    while turns and len(out) < budget:
+        _, s = heapq.heappop(turns)
+        st = streams[s]
+        while position[s] < len(st):
+            p = position[s]
+            position[s] += 1
+            pid = int(st.ids[p])
+            if pid in excluded:
+                met.add(pid)
+            if pid in chosen or pid in excluded:
+                continue
+            chosen[pid] = True
+            out.append((pid, float(st.scores[p]), int(st.queries[p]), s))
+            taken[s] += 1
+            heapq.heappush(turns, (taken[s] / st.weight, s))
+            break
+    return out, len(met)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compact_fill_takes_what_the_plain_rule_takes_and_records_every_retriever(seed):
+    from sept.index.strategies import fill, mix_streams, topk_streams
+
+    rng = np.random.default_rng(seed)
+    nq, k = 30, 12
+    I = rng.integers(0, 120, (nq, k)).astype(np.int64)  # heavy overlap between the queries' lists
+    S = np.sort(rng.uniform(0, 1, (nq, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    cls = rng.integers(0, 3, nq)
+    excluded = set(rng.integers(0, 120, 15).tolist())
+    streams = mix_streams(
+        [
+            instance_streams(S, I, cls, balance="class"),
+            topk_streams(S, I, cls, balance="class"),
+        ],
+        [0.6, 0.4],
+    )
+    got = fill(streams, 70, excluded=excluded)
+    want, met = _reference_fill(streams, 70, excluded)
+    assert list(zip(got.ids.tolist(), got.scores.tolist(), got.chosen_by.tolist(), got.stream_of.tolist())) == want
+    assert got.leaked_skipped == met > 0
+
+    c = choose(S, I, 70, balance="class", query_class=cls, topk_share=0.4, excluded=excluded)
+    for j, pid in enumerate(c.ids.tolist()):
+        rows = sorted(set(np.nonzero(I == pid)[0].tolist()))
+        assert c.retrieved_by[j] == rows and c.chosen_by[j] in rows
+        assert c.scores[j] == S[I == pid].max()
+    assert c.retrieved_by.counts().sum() == sum(len(r) for r in c.retrieved_by)
+
+
+def test_the_mix_does_not_search_again_for_the_pool_wide_top_but_the_pure_topk_does():
+    S, I = _disjoint(nq=4, k=5)  # query 0's scores beat everything beyond every other list's end
+    assert choose(S, I, 8, strategy="topk").needs_more_neighbours
+    mixed = choose(S, I, 8, topk_share=0.5)
+    assert not mixed.needs_more_neighbours
+    assert len(mixed) == 8 and np.bincount(mixed.chosen_by, minlength=4).max() <= 5  # no image takes more than k
+
+
+def test_a_stream_that_runs_short_says_how_many_more_neighbours_would_fill_it():
+    S, I = _disjoint(nq=2, k=3)  # six distinct candidates
+    c = choose(S, I, 60)
+    assert c.needs_more_neighbours and len(c) == 6
+    assert c.neighbours_factor == pytest.approx(10.0)  # wanted 60, got 6 from k=3: ten times the neighbours
+    assert choose(S, I, 4).neighbours_factor == 1.0  # filled, nothing more to ask
+    S2, I2 = _disjoint(nq=4, k=5)
+    assert choose(S2, I2, 8, strategy="topk").neighbours_factor == 2.0  # exactness: no shortfall to size from
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_candidate_near_duplicates_choose_what_the_accepted_set_search_chooses(seed):
+    """The pairs-among-candidates rule (O(budget x pairs)) equals the search over everything accepted."""
+    from sept.index.dedup import CandidateNearDuplicates
+
+    rng = np.random.default_rng(seed)
+    nq, k, d = 20, 15, 16
+    base = normalize(rng.normal(size=(60, d)))
+    pool = normalize(np.repeat(base, 5, axis=0) + 0.08 * rng.normal(size=(300, d)))  # groups of close copies
+    ids = np.arange(300, dtype=np.int64) * 7 + 3
+    I = ids[rng.integers(0, 300, (nq, k))]
+    S = np.sort(rng.uniform(0, 1, (nq, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    vectors = dict(zip(ids.tolist(), pool))
+    cand = np.unique(I)
+    fast = CandidateNearDuplicates(cand, np.stack([vectors[i] for i in cand.tolist()]), 0.9)
+    slow = NearDuplicateFilter({i: vectors[i] for i in cand.tolist()}, 0.9, dim=d)
+    a = choose(S, I, 120, near_dup=fast)
+    b = choose(S, I, 120, near_dup=slow)
+    assert a.ids.tolist() == b.ids.tolist() and a.near_duplicates == b.near_duplicates
+    assert len(a.near_duplicates) > 0, "the pool was built with close copies"
+
+
+def test_close_pairs_through_an_ivf_find_nearly_every_pair(monkeypatch):
+    import sept.index.dedup as dedup
+
+    rng = np.random.default_rng(0)
+    base = normalize(rng.normal(size=(2000, 32)))
+    x = np.concatenate([base, normalize(base + 0.05 * rng.normal(size=base.shape))])
+    exact = dedup.close_pairs(x, 0.95)
+    monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 100)
+    approx = dedup.close_pairs(x, 0.95)
+    found = lambda p: {(i, int(j)) for i in range(len(x)) for j in p[1][p[0][i] : p[0][i + 1]]}  # noqa: E731
+    want, got = found(exact), found(approx)
+    assert got <= want and len(want) >= 3000 and len(got) >= 0.9 * len(want)  # most copies are 0.95+ close

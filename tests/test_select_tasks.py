@@ -299,6 +299,39 @@ def test_cluster_strategy_with_class_balance_and_near_duplicates(world, ray_clus
     assert all(r["chosen_by"] in r["retrieved_by"] for r in rows)
 
 
+def test_search_strategy_near_duplicates_keep_no_two_samples_that_close(world, ray_cluster, tmp_path):
+    """The default strategy with --near-dup-threshold: no two chosen samples are that similar."""
+    from sept.cluster.select import select
+    from sept.cluster.select_config import SelectConfig
+    from sept.index.embedding_store import EmbeddingStore
+    from sept.index.store import IndexStore
+    from sept.index.vector_lookup import fetch_vector_array
+
+    out = str(tmp_path / "sel_near_dup")
+    threshold = 0.97
+    summary = select(
+        SelectConfig(
+            index=world["index"],
+            encoder=world["encoder"],
+            target=world["corpus"].target_dir,
+            task="digits",
+            budget=BUDGET,
+            out=out,
+            near_dup_threshold=threshold,
+            ray_address=ray_cluster.address,
+        )
+    )
+    task = summary["tasks"]["digits"]
+    rows = _manifest(out, "digits")
+    assert len(rows) == task["selected"] > 0 and task["duplicates"]["near_duplicates_dropped"] > 0
+    emb = EmbeddingStore.open(IndexStore.open(world["index"]).attrs["embeddings"]["path"])
+    ids, x = fetch_vector_array(emb, np.asarray([r["id"] for r in rows], np.int64))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -1)
+    assert len(ids) == len(rows) and sims.max() < threshold
+
+
 def test_rerun_of_the_same_command_reproduces_every_byte(world, ray_cluster, tmp_path):
     other = str(tmp_path / "sel2")
     ray_cluster.run_sept("select", *world["two_tasks"], "--out", other)
