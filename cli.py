@@ -122,24 +122,60 @@ def _run_bootstrap(args: argparse.Namespace) -> object:
 
 
 def _add_import_encoder(p: argparse.ArgumentParser) -> None:
-    """A strong pre-trained checkpoint is the recommended retrieval encoder at scale. This reads a local state dict
-    (.pth/.pt or .safetensors; nothing is downloaded), strips wrapper prefixes, drops the classifier head,
-    checks every backbone weight is present, and writes ENCODER.pt with the model's preprocessing, for --encoder
-    of embed and select.
+    """A strong pre-trained checkpoint is the recommended retrieval encoder at scale. This reads a local checkpoint
+    (nothing is downloaded; torch files with weights_only=True): a timm or torchvision state dict, a DINOv2 release,
+    an open_clip checkpoint or a Hugging Face model folder. It strips wrapper prefixes, drops the classifier head
+    (or CLIP's text tower), checks every backbone weight is present, prints the preprocessing read from the
+    checkpoint's own config, and writes ENCODER.pt for --encoder of embed and select.
     """
-    p.add_argument("--weights", required=True, help="the state dict file")
+    from sept.training.encoder.importer import FORMATS
+    from sept.training.encoder.pooling import POOLS
+    from sept.training.encoder.preprocess import INTERPOLATIONS
+
+    p.add_argument("--weights", required=True, help="the weights file (.pth/.pt/.bin/.safetensors) or model folder")
     p.add_argument(
         "--arch",
-        required=True,
-        help="timm/NAME for any timm model (needs timm: pip install "
-        "'sept[timm]'), or resnet18|resnet34|resnet50 for torchvision",
+        default=None,
+        help="timm/NAME for any timm model (needs timm: pip install 'sept[timm]'), resnet18|resnet34|resnet50 for "
+        "torchvision, open_clip/NAME for a built-in open_clip model's checkpoint file; a model folder and "
+        "--format dinov2 name their own",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="what --weights is (default: told apart by a folder's config file, the arch and a DINOv2 "
+        "release's keys); a folder holding both open_clip's and Hugging Face's files reads as open_clip unless hf",
     )
     p.add_argument("--out", required=True, help="sept encoder file to write")
     p.add_argument(
-        "--image-size", type=int, default=None, help="input size (default: what timm records for the model, else 224)"
+        "--pool",
+        choices=POOLS,
+        default="default",
+        help="which features: the model's own head-less output (default), its class token, or the mean of its "
+        "patch tokens; recorded in the encoder's identity",
     )
-    p.add_argument("--mean", type=float, nargs=3, default=None, help="RGB mean (default: the model's, else ImageNet)")
-    p.add_argument("--std", type=float, nargs=3, default=None, help="RGB std (default: the model's, else ImageNet)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="crop size (default: the checkpoint's config, else 224)"
+    )
+    p.add_argument(
+        "--resize-size",
+        type=int,
+        default=None,
+        help="shorter side before the centre crop (default: the config's, from crop_pct)",
+    )
+    p.add_argument(
+        "--interpolation", choices=INTERPOLATIONS, default=None, help="resize interpolation (default: the config's)"
+    )
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="RGB mean (default: the config's, else ImageNet)")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="RGB std (default: the config's, else ImageNet)")
+    p.add_argument(
+        "--arch-kwargs",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="timm create_model keyword arguments, e.g. '{\"img_size\": 224}'; recorded with the arch",
+    )
     p.add_argument(
         "--strip-prefix",
         action="append",
@@ -155,6 +191,16 @@ def _add_import_encoder(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text}")
+    return value
+
+
 def _run_import_encoder(args: argparse.Namespace) -> object:
     from sept.training.encoder.importer import DEFAULT_PREFIXES, import_encoder
 
@@ -163,11 +209,17 @@ def _run_import_encoder(args: argparse.Namespace) -> object:
         args.weights,
         args.arch,
         args.out,
+        format=args.format,
         image_size=args.image_size,
+        resize_size=args.resize_size,
+        interpolation=args.interpolation,
         mean=args.mean,
         std=args.std,
+        pool=args.pool,
         prefixes=prefixes,
         key_map=args.key_map,
+        arch_kwargs=args.arch_kwargs,
+        announce=lambda line: print(f"sept import-encoder: {line}", file=sys.stderr),
     )
     print(f"sept import-encoder: wrote {out}", file=sys.stderr)
     return None
@@ -365,7 +417,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _run_bootstrap,
     ),
     "import-encoder": (
-        "wrap your own checkpoint (timm or torchvision ResNet) as a sept encoder",
+        "wrap your own checkpoint (timm, torchvision, DINOv2, open_clip, Hugging Face) as a sept encoder",
         _add_import_encoder,
         _run_import_encoder,
     ),

@@ -1,7 +1,12 @@
-"""Which backbones an encoder can be: sept's small ResNet, torchvision ResNets and any timm model.
+"""Which backbones an encoder can be: sept's small ResNet, torchvision ResNets, any timm model,
+an open_clip visual tower and a Hugging Face vision model.
 
 ``build_backbone`` makes one, randomly initialised, returning pooled features (no classifier);
-``backbone_for_state_dict`` makes the one shaped to hold given weights. Nothing here downloads.
+``backbone_for_state_dict`` makes the one shaped to hold given weights. An arch is a name plus,
+for imported families, its ``config`` (timm ``create_model`` keyword arguments, open_clip's
+``model_cfg``, a Hugging Face ``config.json``) and its ``pool`` (``sept.training.encoder.pooling``),
+both recorded in the encoder file, so a file rebuilds without any library's registry or the
+network. Nothing here downloads.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from sept.errors import SeptError, first_line
+from sept.training.encoder.pooling import check_pool, no_class_token
 
 SMALL_RESNET_WIDTH = 16
 """Default base width of ``resnet18_small`` (64 is the standard CIFAR ResNet-18): 16 keeps a
@@ -22,11 +28,16 @@ SMALL_RESNET_WIDTH = 16
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 ARCHS = ("resnet18_small",) + TORCHVISION_ARCHS
 TIMM_PREFIX = "timm/"
-"""``timm/NAME``: any timm model, features pooled, no classifier (``sept.training.encoder_import``)."""
+"""``timm/NAME``: any timm model, features pooled, no classifier (``sept.training.encoder.importer``)."""
+OPEN_CLIP_PREFIX = "open_clip/"
+"""``open_clip/NAME``: an open_clip model's visual tower (``sept.training.encoder.formats.open_clip_visual``)."""
+HF_PREFIX = "hf/"
+"""``hf/CLASS``: a Hugging Face vision model (``sept.training.encoder.formats.hf_folder``)."""
+PREFIXES = (TIMM_PREFIX, OPEN_CLIP_PREFIX, HF_PREFIX)
 
 
 def is_known_arch(arch: str) -> bool:
-    return arch in ARCHS or (isinstance(arch, str) and arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX))
+    return arch in ARCHS or (isinstance(arch, str) and any(arch.startswith(p) and len(arch) > len(p) for p in PREFIXES))
 
 
 _TORCHVISION_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
@@ -61,12 +72,29 @@ class SmallResNet18(ResNet):
                 nn.init.constant_(m.bias, 0)
 
 
-def build_backbone(arch: str, *, width: int | None = None) -> tuple[nn.Module, int]:
+def build_backbone(
+    arch: str, *, width: int | None = None, config: Mapping | None = None, pool: str | None = None
+) -> tuple[nn.Module, int]:
     """A randomly initialised backbone returning pooled features, and the features' dimension.
 
-    ``arch`` is ``resnet18_small`` (``width`` = base width, default ``SMALL_RESNET_WIDTH``) or a
-    torchvision ``resnet18``/``resnet34``/``resnet50`` (``fc`` replaced by the identity).
+    ``arch`` is ``resnet18_small`` (``width`` = base width, default ``SMALL_RESNET_WIDTH``), a
+    torchvision ``resnet18``/``resnet34``/``resnet50`` (``fc`` replaced by the identity),
+    ``timm/NAME`` (``config``: ``create_model`` keyword arguments), ``open_clip/NAME`` or
+    ``hf/CLASS`` (``config``: the model's own config). ``pool`` picks the features (``pooling``).
     """
+    pool = check_pool(pool)
+    if arch.startswith(OPEN_CLIP_PREFIX):
+        from sept.training.encoder.formats.open_clip_visual import build_visual
+
+        return build_visual(_required(arch, config), pool)
+    if arch.startswith(HF_PREFIX):
+        from sept.training.encoder.formats.hf_folder import build_hf_backbone
+
+        return build_hf_backbone(arch[len(HF_PREFIX) :], _required(arch, config), pool)
+    if config and not arch.startswith(TIMM_PREFIX):
+        raise SeptError(f"{arch} takes no architecture config")
+    if pool == "cls" and not arch.startswith(TIMM_PREFIX):
+        raise no_class_token(arch)  # a ResNet's default pool already is the mean over positions
     if arch == "resnet18_small":
         width = SMALL_RESNET_WIDTH if width is None else int(width)
         if width < 1:
@@ -81,23 +109,42 @@ def build_backbone(arch: str, *, width: int | None = None) -> tuple[nn.Module, i
     if arch.startswith(TIMM_PREFIX):
         if width is not None:
             raise SeptError(f"width applies to resnet18_small only, not to {arch}")
-        return _timm_backbone(arch[len(TIMM_PREFIX) :])
+        return _timm_backbone(arch[len(TIMM_PREFIX) :], dict(config or {}), pool)
     raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)}, or timm/NAME)")
 
 
-def _timm_backbone(name: str) -> tuple[nn.Module, int]:
+def _required(arch: str, config: Mapping | None) -> Mapping:
+    if not config:
+        raise SeptError(f"encoder arch {arch} needs the model's config, which its import records")
+    return config
+
+
+# sept's pool -> timm's global_pool: token = the class token, avg = the mean of the tokens after
+# the prefix (class and register) tokens, both after the final norm.
+_TIMM_POOL = {"cls": "token", "mean": "avg"}
+
+
+def _timm_backbone(name: str, kwargs: dict, pool: str) -> tuple[nn.Module, int]:
     try:
         import timm
     except ImportError:
         raise SeptError(f"encoder arch timm/{name} needs timm: pip install 'sept[timm]'") from None
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as err:
         raise SeptError(f"unknown timm model {name!r}: {first_line(err)}") from None
+    except TypeError as err:  # a keyword argument the model's constructor does not take
+        raise SeptError(f"timm model {name!r} does not take {kwargs}: {first_line(err)}") from None
+    if pool != "default":
+        if pool == "cls" and getattr(model, "cls_token", None) is None:
+            raise no_class_token(f"timm/{name}")
+        model.reset_classifier(0, global_pool=_TIMM_POOL[pool])
     return model, int(model.num_features)
 
 
-def backbone_for_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, int]:
+def backbone_for_state_dict(
+    arch: str, state_dict: Mapping[str, torch.Tensor], *, config: Mapping | None = None, pool: str | None = None
+) -> tuple[nn.Module, int]:
     """Builds ``arch`` shaped to hold ``state_dict`` (the small ResNet's width is read off its stem)."""
     width = None
     if arch == "resnet18_small":
@@ -105,7 +152,7 @@ def backbone_for_state_dict(arch: str, state_dict: Mapping[str, torch.Tensor]) -
         if not isinstance(stem, torch.Tensor) or stem.ndim != 4:
             raise ValueError("state dict has no conv1.weight")
         width = int(stem.shape[0])
-    return build_backbone(arch, width=width)
+    return build_backbone(arch, width=width, config=config, pool=pool)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -1,8 +1,12 @@
 """The encoder checkpoint contract shared by every stage: build, save, load and run a backbone.
 
 An encoder file is ``{"sept_encoder": {"arch", "image_size", "mean", "std", "dim", "state_dict",
-"extra"}}`` written by ``save_encoder``; ``arch`` is sept's small ResNet, a torchvision ResNet or
-``timm/NAME`` (any timm model, when timm is installed). ``load_encoder`` also accepts a plain
+"extra"}}`` written by ``save_encoder``; ``arch`` is sept's small ResNet, a torchvision ResNet,
+``timm/NAME`` (any timm model, when timm is installed), ``open_clip/NAME`` or ``hf/CLASS``
+(``sept.training.encoder.archs``). An imported encoder also records ``resize_size`` and
+``interpolation`` (how images are resized before the crop), ``pool`` (which features,
+``sept.training.encoder.pooling``) and ``arch_config`` (what rebuilds the architecture); a file
+without them resizes to ``image_size`` bilinearly and pools by default, as files always did. ``load_encoder`` also accepts a plain
 torchvision ResNet state dict (its arch found by strict loading, its ``fc`` head dropped); other
 state dicts are wrapped once by ``sept import-encoder`` (``sept.training.encoder.importer``). Loading always uses
 ``torch.load(weights_only=True)``: an encoder file never runs code.
@@ -32,11 +36,20 @@ from sept.errors import SeptError, first_line
 from sept.io import atomic_torch_save
 from sept.training.encoder.archs import ARCHS, TORCHVISION_ARCHS, backbone_for_state_dict, is_known_arch, unwrap
 from sept.training.encoder.identity import weights_identity
-from sept.training.encoder.preprocess import IMAGENET_MEAN, IMAGENET_STD, TORCHVISION_IMAGE_SIZE, eval_transform
+from sept.training.encoder.pooling import check_pool
+from sept.training.encoder.preprocess import (
+    DEFAULT_INTERPOLATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHVISION_IMAGE_SIZE,
+    eval_transform,
+)
 
 log = logging.getLogger(__name__)
 
 CONTRACT_KEYS = ("arch", "image_size", "mean", "std", "dim", "state_dict")
+RECIPE_KEYS = ("resize_size", "interpolation", "pool", "arch_config")
+"""Optional fields an imported encoder records (module docstring)."""
 
 
 def save_encoder(
@@ -49,26 +62,39 @@ def save_encoder(
     std: Sequence[float],
     extra: dict | None = None,
     center: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+    resize_size: int | None = None,
+    interpolation: str | None = None,
+    pool: str | None = None,
+    arch_config: Mapping | None = None,
+    dim: int | None = None,
 ) -> str:
     """Writes ``backbone`` (weights on CPU) and how to preprocess for it to ``path`` atomically.
 
     ``extra`` is free-form provenance (method, steps, data...) and must be JSON-serialisable, so
     that the file stays loadable with ``weights_only=True``. ``center`` (dim values, optional) is
     the mean L2-normalised feature of the images the encoder will search among: ``embed``
-    subtracts it and normalises again (see ``EncoderBundle.embed``). Returns ``path``.
+    subtracts it and normalises again (see ``EncoderBundle.embed``). ``resize_size``,
+    ``interpolation``, ``pool`` and ``arch_config`` are an imported encoder's (module docstring);
+    ``arch_config`` must be JSON-serialisable like ``extra``. ``dim``: the features' dimension,
+    when the caller built the backbone and knows it (else the arch is built again to learn it).
+    Returns ``path``.
     """
     if not is_known_arch(arch):
         raise SeptError(f"unknown encoder arch {arch!r} (choose from {', '.join(ARCHS)}, or timm/NAME)")
-    extra = dict(extra or {})
-    try:
-        extra = json.loads(json.dumps(extra))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"encoder extra must be JSON-serialisable: {err}") from None
+    extra = _json_copy(extra or {}, "extra")
+    recipe = _recipe(
+        int(image_size),
+        resize_size=resize_size,
+        interpolation=interpolation,
+        pool=pool,
+        arch_config=_json_copy(arch_config, "arch_config") if arch_config is not None else None,
+    )
     mean, std = [float(x) for x in mean], [float(x) for x in std]
     if len(mean) != 3 or len(std) != 3:
         raise ValueError("mean and std must have 3 values (RGB)")
     state_dict = {k: v.detach().to("cpu").clone() for k, v in unwrap(backbone).state_dict().items()}
-    _, dim = backbone_for_state_dict(arch, state_dict)
+    if dim is None:
+        _, dim = backbone_for_state_dict(arch, state_dict, config=recipe.get("arch_config"), pool=recipe.get("pool"))
     center_tensor = _center_tensor(center, dim)
     payload = {
         "sept_encoder": {
@@ -79,6 +105,7 @@ def save_encoder(
             "dim": int(dim),
             "state_dict": state_dict,
             "extra": extra,
+            **recipe,
         }
     }
     if center_tensor is not None:
@@ -86,6 +113,29 @@ def save_encoder(
     atomic_torch_save(payload, path)
     log.info("saved %s encoder (dim %d, %d px) to %s", arch, dim, image_size, path)
     return path
+
+
+def _json_copy(obj: Any, name: str) -> Any:
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"encoder {name} must be JSON-serialisable: {err}") from None
+
+
+def _recipe(image_size: int, **fields: Any) -> dict:
+    """The set ones of an imported encoder's fields, the defaults left out: a file resizing to
+    its crop bilinearly reads, and hashes, as one written before these fields existed."""
+    if fields.get("resize_size") is not None:
+        fields["resize_size"] = int(fields["resize_size"])
+        if fields["resize_size"] < image_size:
+            raise ValueError(f"resize_size {fields['resize_size']} is smaller than the crop, image_size {image_size}")
+        if fields["resize_size"] == image_size:
+            fields["resize_size"] = None
+    if fields.get("interpolation") == DEFAULT_INTERPOLATION:
+        fields["interpolation"] = None
+    if fields.get("pool") is not None:
+        fields["pool"] = check_pool(fields["pool"])
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _center_tensor(center: Sequence[float] | np.ndarray | torch.Tensor | None, dim: int) -> torch.Tensor | None:
@@ -120,13 +170,21 @@ class EncoderBundle:
     extra: dict = field(default_factory=dict)
     center: torch.Tensor | None = None
     """Mean normalised feature subtracted by ``embed`` (None: no centring)."""
+    resize_size: int | None = None
+    """The shorter side before the centre crop (None: ``image_size``)."""
+    interpolation: str = DEFAULT_INTERPOLATION
+    pool: str | None = None
+    arch_config: dict | None = None
 
     def __post_init__(self) -> None:
-        self._transform = eval_transform(self.image_size, self.mean, self.std)
+        self._transform = eval_transform(
+            self.image_size, self.mean, self.std, resize_size=self.resize_size, interpolation=self.interpolation
+        )
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
-        """One image as the model's input: RGB, shorter side resized to ``image_size``, centre
-        crop, normalised; a float32 tensor [3, image_size, image_size]."""
+        """One image as the model's input: RGB, shorter side resized to ``resize_size``
+        (``image_size`` unless recorded), centre crop, normalised; a float32 tensor
+        [3, image_size, image_size]."""
         return self._transform(img.convert("RGB"))
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
@@ -170,11 +228,15 @@ def _bundle(
     device: str | torch.device,
     extra: dict,
     center: Any = None,
+    recipe: Mapping | None = None,
 ) -> EncoderBundle:
-    model, dim = backbone_for_state_dict(arch, state_dict)
+    recipe = dict(recipe or {})
+    model, dim = backbone_for_state_dict(arch, state_dict, config=recipe.get("arch_config"), pool=recipe.get("pool"))
     model.load_state_dict(state_dict, strict=True)
     center = _center_tensor(center, dim)
-    identity = weights_identity(state_dict, arch=arch, image_size=image_size, mean=mean, std=std, center=center)
+    identity = weights_identity(
+        state_dict, arch=arch, image_size=image_size, mean=mean, std=std, center=center, **recipe
+    )
     dev = _resolve_device(device)
     model = model.to(dev).eval()
     if dev.type == "cuda":
@@ -190,6 +252,10 @@ def _bundle(
         device=dev,
         extra=dict(extra),
         center=center.to(dev) if center is not None else None,
+        resize_size=recipe.get("resize_size"),
+        interpolation=recipe.get("interpolation") or DEFAULT_INTERPOLATION,
+        pool=recipe.get("pool"),
+        arch_config=recipe.get("arch_config"),
     )
 
 
@@ -233,6 +299,7 @@ def load_encoder(path: str, device: str | torch.device = "auto") -> EncoderBundl
                 device=device,
                 extra=meta.get("extra") or {},
                 center=meta.get("center"),
+                recipe={k: meta[k] for k in RECIPE_KEYS if meta.get(k) is not None},
             )
         except (RuntimeError, ValueError) as err:
             reason = first_line(err)

@@ -23,13 +23,26 @@ def weights_identity(
     mean: Sequence[float],
     std: Sequence[float],
     center: torch.Tensor | None = None,
+    resize_size: int | None = None,
+    interpolation: str | None = None,
+    pool: str | None = None,
+    arch_config: Mapping | None = None,
 ) -> str:
     """First 16 hex chars of a sha256 over the weights (names, dtypes, shapes, bytes), the
     preprocessing and the feature centre, if any: the same weights fed differently-sized or
     -normalised images, or centred differently, embed differently. Without a centre the identity
-    is what it was before centres existed."""
+    is what it was before centres existed.
+
+    An imported encoder also records how images are resized (``resize_size``, ``interpolation``),
+    which features it pools (``pool``: the same weights give other vectors with another pooling)
+    and the architecture's settings (``arch_config``: a head count changes the features, not the
+    weights' shapes); each is hashed only when set, so older encoders keep their identity."""
     h = hashlib.sha256()
     h.update(json.dumps([arch, int(image_size), [float(x) for x in mean], [float(x) for x in std]]).encode())
+    recipe = dict(resize_size=resize_size, interpolation=interpolation, pool=pool, arch_config=arch_config)
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    if recipe:
+        h.update(b"recipe|" + json.dumps(recipe, sort_keys=True).encode())
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
