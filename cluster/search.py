@@ -64,10 +64,23 @@ class ShardSearcher:
         self.shards: dict[int, object] = {}
 
     def load(self, index_shards: list[int]) -> dict:
+        """Load a group of shards, merged into one index where faiss can (IVF lists, flat id maps):
+        a search then costs one coarse quantization and one scan per batch, however many small
+        shards the group holds."""
         self.shards = {}
         gc.collect()  # free the previous wave's shards before reading the next ones
+        merged = None
         for j in index_shards:
-            self.shards[j] = self.store.load_shard(j)
+            index = self.store.load_shard(j)
+            if merged is not None:
+                try:
+                    merged.merge_from(index, 0)
+                    continue
+                except RuntimeError:  # a kind faiss cannot merge: searched shard by shard
+                    merged = None
+            self.shards[j] = index
+            if len(self.shards) == 1:
+                merged = index
         return dict(
             pid=os.getpid(),
             node=socket.gethostname(),
