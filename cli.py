@@ -246,8 +246,8 @@ def _add_index(p: argparse.ArgumentParser) -> None:
     shards embedded since.
 
     sept index eval --index INDEX --embeddings EMB: recall@1, recall@10 and QPS against exact search on held-out
-    queries for a sweep of nprobe; prints the table, writes it as JSON and stores the chosen nprobe with the
-    index.
+    queries for a sweep of nprobe, over a sample of --eval-shards index shards (drawn by the seed; the table
+    names them); prints the table, writes it as JSON and stores the chosen nprobe with the index.
     """
     from sept.cluster.index_build import IndexConfig
     from sept.index.eval import EvalConfig

@@ -1,10 +1,16 @@
 """sept index: train the FAISS index once, then encode its shards in parallel as Ray tasks.
 
-Training reads a bounded random sample of the embeddings (chunk by chunk, never the pool). Each
-index shard owns a list of pool shards, and its encoding task reads only those, one batch of
-rows at a time, so a task's memory is its shard's codes plus one batch, never the pool. A rerun
-with the same embeddings and spec resumes at the missing shards; ``--add`` encodes only pool
-shards embedded since (new index shards, the trained quantizer reused), never a rebuild.
+Training reads a bounded random sample of the embeddings (chunk by chunk, never the pool), of
+the size ``resolve_train_size`` gives (``--train-size``, else chosen from the factory's lists).
+Each index shard owns a list of pool shards, and its encoding task reads only those, one batch
+of rows at a time, so a task's memory is its shard's codes plus one batch, never the pool. A
+task takes ``--cpus-per-task`` Ray CPUs and runs as many faiss OpenMP threads. With
+``--task-vectors`` an index shard holding more vectors than that is encoded by several tasks,
+each over a run of its pool shards, whose codes one more task merges (list by list, in pool
+order: the same shard one task would write) and writes. A rerun with the same embeddings and
+spec resumes at the missing shards; ``--add`` encodes only pool shards embedded since (new index
+shards, the trained quantizer reused), never a rebuild. The check that every vector was encoded
+reads each shard's stored ntotal, never its codes.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from sept.cluster.runtime import ray_session
 from sept.errors import SeptError
 from sept.index.codes import ShardEncoder, train_index
 from sept.index.embedding_store import CHUNK_ROWS, EmbeddingStore
-from sept.index.spec import IndexSpec, choose_factory, format_bytes, index_bytes, make_index
+from sept.index.spec import (
+    IndexSpec,
+    choose_factory,
+    format_bytes,
+    index_bytes,
+    make_index,
+    resolve_train_size,
+)
 from sept.index.store import IndexStore
 from sept.io import atomic_write_json
 from sept.training.encoder.identity import require_same_encoder
@@ -49,6 +62,16 @@ class IndexConfig:
         default=False,
         metadata={"help": "index the complete shards of an embeddings store that has incomplete ones"},
     )
+    cpus_per_task: int = field(
+        default=1, metadata={"help": "Ray CPUs of each encoding task; faiss runs as many OpenMP threads in it"}
+    )
+    task_vectors: int = field(
+        default=0,
+        metadata={
+            "help": "vectors one encoding task encodes at most: an index shard holding more is split "
+            "into tasks over runs of its pool shards, then merged (default 0: one task per index shard)"
+        },
+    )
     batch_rows: int = CHUNK_ROWS  # embeddings rows an encoding task holds at once
 
 
@@ -66,21 +89,82 @@ def _fingerprint(identity: str, pool: list[str], counts: dict[int, int]) -> str:
     return h.hexdigest()[:16]
 
 
-@ray.remote(num_cpus=1)
-def encode_index_shard(
-    embeddings: str, index_path: str, index_shard: int, pool_shards: list[int], batch_rows: int = CHUNK_ROWS
-) -> int:
+def encode_pool_shards(
+    embeddings: str, index_path: str, pool_shards: list[int], batch_rows: int = CHUNK_ROWS, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, ids, codes) of the given pool shards, encoded by the index's trained quantizer
+    with ``threads`` faiss OpenMP threads (a task's CPUs); memory is the codes plus one batch."""
     import faiss
 
-    faiss.omp_set_num_threads(1)
+    faiss.omp_set_num_threads(max(1, int(threads)))
     emb = EmbeddingStore(embeddings)
-    store = IndexStore(index_path)
-    encoder = ShardEncoder(store.trained_index())
+    encoder = ShardEncoder(IndexStore(index_path).trained_index())
     for x, ids in emb.iter_batches(pool_shards, batch_rows):
         encoder.add(x, ids)
-    offsets, ids, codes = encoder.finish()
-    store.write_shard(index_shard, offsets, ids, codes)
-    return len(ids)
+    return encoder.finish()
+
+
+def merge_parts(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One shard's (offsets, ids, codes) from parts encoded apart: each list holds its rows of
+    the first part, then of the second, ... (what encoding the parts' vectors in order gives)."""
+    if len(parts) == 1:
+        return parts[0]
+    lists = [np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)) for offsets, _, _ in parts]
+    order = np.argsort(np.concatenate(lists), kind="stable")
+    sizes = sum(np.diff(offsets) for offsets, _, _ in parts)
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    offsets[1:] = np.cumsum(sizes)
+    ids = np.concatenate([p[1] for p in parts])[order]
+    codes = np.concatenate([p[2] for p in parts])[order]
+    return offsets, ids, codes
+
+
+@ray.remote(num_cpus=1)
+def encode_index_shard(
+    embeddings: str,
+    index_path: str,
+    index_shard: int,
+    pool_shards: list[int],
+    batch_rows: int = CHUNK_ROWS,
+    threads: int = 1,
+) -> dict:
+    import faiss
+
+    offsets, ids, codes = encode_pool_shards(embeddings, index_path, pool_shards, batch_rows, threads)
+    IndexStore(index_path).write_shard(index_shard, offsets, ids, codes)
+    return dict(ntotal=len(ids), threads=faiss.omp_get_max_threads())
+
+
+@ray.remote(num_cpus=1)
+def encode_index_part(
+    embeddings: str, index_path: str, pool_shards: list[int], batch_rows: int = CHUNK_ROWS, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    import faiss
+
+    return (*encode_pool_shards(embeddings, index_path, pool_shards, batch_rows, threads), faiss.omp_get_max_threads())
+
+
+@ray.remote(num_cpus=1)
+def write_index_shard(index_path: str, index_shard: int, *parts) -> dict:
+    """Merge an index shard's parts (encode_index_part's results) and write the shard."""
+    offsets, ids, codes = merge_parts([p[:3] for p in parts])
+    IndexStore(index_path).write_shard(index_shard, offsets, ids, codes)
+    return dict(ntotal=len(ids), threads=min(int(p[3]) for p in parts), parts=len(parts))
+
+
+def split_pool_shards(pool_shards: list[int], counts: dict[int, int], task_vectors: int) -> list[list[int]]:
+    """Runs of consecutive pool shards of at most task_vectors vectors each (a pool shard larger
+    than that is a run alone); one run when task_vectors is 0."""
+    if task_vectors <= 0:
+        return [list(pool_shards)]
+    runs, run, held = [], [], 0
+    for i in pool_shards:
+        if run and held + counts[i] > task_vectors:
+            runs.append(run)
+            run, held = [], 0
+        run.append(i)
+        held += counts[i]
+    return runs + [run] if run else runs or [[]]
 
 
 def _require_index_encoder(index_attrs: dict, emb: EmbeddingStore, index_path: str) -> None:
@@ -117,10 +201,10 @@ def build_index(cfg: IndexConfig) -> dict:
         store, added = _grow(cfg, emb, counts)
     else:
         store, added = _open_or_create(cfg, emb, counts), None
-    _encode_missing(cfg, emb, store)
+    reports = _encode_missing(cfg, emb, store)
     attrs = store.attrs
     expected = sum(int(c) for c in attrs["indexed_counts"].values())
-    encoded = sum(int(store.read_shard(j)[1].shape[0]) for j in range(store.nshards))
+    encoded = sum(store.shard_ntotal(j) for j in range(store.nshards))  # the shards' attributes, not their codes
     if encoded != expected:
         raise SeptError(f"index shards hold {encoded} vectors but the embeddings hold {expected}; rerun `sept index`")
     store.update_attrs(complete=True, ntotal=expected)
@@ -131,9 +215,13 @@ def build_index(cfg: IndexConfig) -> dict:
         dim=dim,
         shards=store.nshards,
         nprobe=attrs.get("nprobe"),
+        train_size=attrs["spec"].get("train_size"),
+        cpus_per_task=cfg.cpus_per_task,
         path=store.path,
         left_out_incomplete=[emb.pool[i] for i in missing],
     )
+    if reports:
+        summary["encode_threads"] = sorted({int(r["threads"]) for r in reports})
     if added is not None:
         summary["added"] = added
     _write_json(
@@ -171,11 +259,16 @@ def _open_or_create(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int
         raise SeptError(f"{cfg.out} exists and is not a sept index; choose another --out")
     factory, why = _resolve_factory(cfg, n, dim)
     index = make_index(factory, dim, metric)  # fails fast on a bad factory string, before any work
+    train_size = spec.train_size
+    if not index.is_trained:
+        train_size, train_why = resolve_train_size(factory, n, spec.train_size, dim)
+        if spec.factory:  # choose_factory's reason already says how it is trained
+            why = f"{why}; {train_why}"
     log.info("index: chose %s: %s", factory, why)
     nshards = max(1, min(spec.shards, len(counts)))
     assignment = [a.tolist() for a in np.array_split(np.array(sorted(counts)), nshards)]
     if not index.is_trained:
-        sample = emb.sample(spec.train_size, seed=spec.seed)
+        sample = emb.sample(train_size, seed=spec.seed)
         if len(sample) < _min_train(index):
             raise SeptError(
                 f"factory {factory!r} needs at least {_min_train(index)} training vectors; "
@@ -185,7 +278,7 @@ def _open_or_create(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int
         train_index(index, sample, seed=spec.seed)
         del sample
     attrs = dict(
-        spec=dict(spec.to_dict(), factory=factory, shards=nshards),
+        spec=dict(spec.to_dict(), factory=factory, shards=nshards, train_size=train_size),
         factory_reason=why,
         dim=dim,
         metric=spec.metric,
@@ -265,19 +358,49 @@ def _grow(cfg: IndexConfig, emb: EmbeddingStore, counts: dict[int, int]) -> tupl
     return store, added
 
 
-def _encode_missing(cfg: IndexConfig, emb: EmbeddingStore, store: IndexStore) -> None:
-    assignment = store.attrs["assignment"]
+def _encode_missing(cfg: IndexConfig, emb: EmbeddingStore, store: IndexStore) -> list[dict]:
+    """Encode the index shards not yet complete; returns each task's report (ntotal, threads)."""
+    attrs = store.attrs
+    assignment = attrs["assignment"]
     todo = [j for j in range(len(assignment)) if not store.is_complete(j)]
     if not todo:
-        return
+        return []
+    if cfg.cpus_per_task < 1:
+        raise SeptError(f"--cpus-per-task must be at least 1, got {cfg.cpus_per_task}")
+    counts = {int(i): int(c) for i, c in attrs["indexed_counts"].items()}
     with ray_session(cfg.ray_address):
-        refs = [encode_index_shard.remote(emb.path, store.path, j, assignment[j], cfg.batch_rows) for j in todo]
+        _require_cpus(cfg.cpus_per_task)
+        cpus = dict(num_cpus=cfg.cpus_per_task)
+        args = (cfg.batch_rows, cfg.cpus_per_task)
+        refs = []
+        for j in todo:
+            runs = split_pool_shards(assignment[j], counts, cfg.task_vectors)
+            if len(runs) == 1:
+                refs.append(encode_index_shard.options(**cpus).remote(emb.path, store.path, j, runs[0], *args))
+            else:
+                parts = [encode_index_part.options(**cpus).remote(emb.path, store.path, run, *args) for run in runs]
+                refs.append(write_index_shard.remote(store.path, j, *parts))
+        log.info(
+            "index: encoding %d index shard(s) in %d task(s) of %d CPU(s) each",
+            len(todo),
+            sum(len(split_pool_shards(assignment[j], counts, cfg.task_vectors)) for j in todo),
+            cfg.cpus_per_task,
+        )
+        reports = []
         with tqdm(total=len(todo), desc="index", unit="shard", dynamic_ncols=True) as bar:
             pending = list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done[0])
+                reports.append(ray.get(done[0]))
                 bar.update(1)
+    return reports
+
+
+def _require_cpus(cpus_per_task: int) -> None:
+    """A task asking for more CPUs than any node has would wait forever: refuse it now."""
+    most = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if cpus_per_task > most:
+        raise SeptError(f"--cpus-per-task {cpus_per_task} exceeds the CPUs of every Ray node (at most {most:g})")
 
 
 def _write_json(path: str, obj: dict) -> None:

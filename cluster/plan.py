@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -83,7 +84,7 @@ def index_bytes(factory: str, n: int, dim: int) -> int:
     code = dim * 4
     for p in parts:
         if p.startswith("IVF"):
-            nlist = int(p[3:])
+            nlist = int(re.match(r"IVF(\d+)", p).group(1))  # IVF262144_HNSW32: the quantizer follows the count
         elif p.startswith("PQ"):
             code = int(p[2:].split("x")[0])
         elif p == "Flat":

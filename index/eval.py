@@ -1,10 +1,16 @@
 """sept index eval: recall and speed of an index against exact search, over a sweep of nprobe.
 
+It reads a sample of the index shards, not all of them: ``--eval-shards`` of them (all when
+there are no more), drawn by the seed, so a rerun uses the same ones; the report names them. The
+evaluation is then of the index those shards form: queries are drawn from, and exact search runs
+over, the pool shards they hold. Every index shard shares the trained quantizer and differs only
+in which vectors it holds, so their recall estimates the whole index's at a fraction of the reads.
+
 Queries are held out by leaving one out: a random sample of the indexed vectors, each removed
 from its own results, in the exact and the approximate search alike. Exact search streams the
 stored (float16) vectors batch by batch, so it needs no more memory than one batch. The
-approximate search is the index exactly as `sept select` uses it: every shard searched, the
-per-shard top-k merged. recall@k is the mean overlap of the approximate and exact top-k,
+approximate search is the index exactly as `sept select` uses it: each (sampled) shard searched,
+the per-shard top-k merged. recall@k is the mean overlap of the approximate and exact top-k,
 |approx_k ∩ exact_k| / k. The chosen nprobe, the smallest reaching the target recall@10, is
 stored with the index; `sept select` uses it.
 """
@@ -46,6 +52,10 @@ class EvalConfig:
         default=0.95,
         metadata={"help": "eval: the chosen nprobe is the smallest reaching this recall@k (default: %(default)s)"},
     )
+    eval_shards: int = field(
+        default=4,
+        metadata={"help": "eval: index shards read, a sample drawn by the seed (0: all of them)"},
+    )
     seed: int = 0
     out: str = ""  # the JSON table; "" means INDEX/eval.json
     batch_rows: int = 65536
@@ -83,8 +93,19 @@ def recall_at(I_approx: np.ndarray, I_exact: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k) if hits else 0.0
 
 
-def _check_embeddings(store: IndexStore, emb: EmbeddingStore, index_path: str, emb_path: str) -> list[int]:
-    """The pool shards the index holds, after checking emb holds them unchanged, from the same encoder."""
+def sample_shards(nshards: int, size: int, seed: int) -> list[int]:
+    """``size`` of the index shards 0..nshards-1 (all of them when size is 0 or at least nshards),
+    drawn without replacement by seed, in order."""
+    if size <= 0 or size >= nshards:
+        return list(range(nshards))
+    return sorted(int(j) for j in np.random.default_rng(seed).choice(nshards, size=size, replace=False))
+
+
+def _check_embeddings(
+    store: IndexStore, emb: EmbeddingStore, index_path: str, emb_path: str, pool_shards: list[int] | None = None
+) -> list[int]:
+    """The pool shards the index holds (of them, pool_shards), after checking emb holds them
+    unchanged, from the same encoder."""
     attrs = store.attrs
     if emb.encoder.identity != attrs["encoder"]["identity"] or emb.dim != int(attrs["dim"]):
         raise SeptError(
@@ -92,6 +113,8 @@ def _check_embeddings(store: IndexStore, emb: EmbeddingStore, index_path: str, e
             f"was built from encoder {attrs['encoder']['identity']} ({attrs['dim']}-d)"
         )
     counts = {int(i): int(c) for i, c in attrs.get("indexed_counts", {}).items()}
+    if pool_shards is not None:
+        counts = {i: counts[i] for i in pool_shards}
     for i, count in counts.items():
         if (
             i >= len(emb.pool)
@@ -113,9 +136,15 @@ def evaluate_index(cfg: EvalConfig) -> dict:
     if not attrs.get("complete"):
         raise SeptError(f"index {cfg.index} is incomplete; rerun `sept index` to finish it")
     emb = EmbeddingStore.open(cfg.embeddings)
-    shards = _check_embeddings(store, emb, cfg.index, cfg.embeddings)
     if cfg.queries < 1 or cfg.k < 1:
         raise SeptError(f"--queries and --k must be positive, got {cfg.queries} and {cfg.k}")
+    if cfg.eval_shards < 0:
+        raise SeptError(f"--eval-shards must be 0 (all) or positive, got {cfg.eval_shards}")
+    assignment = attrs["assignment"]
+    used = sample_shards(len(assignment), cfg.eval_shards, cfg.seed)
+    shards = _check_embeddings(store, emb, cfg.index, cfg.embeddings, sorted(i for j in used for i in assignment[j]))
+    searched = sum(int(attrs["indexed_counts"][str(i)]) for i in shards)
+    log.info("index eval: %d of %d index shard(s) (%s), %d vectors", len(used), len(assignment), used, searched)
     metric = attrs["metric"]
     xq, qids = emb.sample_with_ids(cfg.queries, seed=cfg.seed, shard_indices=shards)
     nq, k = len(xq), cfg.k
@@ -125,7 +154,7 @@ def evaluate_index(cfg: EvalConfig) -> dict:
     exact_s = time.perf_counter() - t0
     I_exact = drop_self(I_exact, qids, k)
 
-    indexes = [store.load_shard(j) for j in range(store.nshards)]
+    indexes = [store.load_shard(j) for j in used]
     ivf = faiss.try_extract_index_ivf(indexes[0])
     nlist = int(ivf.nlist) if ivf is not None else 0
     sweep = sorted(set(cfg.nprobes)) if cfg.nprobes else [p for p in (2**i for i in range(20)) if p <= min(nlist, 256)]
@@ -156,6 +185,9 @@ def evaluate_index(cfg: EvalConfig) -> dict:
         embeddings=emb.path,
         factory=attrs["spec"]["factory"],
         ntotal=int(attrs["ntotal"]),
+        shards_used=used,
+        shards_total=len(assignment),
+        searched_vectors=searched,
         queries=nq,
         k=k,
         metric=metric,
@@ -191,9 +223,12 @@ def _choose(rows: list[dict], target: float, k: int) -> tuple[int | None, str]:
 
 def format_eval_table(result: dict) -> str:
     k = result["k"]
+    used, total = result["shards_used"], result["shards_total"]
+    which = f"all {total}" if len(used) == total else ", ".join(map(str, used)) + f" of {total}"
     lines = [
-        f"index {result['index']} ({result['factory']}, {result['ntotal']} vectors): "
-        f"{result['queries']} held-out queries, {result['threads']} thread(s)",
+        f"index {result['index']} ({result['factory']}, {result['ntotal']} vectors; index shard(s) {which} "
+        f"searched, {result['searched_vectors']} vectors): {result['queries']} held-out queries, "
+        f"{result['threads']} thread(s)",
         f"{'nprobe':>8} {'recall@1':>9} {f'recall@{k}':>10} {'QPS':>10}",
     ]
     for row in result["rows"]:

@@ -11,7 +11,7 @@ Layout (docs/zarr-layout.md)::
       shards/
         00000/             one group per complete index shard
           offsets          (nlist + 1,) int64: list l holds rows offsets[l]:offsets[l+1]
-          ids              (n,) int64 global sample ids
+          ids              (n,) int64 global sample ids (the group's attrs hold ntotal = n)
           codes            (n, code_size) uint8, exactly as faiss stores them
       config.json          the resolved config and summary of the last `sept index`
       eval.json            the last `sept index eval` table
@@ -98,6 +98,18 @@ class IndexStore:
         group.create_array("codes", shape=(n, code_size), dtype="uint8", chunks=(chunk, code_size))[...] = codes
         group.attrs.update(ntotal=int(n))
         publish_dir(tmp, final, replace=True)
+
+    def shard_ntotal(self, index_shard: int) -> int:
+        """Vectors in one complete index shard, from its attributes (its ids array's shape for a shard
+        written without them): never reads its codes."""
+        if not self.is_complete(index_shard):
+            raise SeptError(f"index shard {index_shard} is missing from {self.path}")
+        with storage.open_file(storage.join(self._shard_dir(index_shard), "zarr.json"), "r") as f:
+            ntotal = json.load(f).get("attributes", {}).get("ntotal")
+        if ntotal is None:
+            group = zarr.open_group(storage.zarr_store(self._shard_dir(index_shard), read_only=True), mode="r")
+            ntotal = group["ids"].shape[0]
+        return int(ntotal)
 
     def read_shard(self, index_shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.is_complete(index_shard):

@@ -1,4 +1,5 @@
-"""sept index on the two-node Ray cluster: build, resume, --add (never a rebuild), eval, bad input.
+"""sept index on the two-node Ray cluster: build, resume, --add (never a rebuild), eval, bad input;
+the chosen training sample, encoding tasks of several CPUs and split into parts, counts from attributes.
 
 Embeddings are synthetic clustered vectors written straight into an embeddings store, so these
 tests exercise indexing alone.
@@ -11,18 +12,20 @@ import json
 import os
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import ray
 from conftest import run_sept
 
-from sept.cluster.index_build import IndexConfig, build_index
+from sept.cluster.index_build import IndexConfig, build_index, merge_parts, split_pool_shards
 from sept.data.identity import make_ids
 from sept.errors import SeptError
+from sept.index.codes import encode_shard, train_index
 from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
 from sept.index.eval import EvalConfig, evaluate_index, exact_knn
 from sept.index.merge import merge_topk
-from sept.index.spec import IndexSpec
+from sept.index.spec import IndexSpec, make_index
 from sept.index.store import IndexStore
 
 pytestmark = pytest.mark.integration
@@ -175,3 +178,64 @@ def test_bad_input_is_refused_with_a_clear_error(ray_driver, tmp_path):
     _store(same_encoder, shards=[0], pool_len=2)
     with pytest.raises(SeptError, match="other embeddings"):
         build_index(IndexConfig(same_encoder, index_path, IndexSpec(factory="Flat", shards=1), allow_partial=True))
+
+
+def _shards(index_path: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    store = IndexStore.open(index_path)
+    return [store.read_shard(j) for j in range(store.nshards)]
+
+
+def test_tasks_of_two_cpus_split_into_parts_write_what_one_task_writes(ray_driver, tmp_path, monkeypatch):
+    emb_path = str(tmp_path / "emb.zarr")
+    _store(emb_path, shards=range(6), pool_len=6)
+    spec = IndexSpec(factory="IVF16,PQ4", shards=2)  # train_size 0: chosen from the lists
+    one = build_index(IndexConfig(emb_path, str(tmp_path / "one.zarr"), spec))
+    assert one["encode_threads"] == [1] and one["cpus_per_task"] == 1
+    # the derived sample: all 2400 vectors (at least 256*256, bounded by n), said in the reason
+    assert one["train_size"] == 6 * PER_SHARD == IndexStore.open(str(tmp_path / "one.zarr")).attrs["spec"]["train_size"]
+    assert f"trained on {6 * PER_SHARD} sampled vectors" in one["reason"]
+    split_path = str(tmp_path / "split.zarr")
+    split = build_index(IndexConfig(emb_path, split_path, spec, cpus_per_task=2, task_vectors=PER_SHARD))
+    assert split["encode_threads"] == [2] and split["ntotal"] == 6 * PER_SHARD  # faiss ran 2 OpenMP threads
+    for a, b in zip(_shards(str(tmp_path / "one.zarr")), _shards(split_path), strict=True):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(SeptError, match="--cpus-per-task 3 exceeds the CPUs of every Ray node"):
+        build_index(IndexConfig(emb_path, str(tmp_path / "big.zarr"), spec, cpus_per_task=3))
+
+    # once built, a rerun counts the shards' vectors from their attributes and reads no codes
+    def no_reads(self, j):
+        raise AssertionError(f"read index shard {j}")
+
+    monkeypatch.setattr(IndexStore, "read_shard", no_reads)
+    again = build_index(IndexConfig(emb_path, split_path, spec))
+    assert again["ntotal"] == 6 * PER_SHARD
+    store = IndexStore.open(split_path)
+    assert [store.shard_ntotal(j) for j in range(2)] == [3 * PER_SHARD, 3 * PER_SHARD]
+
+
+def test_a_chosen_factory_is_trained_on_the_chosen_sample(ray_driver, tmp_path):
+    emb_path = str(tmp_path / "emb.zarr")
+    _store(emb_path, shards=range(4), pool_len=4)
+    # 1600 vectors of 16 dims: Flat (102 KiB) does not fit 60000 bytes, IVF128,SQ8 does
+    summary = build_index(IndexConfig(emb_path, str(tmp_path / "i.zarr"), memory_budget=60_000))
+    assert summary["factory"] == "IVF128,SQ8", summary["reason"]
+    assert summary["train_size"] == 4 * PER_SHARD and f"trained on {4 * PER_SHARD} sampled" in summary["reason"]
+    given = build_index(
+        IndexConfig(emb_path, str(tmp_path / "g.zarr"), IndexSpec(factory="IVF16,Flat", train_size=500))
+    )
+    assert given["train_size"] == 500 and "given with --factory; trained on 500 sampled vectors" in given["reason"]
+
+
+def test_parts_merge_into_the_shard_one_encoding_gives():
+    x = np.concatenate([_vectors(i) for i in range(3)])
+    ids = np.arange(len(x), dtype=np.int64) * 3
+    trained = train_index(make_index("IVF8,PQ4", DIM, faiss.METRIC_INNER_PRODUCT), x, seed=0)
+    whole = encode_shard(trained, x, ids)
+    cuts = [0, 100, 100, 700, len(x)]  # an empty part too
+    parts = [encode_shard(trained, x[a:b], ids[a:b]) for a, b in zip(cuts, cuts[1:])]
+    for got, want in zip(merge_parts(parts), whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+    counts = {0: 5, 1: 5, 2: 12, 3: 1, 4: 4}
+    assert split_pool_shards([0, 1, 2, 3, 4], counts, 10) == [[0, 1], [2], [3, 4]]
+    assert split_pool_shards([0, 1, 2, 3, 4], counts, 0) == [[0, 1, 2, 3, 4]]

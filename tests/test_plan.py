@@ -40,9 +40,10 @@ def test_hand_computed_billion_image_plan(profile):
         pretrain_epochs=100,
     )
     plan = estimate(inp, profile)
-    # choose_factory: nlist = 2**(bit_length(4*sqrt(1e9)) - 1) = 2**16, PQ dim/2 = 128 bytes
-    assert plan["factory"] == "IVF65536,PQ128"
-    idx = 1e9 * (128 + 8) + 65536 * 256 * 4  # codes + ids + centroids
+    # choose_factory: nlist = 2**round(log2(8*sqrt(1e9))) = 2**18 (c = 4 at 1M, doubled at 1000x
+    # more), past 2**16 an HNSW quantizer; PQ dim/2 = 128 bytes
+    assert plan["factory"] == "IVF262144_HNSW32,PQ128"
+    idx = 1e9 * (128 + 8) + 262144 * 256 * 4  # codes + ids + centroids
     assert plan["stages"]["index"]["memory_gib"] == pytest.approx(idx / GIB)
     shards = math.ceil(idx / (0.5 * 64 * GIB))  # each searcher holds half a node's memory of codes
     assert plan["stages"]["index"]["shards"] == shards == 4
@@ -87,4 +88,4 @@ def test_cli_prints_plan(tmp_path):
         "--profile",
         str(path),
     ).stdout
-    assert "IVF65536,PQ128" in out and "4 shard(s)" in out and "4h20m25s" in out
+    assert "IVF262144_HNSW32,PQ128" in out and "4 shard(s)" in out and "4h20m25s" in out
