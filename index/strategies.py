@@ -346,6 +346,14 @@ def _first(a: np.ndarray, n: int) -> np.ndarray:
 _ROWS_PER_BLOCK = 1024  # rows of (S, I) looked up at once: bounds the temporaries of a large search
 
 
+def _lookup(sorted_ids: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every entry of I: its position in ``sorted_ids`` (clipped), and whether it is there."""
+    if not len(sorted_ids):
+        return np.zeros(I.shape, np.int64), np.zeros(I.shape, bool)
+    at = np.minimum(np.searchsorted(sorted_ids, I), len(sorted_ids) - 1)
+    return at, sorted_ids[at] == I
+
+
 def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> Choice:
     """Fill ``retrieved_by`` (every query with the id among its valid neighbours) and best scores."""
     order = np.argsort(choice.ids, kind="stable")
@@ -356,9 +364,8 @@ def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_simil
         Ib, Sb = I[start : start + _ROWS_PER_BLOCK], S[start : start + _ROWS_PER_BLOCK]
         if not len(sorted_ids):
             break
-        at = np.minimum(np.searchsorted(sorted_ids, Ib), len(sorted_ids) - 1)
-        hit = _valid(Sb, Ib, min_similarity) & (sorted_ids[at] == Ib)
-        q, r = np.nonzero(hit)
+        at, chosen = _lookup(sorted_ids, Ib)
+        q, r = np.nonzero(_valid(Sb, Ib, min_similarity) & chosen)
         j = order[at[q, r]]
         np.maximum.at(best, j, Sb[q, r])
         rows.append(j)
@@ -385,11 +392,7 @@ def query_neighbours(
     out: list[list[tuple[int, float]]] = []
     for start in range(0, nq, _ROWS_PER_BLOCK):
         Ib, Sb = I[start : start + _ROWS_PER_BLOCK], S[start : start + _ROWS_PER_BLOCK]
-        if len(sorted_ids):
-            at = np.minimum(np.searchsorted(sorted_ids, Ib), len(sorted_ids) - 1)
-            keep = (sorted_ids[at] == Ib) & np.isfinite(Sb)
-        else:
-            keep = np.zeros(Ib.shape, bool)
+        keep = _lookup(sorted_ids, Ib)[1] & np.isfinite(Sb)
         primary = np.where(keep, -Sb, np.inf)
         order = np.lexsort((np.where(keep, Ib, np.iinfo(np.int64).max), primary), axis=1)[:, :top]
         ids_b = np.take_along_axis(Ib, order, axis=1)

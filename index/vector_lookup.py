@@ -1,8 +1,8 @@
 """Pool embeddings by global id, read from the embedding store only for the pool shards that hold them.
 
 The near-duplicate rule needs the vectors of the candidates it compares: ``fetch_vector_array``
-(or ``fetch_vectors``, a dict) when the candidates are known up front (the search strategies' neighbour lists), ``LazyVectors`` when
-they are met one at a time (the cluster strategy's pool scan).
+when the candidates are known up front (the search strategies' neighbour lists), ``LazyVectors``
+when they are met one at a time (the cluster strategy's pool scan).
 """
 
 from __future__ import annotations
@@ -25,21 +25,6 @@ def fetch_vector_array(emb, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         found.append(wanted[ok])
         rows_of.append(np.asarray(x[rows[ok]], np.float32))  # only the wanted rows are kept, not the shard
     return np.concatenate(found), np.concatenate(rows_of)
-
-
-def fetch_vectors(emb, ids: np.ndarray) -> dict[int, np.ndarray]:
-    """Embeddings of these pool ids, reading only the pool shards that hold them."""
-    out: dict[int, np.ndarray] = {}
-    ids = np.unique(np.asarray(ids, dtype=np.int64))
-    shard_idx, _ = split_ids(ids)
-    for s in np.unique(shard_idx).tolist():
-        x, sids = emb.read_shard(int(s))
-        wanted = ids[shard_idx == s]
-        rows = np.searchsorted(sids, wanted)
-        ok = (rows < len(sids)) & (sids[np.minimum(rows, len(sids) - 1)] == wanted)
-        for pid, r in zip(wanted[ok].tolist(), rows[ok].tolist()):
-            out[pid] = x[r]
-    return out
 
 
 class LazyVectors(dict):
