@@ -23,6 +23,7 @@ The pipeline, stage by stage:
   sept bootstrap --pool 'pool/{00000..00099}.tar' --out enc.pt
   sept embed     --pool 'pool/{00000..00099}.tar' --encoder enc.pt --out emb.zarr
   sept index     --embeddings emb.zarr --out index.zarr --shards 4
+  sept dedup     --embeddings emb.zarr
   sept select    --index index.zarr --encoder enc.pt --target mytask/ --budget 100000 --out sel/
   sept report    --selection sel/ --out sel/report
   sept pretrain  --data sel/tasks/mytask --out run/ --executor slurm --nodes 2 --gpus-per-node 8
@@ -302,6 +303,24 @@ def _run_select(args: argparse.Namespace) -> object:
     return select(config_from_args(SelectConfig, args))
 
 
+def _add_dedup(p: argparse.ArgumentParser) -> None:
+    """Find exact copies (equal image bytes, by the content hash `sept embed` records) and near copies (cosine at
+    least --threshold, compared within k-means clusters, never all pairs) across the whole pool, keep one sample of
+    each group (exact: the first in pool order; near: the one nearest its cluster's centroid), and write the
+    dedup table into the embeddings store. `sept select` and `sept curate` then skip the removed samples
+    (--no-dedup keeps them). Map, exact and near rounds run as Ray tasks; a killed run redoes only unfinished tasks.
+    """
+    from sept.cluster.dedup import DedupConfig
+
+    add_config_arguments(p, DedupConfig, flags=RAY)
+
+
+def _run_dedup(args: argparse.Namespace) -> object:
+    from sept.cluster.dedup import DedupConfig, dedup
+
+    return dedup(config_from_args(DedupConfig, args))
+
+
 def _add_report(p: argparse.ArgumentParser) -> None:
     """Write an HTML page with PNG contact sheets (target images with their top retrieved pool images and scores),
     the score histogram, per-class budget use, the duplicate and leakage counts and, given the truth, precision
@@ -426,6 +445,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "train a FAISS index once and encode its shards in parallel; `index eval` measures its recall",
         _add_index,
         _run_index,
+    ),
+    "dedup": (
+        "remove exact and near-duplicate samples pool-wide: a dedup table in the embeddings",
+        _add_dedup,
+        _run_dedup,
     ),
     "select": ("retrieve the pool samples nearest to target tasks and write them", _add_select, _run_select),
     "report": ("an HTML page and contact sheets to look at a selection", _add_report, _run_report),

@@ -124,7 +124,7 @@ class EmbedWorker:
             self.setup()
 
         start = time.perf_counter()
-        x, ids, report = embed_shard(
+        x, ids, hashes, report = embed_shard(
             self.encoder,
             shard_path,
             shard_index,
@@ -132,7 +132,7 @@ class EmbedWorker:
             decode_threads=int(self.cfg["decode_threads"]),
             max_pixels=int(self.cfg["max_pixels"]),
         )
-        self.store.write_shard(shard_index, x, ids, report=report)
+        self.store.write_shard(shard_index, x, ids, report=report, hashes=hashes)
         return dict(
             shard=shard_index,
             embedded=len(ids),

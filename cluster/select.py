@@ -35,6 +35,7 @@ from sept.data.task_list import TaskSpec, heldout_refs, resolve_tasks
 from sept.errors import SeptError
 from sept.index.budget import neighbours_needed
 from sept.index.dedup import CandidateNearDuplicates, NearDuplicateFilter, leaked_ids, to_similarity
+from sept.index.dedup_table import DedupTable
 from sept.index.store import IndexStore
 from sept.index.strategies import (
     choose,
@@ -111,6 +112,7 @@ class SelectionRun:
     k_leak: dict[str, int] = field(default_factory=dict)
     centroids: np.ndarray | None = None
     searches: int = 0
+    dedup: DedupTable | None = None
 
     @classmethod
     def open(cls, cfg: SelectConfig) -> SelectionRun:
@@ -137,6 +139,7 @@ class SelectionRun:
         n_clusters = cfg.clusters or int(max(2, min(65536, round(math.sqrt(ntotal)))))
         if cfg.strategy == "cluster" or cfg.near_dup_threshold is not None:
             _embeddings(attrs, cfg)  # fail before any work if the vectors these need are gone
+        dedup = _dedup_table(attrs) if cfg.dedup else None
         tasks = []
         for spec in specs:
             target = load_target(spec.target, name=spec.name)
@@ -151,7 +154,7 @@ class SelectionRun:
                     heldout_refs=heldout_refs(spec.target, [ref for ref, _ in target.val]),
                 )
             )
-        return cls(cfg, store, attrs, encoder, tasks, storage.resolve(cfg.out), n_clusters)
+        return cls(cfg, store, attrs, encoder, tasks, storage.resolve(cfg.out), n_clusters, dedup=dedup)
 
     @property
     def ntotal(self) -> int:
@@ -175,7 +178,7 @@ class SelectionRun:
         )
         folder.claim_selection(self.out, shared, self.cfg.out)
         for t in self.tasks:
-            folder.claim_task(self.out, t.name, _task_config(self.cfg, t.spec, self.n_clusters), self.cfg.out)
+            folder.claim_task(self.out, t.name, self._task_config(t), self.cfg.out)
         return [t for t in self.tasks if not folder.task_is_chosen(self.out, t.name)]
 
     def embed_targets(self, tasks: list[SelectionTask]) -> None:
@@ -289,6 +292,7 @@ class SelectionRun:
                 excluded=set(leaked),
                 near_dup=_near_dup_filter(cfg, self.attrs, Iq),
                 topk_share=_topk_share(cfg) or 0.0,
+                removed=self.removed,
             )
             if choice.needs_more_neighbours and kk < ntotal:
                 # The search returned kk neighbours per image (the largest k of any task). The
@@ -318,6 +322,7 @@ class SelectionRun:
                 min_similarity=cfg.min_similarity,
                 excluded=set(leaked),
                 near_dup=_near_dup_filter(cfg, self.attrs, None, emb=emb),
+                removed=self.removed,
             )
             neighbours = query_neighbours(choice, None, None, len(t.xq), NEIGHBOURS_SHOWN)
             extra = dict(
@@ -327,7 +332,7 @@ class SelectionRun:
                 cluster_members=plan.members,
             )
         records = task_records(
-            t, choice, neighbours, leaked, settings=_task_config(cfg, t.spec, self.n_clusters), extra=extra
+            t, choice, neighbours, leaked, settings=self._task_config(t), extra=extra, dedup=self.dedup
         )
         folder.write_task_records(
             self.out,
@@ -345,6 +350,20 @@ class SelectionRun:
             len(choice.near_duplicates),
         )
         return records.summary
+
+    @property
+    def removed(self) -> np.ndarray | None:
+        return None if self.dedup is None else self.dedup.removed
+
+    def _task_config(self, t: SelectionTask) -> dict:
+        config = _task_config(self.cfg, t.spec, self.n_clusters)
+        config["dedup"] = None if self.dedup is None else dict(self.dedup.attrs["settings"], removed=len(self.dedup))
+        return config
+
+
+def _dedup_table(attrs: dict) -> DedupTable | None:
+    """The pool's dedup table, if ``sept dedup`` wrote one for the embeddings this index holds."""
+    return DedupTable.read(attrs["embeddings"]["path"], fingerprint=attrs["embeddings"]["fingerprint"])
 
 
 def _topk_share(cfg: SelectConfig) -> float | None:

@@ -70,6 +70,13 @@ class SelectConfig:
         default=None,
         metadata={"help": "keep one of pool images at least this similar to each other (default: off)"},
     )
+    dedup: bool = field(
+        default=True,
+        metadata={
+            "help": "skip the samples the pool's dedup table (`sept dedup`) removes, whenever the embeddings "
+            "hold one (default: on; --no-dedup keeps them)"
+        },
+    )
     leakage_guard: bool = field(
         default=True,
         metadata={

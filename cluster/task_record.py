@@ -15,6 +15,7 @@ import numpy as np
 
 from sept.data.identity import split_ids
 from sept.data.task_list import TaskSpec
+from sept.index.dedup_table import DedupTable
 from sept.index.strategies import Choice
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,16 @@ def task_records(
     *,
     settings: dict,
     extra: dict,
+    dedup: DedupTable | None = None,
 ) -> TaskRecords:
     """The files of a chosen task. ``settings`` is the task's config (task.json): strategy, balance, topk_share,
     min_similarity, near_dup_threshold, leakage_guard and leakage_threshold; ``extra`` goes into
-    the summary as it is (the strategy's own figures)."""
+    the summary as it is (the strategy's own figures). With the pool's ``dedup`` table, a chosen
+    sample that stands for removed copies says how many (``stands_for``)."""
     names, classes = t.query_names, t.classes
     cls_of = [classes[c] for c in t.query_class.tolist()]
-    rows = _choice_rows(choice, names, cls_of)
+    stands_for = dedup.stands_for(choice.ids) if dedup is not None else None
+    rows = _choice_rows(choice, names, cls_of, stands_for)
     queries = [
         dict(image=names[q], ref=t.query_refs[q], cls=cls_of[q], neighbours=[[int(i), float(s)] for i, s in nb])
         for q, nb in enumerate(neighbours)
@@ -78,16 +82,24 @@ def task_records(
         for pid, s, p in zip(sorted(leaked), shard_idx.tolist(), positions.tolist())
     ]
     summary = _summary(t, choice, leaked, settings, extra)
+    summary["duplicates"].update(
+        pool_dedup=dedup is not None,
+        dedup_removed_skipped=choice.dedup_skipped,
+        chosen_standing_for_copies=int(np.count_nonzero(stands_for)) if stands_for is not None else 0,
+    )
     _warn(t, choice, leaked, settings)
     return TaskRecords(choice=rows, queries=queries, leakage=leakage, summary=summary)
 
 
-def _choice_rows(choice: Choice, names: list[str], cls_of: list[str]) -> Iterator[dict]:
+def _choice_rows(choice: Choice, names: list[str], cls_of: list[str], stands_for: np.ndarray | None) -> Iterator[dict]:
     retrievers = choice.retrieved_by
     for j, (pid, score, q) in enumerate(zip(choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist())):
-        yield dict(
+        row = dict(
             id=pid, score=score, chosen_by=names[q], cls=cls_of[q], retrieved_by=[names[r] for r in retrievers[j]]
         )
+        if stands_for is not None and stands_for[j]:
+            row["stands_for"] = int(stands_for[j])  # removed copies of this sample in the pool
+        yield row
 
 
 def _summary(t: SelectionTask, choice: Choice, leaked: dict, settings: dict, extra: dict) -> dict:

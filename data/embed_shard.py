@@ -12,6 +12,7 @@ report lists each by key and reason, and counts them by kind (``BAD_KINDS``).
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ import torch
 
 from sept.data.decode import DEFAULT_MAX_PIXELS, decode_sample
 from sept.data.identity import make_ids
-from sept.data.samples import PoolSample, ShardStats, iter_samples
+from sept.data.samples import PoolSample, ShardStats, image_member, iter_samples
 
 BAD_KINDS = ("undecodable", "zero_byte", "no_image", "truncated", "too_large")
 """The kinds of bad sample the embed summary counts; every skip reason maps to exactly one."""
@@ -55,7 +56,16 @@ class DecodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images above this before decoding their pixels
 
 
+HASH_BYTES = 16
+"""Content hashes are 128-bit blake2b digests of a sample's image bytes, stored as two uint64 words:
+at 10^10 samples a chance collision is still about 10^-19."""
+
 _END = object()
+
+
+def content_hash(data: bytes) -> np.ndarray:
+    """The (2,) uint64 content hash of image bytes: equal bytes, equal hash."""
+    return np.frombuffer(hashlib.blake2b(data, digest_size=HASH_BYTES).digest(), dtype="<u8").copy()
 
 
 def embed_shard(
@@ -67,8 +77,9 @@ def embed_shard(
     decode_threads: int = 2,
     prefetch: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(vectors (n, dim) float32, ids (n,) int64, report) for the decodable samples of one shard.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(vectors (n, dim) float32, ids (n,) int64, content hashes (n, 2) uint64, report) for the
+    decodable samples of one shard. The hash is of the image member's bytes (``content_hash``).
 
     Ids follow tar order whatever order decoding finishes in. Raises SeptError for shard-level
     faults (missing file, not a tar, non-adjacent members of one key); everything per-sample is
@@ -78,13 +89,16 @@ def embed_shard(
     stats = ShardStats()
     vectors: list[np.ndarray] = []
     positions: list[np.ndarray] = []
-    for batch, batch_positions in _prepared_batches(encoder, shard_path, stats, opts):
+    hashes: list[np.ndarray] = []
+    for batch, batch_positions, batch_hashes in _prepared_batches(encoder, shard_path, stats, opts):
         vectors.append(encoder.embed(batch))
         positions.append(batch_positions)
+        hashes.append(batch_hashes)
     dim = int(encoder.dim)
     x = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
     pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    return x, make_ids(shard_index, pos), shard_report(stats)
+    h = np.concatenate(hashes) if hashes else np.zeros((0, 2), np.uint64)
+    return x, make_ids(shard_index, pos), h, shard_report(stats)
 
 
 def shard_report(stats: ShardStats) -> dict:
@@ -101,15 +115,17 @@ def shard_report(stats: ShardStats) -> dict:
     )
 
 
-def _prepare(encoder, sample: PoolSample, max_pixels: int) -> tuple[torch.Tensor | None, ShardStats]:
-    """Decode and preprocess one sample on a decode thread; its skip record is private to it."""
+def _prepare(encoder, sample: PoolSample, max_pixels: int) -> tuple[torch.Tensor | None, ShardStats, np.ndarray | None]:
+    """Decode, preprocess and hash one sample on a decode thread; its skip record is private to it."""
     own = ShardStats()
     image = decode_sample(sample, own, max_pixels=max_pixels)
-    return (None if image is None else encoder.preprocess(image)), own
+    if image is None:
+        return None, own, None
+    return encoder.preprocess(image), own, content_hash(image_member(sample)[1])
 
 
 def _prepared_batches(encoder, shard_path: str, stats: ShardStats, opts: DecodeOptions):
-    """Yields (batch tensor, positions) in tar order, decoded ahead of the caller by a reader thread."""
+    """Yields (batch tensor, positions, content hashes) in tar order, decoded ahead of the caller by a reader thread."""
     ready: queue.Queue = queue.Queue(maxsize=opts.prefetch)
     stop = threading.Event()
 
@@ -156,14 +172,15 @@ def _prepared_batches(encoder, shard_path: str, stats: ShardStats, opts: DecodeO
 
 def _collect(pending: list[tuple[PoolSample, Future]], stats: ShardStats):
     """Wait for a batch's decodes in tar order; record skips in order; None if all were bad."""
-    tensors, positions = [], []
+    tensors, positions, hashes = [], [], []
     for sample, future in pending:
-        tensor, own = future.result()
+        tensor, own, digest = future.result()
         for key, reason in own.bad_samples:
             stats.add_bad(key, reason)
         if tensor is not None:
             tensors.append(tensor)
             positions.append(sample.position)
+            hashes.append(digest)
     if not tensors:
         return None
-    return torch.stack(tensors), np.asarray(positions, dtype=np.int64)
+    return torch.stack(tensors), np.asarray(positions, dtype=np.int64), np.stack(hashes)

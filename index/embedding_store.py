@@ -11,6 +11,8 @@ Layout (docs/zarr-layout.md)::
                                 bad_samples ([key, reason] pairs)
           vectors               (count, dim) float16, chunks of CHUNK_ROWS rows
           ids                   (count,) int64, see sept.data.identity
+          hashes                (count, 2) uint64, each sample's image-bytes hash (sept.data.embed_shard;
+                                absent in stores embedded before hashes were recorded)
       quarantine.jsonl          every bad sample of the complete shards: shard, key, kind, reason
 
 A shard group is written under a temporary name and renamed into place once its data is on disk,
@@ -143,7 +145,13 @@ class EmbeddingStore:
 
     # ---- data -----------------------------------------------------------------------------
     def write_shard(
-        self, shard_index: int, vectors: np.ndarray, ids: np.ndarray, *, report: dict | None = None
+        self,
+        shard_index: int,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        *,
+        report: dict | None = None,
+        hashes: np.ndarray | None = None,
     ) -> None:
         """Write one shard atomically: build it under a temporary name, then rename it into place."""
         final = self._shard_dir(shard_index)
@@ -157,6 +165,10 @@ class EmbeddingStore:
             np.float16
         )
         group.create_array("ids", shape=(n,), dtype="int64", chunks=(chunk,))[...] = ids.astype(np.int64)
+        if hashes is not None:
+            if hashes.shape != (n, 2):
+                raise ValueError(f"shard {shard_index}: hashes {hashes.shape} do not match ({n}, 2)")
+            group.create_array("hashes", shape=(n, 2), dtype="uint64", chunks=(chunk, 2))[...] = hashes
         group.attrs.update(shard=self.pool[shard_index], count=int(n), **(report or {}))
         # The rename marks the shard complete. When another attempt at the same shard finished
         # first, its data is the same and it is kept.
@@ -212,6 +224,13 @@ class EmbeddingStore:
             raise SeptError(f"shard {shard_index} ({self.pool[shard_index]}) is not embedded in {self.path}")
         group = self._open_shard(shard_index)
         return np.asarray(group["vectors"][...], dtype=np.float32), np.asarray(group["ids"][...])
+
+    def read_hashes(self, shard_index: int, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Content hashes (n, 2) uint64 of rows start:stop of one shard, or None if it has none."""
+        group = self._open_shard(shard_index)
+        if "hashes" not in group:
+            return None
+        return np.asarray(group["hashes"][start:stop])
 
     def shard_count(self, shard_index: int) -> int:
         return int(self.shard_attrs(shard_index)["count"])

@@ -108,6 +108,7 @@ class Choice:
     retrieved_by: Retrievers = field(default_factory=Retrievers)  # every query that retrieved it
     taken: list[int] = field(default_factory=list)  # per stream
     leaked_skipped: int = 0  # distinct excluded ids met while filling
+    dedup_skipped: int = 0  # distinct ids met that the pool's dedup table removed
     near_duplicates: dict[int, int] = field(default_factory=dict)  # skipped id -> the chosen id it duplicates
     needs_more_neighbours: bool = False
     """A stream ran short, or took candidates worse than what lies beyond its k neighbours:
@@ -245,7 +246,8 @@ def _compact(streams: Sequence[Stream]) -> tuple[np.ndarray, list[np.ndarray]]:
     return universe, [np.searchsorted(universe, st.ids).astype(dtype) for st in streams]
 
 
-_FREE, _CHOSEN, _EXCLUDED, _EXCLUDED_MET = 0, 1, 2, 3
+# A skipped state's "met" mark is the state with its low bit set: excluded 2 -> 3, removed 4 -> 5.
+_FREE, _CHOSEN, _EXCLUDED, _EXCLUDED_MET, _REMOVED, _REMOVED_MET = 0, 1, 2, 3, 4, 5
 
 
 def fill(
@@ -254,8 +256,12 @@ def fill(
     *,
     excluded: set[int] | frozenset = frozenset(),
     near_dup: NearDuplicateFilter | None = None,
+    removed: np.ndarray | None = None,
 ) -> Choice:
     """Take candidates from the streams, each turn from the one furthest below its weighted share.
+
+    ``excluded`` (the leakage guard's few ids) and ``removed`` (the dedup table's ids, an array:
+    it may be large) are skipped and counted apart.
 
     The state is a few bytes a candidate and a sample: one mark per distinct candidate id (free,
     chosen, excluded, excluded and met) and the chosen arrays, never Python objects per sample, so
@@ -267,6 +273,8 @@ def fill(
     marks = np.zeros(len(universe), np.uint8)
     if excluded:
         marks[np.isin(universe, np.fromiter(excluded, np.int64, len(excluded)))] = _EXCLUDED
+    if removed is not None and len(removed):
+        marks[(marks == _FREE) & np.isin(universe, removed)] = _REMOVED
     cap = min(int(budget), len(universe))
     ids = np.empty(cap, np.int64)
     scores = np.empty(cap, np.float32)
@@ -295,7 +303,7 @@ def fill(
             if state == _CHOSEN:
                 continue
             if state != _FREE:
-                mark[c] = _EXCLUDED_MET
+                mark[c] = state | 1
                 continue
             if near_dup is not None:
                 if near_dup.duplicate_of(pool_id[c]) is not None:
@@ -333,6 +341,7 @@ def fill(
         stream_of=_first(stream_of, n),
         taken=taken,
         leaked_skipped=int(np.count_nonzero(marks == _EXCLUDED_MET)),
+        dedup_skipped=int(np.count_nonzero(marks == _REMOVED_MET)),
         near_duplicates=dict(near_dup.duplicates) if near_dup is not None else {},
         needs_more_neighbours=needs_more,
         neighbours_factor=float(factor),
@@ -415,6 +424,7 @@ def choose(
     excluded: set[int] | frozenset = frozenset(),
     near_dup: NearDuplicateFilter | None = None,
     topk_share: float = 0.0,
+    removed: np.ndarray | None = None,
 ) -> Choice:
     """The search-based strategies end to end: streams, fill, retrievers.
 
@@ -439,7 +449,7 @@ def choose(
         streams = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
     else:
         raise ValueError(f"strategy {strategy!r} is not search-based; expected 'instance' or 'topk'")
-    choice = fill(streams, budget, excluded=excluded, near_dup=near_dup)
+    choice = fill(streams, budget, excluded=excluded, near_dup=near_dup, removed=removed)
     return attach_retrievers(choice, S, I, min_similarity=min_similarity)
 
 
@@ -586,11 +596,12 @@ def choose_by_clusters(
     min_similarity: float | None = None,
     excluded: set[int] | frozenset = frozenset(),
     near_dup: NearDuplicateFilter | None = None,
+    removed: np.ndarray | None = None,
 ) -> tuple[Choice, ClusterPlan]:
     streams, plan, query_clusters = cluster_streams(
         centroids, xq, pool, budget, query_class=query_class, balance=balance, min_similarity=min_similarity
     )
-    choice = fill(streams, budget, excluded=excluded, near_dup=near_dup)
+    choice = fill(streams, budget, excluded=excluded, near_dup=near_dup, removed=removed)
     probing: dict[int, list[int]] = {}
     for i, clusters in enumerate(query_clusters):
         for cl in clusters:

@@ -17,6 +17,8 @@ from sept.training.job_shape import JobShape
 # Every flag of every subcommand before the command line was generated from the configs: none may go.
 FLAGS = {
     "bootstrap": "--config --out --pool --sample-size --seed --steps --target",
+    "dedup": "--bucket-rows --cluster-size --clusters --embeddings --gpu --max-attempts --no-gpu --ray-address --seed "
+    "--task-timeout-s --threshold --train-size",
     "demo": "--corpus-only --executor --ray-address --workdir",
     "embed": "--batch-size --decode-threads --encoder --max-bad-fraction --max-pixels --num-gpus-per-worker --out "
     "--pool --ray-address --threads-per-worker --workers",
@@ -32,7 +34,7 @@ FLAGS = {
     "--method --nodes --num-workers --out --partition --preset --qos --steps --target --task --tasks-per-node --time",
     "report": "--domain --out --samples --seed --selection --task --top --truth",
     "select": "--balance --budget --clusters --encoder --index --leakage-threshold --memory-per-searcher "
-    "--min-similarity --near-dup-threshold --no-leakage-guard --out --query-batch --ray-address --searchers --seed "
+    "--min-similarity --near-dup-threshold --no-dedup --no-leakage-guard --out --query-batch --ray-address --searchers --seed "
     "--strategy --target --task --tasks --topk-share",
 }
 JOB_FLAGS = "--nodes --gpus-per-node --tasks-per-node --cpus-per-task --mem-gb --time --partition --account --qos"

@@ -40,7 +40,7 @@ def _sequential(encoder, path):
 def test_parallel_decoding_keeps_tar_order_and_values(encoder, tmp_path, batch_size, threads):
     path = str(tmp_path / "pool.tar")
     write_good_shard(path, 9, seed=3)
-    x, ids, report = embed_shard(encoder, path, 5, batch_size=batch_size, decode_threads=threads)
+    x, ids, _, report = embed_shard(encoder, path, 5, batch_size=batch_size, decode_threads=threads)
     ref, positions = _sequential(encoder, path)
     shard, pos = split_ids(ids)
     assert shard.tolist() == [5] * 9 and pos.tolist() == positions == list(range(9))
@@ -51,7 +51,7 @@ def test_parallel_decoding_keeps_tar_order_and_values(encoder, tmp_path, batch_s
 def test_one_of_each_bad_kind_is_skipped_and_counted(encoder, tmp_path):
     path = str(tmp_path / "kinds.tar")
     good = write_bad_kinds_shard(path)
-    x, ids, report = embed_shard(encoder, path, 0, batch_size=2, decode_threads=3)
+    x, ids, _, report = embed_shard(encoder, path, 0, batch_size=2, decode_threads=3)
     assert len(ids) == x.shape[0] == good
     assert split_ids(ids)[1].tolist() == [0, 2, 6]  # the good samples' positions in the tar
     assert report["bad"] == len(BAD_IN_SHARD)
@@ -59,7 +59,7 @@ def test_one_of_each_bad_kind_is_skipped_and_counted(encoder, tmp_path):
     assert report["bad_kinds"] == {k: int(k in BAD_IN_SHARD.values()) for k in BAD_KINDS}
     trunc = str(tmp_path / "trunc.tar")
     kept = write_truncated_shard(trunc)
-    _, ids, report = embed_shard(encoder, trunc, 1, batch_size=2)
+    _, ids, _, report = embed_shard(encoder, trunc, 1, batch_size=2)
     assert len(ids) == kept and report["truncated"]
     assert report["bad_kinds"]["truncated"] == 1 and report["bad"] == 1
 
@@ -67,7 +67,7 @@ def test_one_of_each_bad_kind_is_skipped_and_counted(encoder, tmp_path):
 def test_small_pixel_limit_refuses_before_decoding(encoder, tmp_path):
     path = str(tmp_path / "pool.tar")
     write_good_shard(path, 3, seed=1, size=32)
-    _, ids, report = embed_shard(encoder, path, 0, max_pixels=32 * 32 - 1)
+    _, ids, _, report = embed_shard(encoder, path, 0, max_pixels=32 * 32 - 1)
     assert len(ids) == 0 and report["bad_kinds"]["too_large"] == 3
 
 
