@@ -25,6 +25,7 @@ The pipeline, stage by stage:
   sept index     --embeddings emb.zarr --out index.zarr --shards 4
   sept dedup     --embeddings emb.zarr
   sept select    --index index.zarr --encoder enc.pt --target mytask/ --budget 100000 --out sel/
+  sept curate    --embeddings emb.zarr --size 100000 --out cur/   (a generic subset, balanced over clusters)
   sept report    --selection sel/ --out sel/report
   sept pretrain  --data sel/tasks/mytask --out run/ --executor slurm --nodes 2 --gpus-per-node 8
   sept evaluate  --encoder run/encoder.pt --target mytask/
@@ -321,6 +322,23 @@ def _run_dedup(args: argparse.Namespace) -> object:
     return dedup(config_from_args(DedupConfig, args))
 
 
+def _add_curate(p: argparse.ArgumentParser) -> None:
+    """Hierarchical k-means over the pool's embeddings (several levels, with the resampling that spreads the
+    centroids over the data, faiss on a GPU when there is one), then draw --size samples balanced over the
+    top-level clusters, and write them as the task `curated` of a selection folder: shared WebDataset shards and
+    a manifest, for `sept pretrain --data OUT/tasks/curated`. A rerun resumes.
+    """
+    from sept.cluster.curate import CurateConfig
+
+    add_config_arguments(p, CurateConfig, flags=RAY)
+
+
+def _run_curate(args: argparse.Namespace) -> object:
+    from sept.cluster.curate import CurateConfig, curate
+
+    return curate(config_from_args(CurateConfig, args))
+
+
 def _add_report(p: argparse.ArgumentParser) -> None:
     """Write an HTML page with PNG contact sheets (target images with their top retrieved pool images and scores),
     the score histogram, per-class budget use, the duplicate and leakage counts and, given the truth, precision
@@ -452,6 +470,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _run_dedup,
     ),
     "select": ("retrieve the pool samples nearest to target tasks and write them", _add_select, _run_select),
+    "curate": ("a generic subset of the pool, balanced over hierarchical k-means clusters", _add_curate, _run_curate),
     "report": ("an HTML page and contact sheets to look at a selection", _add_report, _run_report),
     "pretrain": ("self-supervised DDP pre-training launched with submitit", _add_pretrain, _run_pretrain),
     "plan": ("estimate wall time, memory and storage of every stage for a pool", _add_plan, _run_plan),

@@ -68,7 +68,8 @@ class DedupConfig:
         metadata={"help": "rows each exact and near task holds, about: the pool is cut into that many buckets"},
     )
     train_size: int = field(
-        default=0, metadata={"help": "vectors the k-means trains on (default 0: 64 a cluster, at most the pool)"}
+        default=0,
+        metadata={"help": "vectors the k-means trains on (default 0: 64 a cluster up to 262144, then 40 a cluster)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the k-means sample and training"})
     gpu: bool | None = field(
@@ -82,6 +83,13 @@ class DedupConfig:
         default=1800.0, metadata={"help": "a task with no result this long is retried (default: %(default)s)"}
     )
     max_attempts: int = field(default=3, metadata={"help": "tries of each task before the run fails"})
+
+
+def default_train_size(n_clusters: int) -> int:
+    """64 vectors a cluster up to 2^18 in all, then 40 a cluster (the fewest faiss takes without a
+    warning). Training costs sample x clusters: linear in the clusters up to the cap, quadratic
+    past it (some 6,500 clusters), where a GPU (--gpu) should train."""
+    return max(40 * n_clusters, min(64 * n_clusters, 1 << 18))
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
@@ -208,7 +216,7 @@ def dedup(cfg: DedupConfig) -> dict:
         threshold=float(cfg.threshold),
         clusters=int(n_clusters),
         buckets=max(1, math.ceil(n / cfg.bucket_rows)),
-        train_size=int(min(n, cfg.train_size or 64 * n_clusters)),
+        train_size=int(min(n, cfg.train_size or default_train_size(n_clusters))),
         seed=int(cfg.seed),
     )
     table = DedupTable.read(emb.path)

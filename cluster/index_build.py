@@ -24,7 +24,7 @@ import ray
 from tqdm import tqdm
 
 from sept import storage
-from sept.cluster.runtime import ray_session
+from sept.cluster.runtime import completed_with_deadline, ray_session
 from sept.errors import SeptError
 from sept.index.codes import ShardEncoder, train_index
 from sept.index.embedding_store import CHUNK_ROWS, EmbeddingStore
@@ -72,6 +72,11 @@ class IndexConfig:
             "into tasks over runs of its pool shards, then merged (default 0: one task per index shard)"
         },
     )
+    task_timeout_s: float = field(
+        default=3600.0,
+        metadata={"help": "an encoding task with no result this long is cancelled and retried (default: %(default)s)"},
+    )
+    max_attempts: int = field(default=3, metadata={"help": "tries of each encoding task before the run fails"})
     batch_rows: int = CHUNK_ROWS  # embeddings rows an encoding task holds at once
 
 
@@ -372,26 +377,32 @@ def _encode_missing(cfg: IndexConfig, emb: EmbeddingStore, store: IndexStore) ->
         _require_cpus(cfg.cpus_per_task)
         cpus = dict(num_cpus=cfg.cpus_per_task)
         args = (cfg.batch_rows, cfg.cpus_per_task)
-        refs = []
-        for j in todo:
-            runs = split_pool_shards(assignment[j], counts, cfg.task_vectors)
+        runs_of = {j: split_pool_shards(assignment[j], counts, cfg.task_vectors) for j in todo}
+
+        def submit(j: int):
+            runs = runs_of[j]
             if len(runs) == 1:
-                refs.append(encode_index_shard.options(**cpus).remote(emb.path, store.path, j, runs[0], *args))
-            else:
-                parts = [encode_index_part.options(**cpus).remote(emb.path, store.path, run, *args) for run in runs]
-                refs.append(write_index_shard.remote(store.path, j, *parts))
+                return encode_index_shard.options(**cpus).remote(emb.path, store.path, j, runs[0], *args)
+            parts = [encode_index_part.options(**cpus).remote(emb.path, store.path, run, *args) for run in runs]
+            return write_index_shard.remote(store.path, j, *parts)
+
         log.info(
             "index: encoding %d index shard(s) in %d task(s) of %d CPU(s) each",
             len(todo),
-            sum(len(split_pool_shards(assignment[j], counts, cfg.task_vectors)) for j in todo),
+            sum(len(runs) for runs in runs_of.values()),
             cfg.cpus_per_task,
         )
         reports = []
         with tqdm(total=len(todo), desc="index", unit="shard", dynamic_ncols=True) as bar:
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                reports.append(ray.get(done[0]))
+            # A task stuck on a stalled read is cancelled and tried again, never waited on forever.
+            for _, ref in completed_with_deadline(
+                todo,
+                submit,
+                timeout_s=cfg.task_timeout_s,
+                attempts=cfg.max_attempts,
+                describe=lambda j: f"index shard {j} (pool shards {assignment[j][0]}..{assignment[j][-1]})",
+            ):
+                reports.append(ray.get(ref))
                 bar.update(1)
     return reports
 

@@ -12,6 +12,11 @@ For every task of a selection folder it writes, under the report folder:
   matched and skipped) and, given ``truth`` ({pool key: domain}) and ``domain``, the precision
   of the selection per class against the pool's base rate.
 
+A curated task (``sept curate``: its config's strategy is ``curated``) has no target images;
+it gets instead a contact sheet row per top-level cluster (the largest ones, their samples
+closest to a centroid first) and ``TASK-clusters.png``: the top-level cluster sizes in the pool
+(before balancing) against those in the curated sample (after).
+
 Pool images are read from the selection's shared shards (each shard once); images that do not
 decode are shown as a grey tile, never fatal. Every file is written under a temporary name and
 renamed into place.
@@ -152,6 +157,8 @@ def _task_report(cfg: ReportConfig, task: str, truth: dict[str, str] | None, dom
     leaked = (
         read_jsonl(os.path.join(folder, LEAKAGE_FILE)) if os.path.exists(os.path.join(folder, LEAKAGE_FILE)) else []
     )
+    if config.get("strategy") == CURATED:
+        return _curated_report(cfg, task, manifest, config, summary, truth, domain)
     by_id = {int(r["id"]): r for r in manifest}
     scores = np.asarray([r["score"] for r in manifest], dtype=np.float64)
 
@@ -170,6 +177,110 @@ def _task_report(cfg: ReportConfig, task: str, truth: dict[str, str] | None, dom
         files=files,
     )
     return _section(task, config, summary, manifest, precision, files, len(leaked)), nums
+
+
+# ---- a curated task (`sept curate`) ------------------------------------------------------------------
+
+CURATED = "curated"  # the strategy a curated task's config names
+CLUSTERS_SHOWN = 12  # the largest top-level clusters on the contact sheet
+
+
+def _curated_report(
+    cfg: ReportConfig, task: str, manifest: list[dict], config: dict, summary: dict, truth, domain
+) -> tuple[str, dict]:
+    """A curated task: a contact sheet row per large top-level cluster, and the cluster sizes before
+    and after balancing (from ``clusters.npz``)."""
+    with np.load(os.path.join(task_dir(cfg.selection, task), "clusters.npz")) as z:
+        pool_sizes, sample_sizes = z["pool_sizes"], z["sample_sizes"]
+    members: dict[str, list[dict]] = defaultdict(list)
+    for r in manifest:
+        members[r["cls"]].append(r)
+    names = sorted(members, key=lambda c: (-len(members[c]), c))[:CLUSTERS_SHOWN]
+    shown = {c: sorted(members[c], key=lambda r: (-r["score"], r["id"]))[: cfg.top] for c in names}
+    pool = _pool_images(cfg, [r for rows in shown.values() for r in rows])
+    index_of = {c: int(c[1:]) for c in names}
+    lines = [
+        SheetRow(
+            f"cluster {c}",
+            f"{sample_sizes[index_of[c]]} of {pool_sizes[index_of[c]]}",
+            [(pool.get(int(r["id"])), f"{r['score']:.3f}", (0, 0, 0), None) for r in shown[c]],
+        )
+        for c in names
+    ]
+    files = {}
+    if lines:
+        files["contacts"] = f"{task}-contacts.png"
+        _save_png(_sheet(cfg, lines, cfg.top), os.path.join(cfg.out, files["contacts"]))
+    files["clusters"] = _cluster_size_chart(cfg, task, pool_sizes, sample_sizes)
+    precision = _precision(manifest, truth, domain) if truth is not None and domain else None
+    sizes = summary.get("cluster_sizes", {})
+    nums = dict(selected=len(manifest), size=config.get("size"), cluster_sizes=sizes, precision=precision, files=files)
+    pool_info = summary.get("pool", {})
+    facts = [
+        ("strategy", "curated: balanced over hierarchical k-means clusters"),
+        ("samples asked", config.get("size")),
+        ("selected", len(manifest)),
+        ("clusters per level, finest first", ", ".join(map(str, config.get("clusters", [])))),
+        ("resampling steps", config.get("resampling_steps")),
+        ("pool samples", pool_info.get("samples")),
+        ("skipped as duplicates (dedup table)", pool_info.get("dedup_skipped")),
+    ]
+    for when in ("pool", "sample"):
+        spread = sizes.get(when, {})
+        facts.append((f"top-level cluster sizes in the {when}: min / max / entropy", _spread_text(spread)))
+    rows = [(c, int(pool_sizes[index_of[c]]), len(members[c])) for c in names]
+    parts = [f'<section id="task-{html.escape(task)}"><h2>Task {html.escape(task)}</h2>', _table(facts)]
+    if precision:
+        parts.append(
+            f"<p class=precision>{html.escape(precision['domain'])} among the curated: "
+            f"<b>{precision['overall']:.1%}</b>, pool base rate {precision['base_rate']:.1%}</p>"
+        )
+    if files.get("contacts"):
+        parts.append(
+            f"<h3>The {len(names)} largest top-level clusters, their samples closest to a centroid</h3>"
+            f'<img src="{files["contacts"]}" alt="contact sheet of {html.escape(task)}">'
+        )
+    if files.get("clusters"):
+        parts.append(
+            f'<div class=charts><img src="{files["clusters"]}" alt="cluster sizes of {html.escape(task)}"></div>'
+        )
+    parts.append("<h3>Largest clusters</h3>" + _table(rows, ("cluster", "pool samples", "curated")))
+    parts.append("</section>")
+    return "\n".join(parts), nums
+
+
+def _spread_text(spread: dict) -> str:
+    if not spread:
+        return ""
+    entropy = spread.get("entropy")
+    return f"{spread.get('min')} / {spread.get('max')} / " + ("" if entropy is None else f"{entropy:.3f}")
+
+
+def _cluster_size_chart(cfg: ReportConfig, task: str, pool_sizes: np.ndarray, sample_sizes: np.ndarray) -> str | None:
+    """Top-level cluster sizes, largest in the pool first: the pool's (before) against the sample's (after)."""
+    if not len(pool_sizes):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-pool_sizes, kind="stable")
+    x = np.arange(len(order))
+    fig, ax = plt.subplots(figsize=(6, 3))
+    if len(order) <= 100:
+        ax.bar(x - 0.2, pool_sizes[order], width=0.4, color="#bbbbbb", label="pool (before balancing)")
+        ax.bar(x + 0.2, sample_sizes[order], width=0.4, color="#3a6fc4", label="curated (after)")
+    else:
+        ax.step(x, pool_sizes[order], where="mid", color="#888888", label="pool (before balancing)")
+        ax.step(x, sample_sizes[order], where="mid", color="#3a6fc4", label="curated (after)")
+    ax.set_xlabel("top-level cluster, largest in the pool first")
+    ax.set_ylabel("samples")
+    ax.set_title(f"{task}: cluster sizes before and after balancing")
+    ax.legend(fontsize=8)
+    name = f"{task}-clusters.png"
+    _figure_png(fig, os.path.join(cfg.out, name))
+    return name
 
 
 def _precision(manifest: list[dict], truth: dict[str, str], domain: str) -> dict:
@@ -233,26 +344,46 @@ def _contact_sheet(cfg: ReportConfig, task: str, queries: list[dict], by_id: dic
     needed = [by_id[int(pid)] for q in rows for pid, _ in q["neighbours"][: cfg.top] if int(pid) in by_id]
     pool = _pool_images(cfg, needed)
     targets = _target_images([q["ref"] for q in rows])
+    blue = (30, 90, 200)
+    lines = [
+        SheetRow(
+            _ellipsis(q["image"], 22),
+            f"class {_ellipsis(str(q['cls']), 16)}",
+            [(target, "target", blue, blue)]
+            + [(pool.get(int(pid)), f"{score:.3f}", (0, 0, 0), None) for pid, score in q["neighbours"][: cfg.top]],
+        )
+        for q, target in zip(rows, targets)
+    ]
+    name = f"{task}-contacts.png"
+    _save_png(_sheet(cfg, lines, cfg.top + 1), os.path.join(cfg.out, name))
+    return name
+
+
+@dataclass
+class SheetRow:
+    """One row of a contact sheet: two lines of label, then tiles of (image, caption, caption colour, border)."""
+
+    title: str
+    subtitle: str
+    tiles: list[tuple]
+
+
+def _sheet(cfg: ReportConfig, rows: list[SheetRow], columns: int) -> Image.Image:
     t, pad, label_h, left = cfg.tile, 6, 14, 150
-    width = left + (cfg.top + 1) * (t + pad) + pad
+    width = left + columns * (t + pad) + pad
     height = pad + len(rows) * (t + label_h + pad)
     sheet = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    for i, (q, target) in enumerate(zip(rows, targets)):
+    for i, row in enumerate(rows):
         y = pad + i * (t + label_h + pad)
-        draw.text((pad, y + 4), _ellipsis(q["image"], 22), fill=(0, 0, 0), font=font)
-        draw.text((pad, y + 20), f"class {_ellipsis(str(q['cls']), 16)}", fill=(90, 90, 90), font=font)
-        x = left
-        _paste(sheet, target, x, y, t, border=(30, 90, 200))
-        draw.text((x, y + t + 1), "target", fill=(30, 90, 200), font=font)
-        for j, (pid, score) in enumerate(q["neighbours"][: cfg.top]):
-            x = left + (j + 1) * (t + pad)
-            _paste(sheet, pool.get(int(pid)), x, y, t)
-            draw.text((x, y + t + 1), f"{score:.3f}", fill=(0, 0, 0), font=font)
-    name = f"{task}-contacts.png"
-    _save_png(sheet, os.path.join(cfg.out, name))
-    return name
+        draw.text((pad, y + 4), row.title, fill=(0, 0, 0), font=font)
+        draw.text((pad, y + 20), row.subtitle, fill=(90, 90, 90), font=font)
+        for j, (image, caption, colour, border) in enumerate(row.tiles[:columns]):
+            x = left + j * (t + pad)
+            _paste(sheet, image, x, y, t, border=border)
+            draw.text((x, y + t + 1), caption, fill=colour, font=font)
+    return sheet
 
 
 def _paste(sheet: Image.Image, image: Image.Image | None, x: int, y: int, size: int, border=None) -> None:

@@ -16,6 +16,8 @@ Layout::
     SEL/tasks/TASK/leakage.jsonl    pool samples excluded as too close to a held-out image, and to which
     SEL/tasks/TASK/manifest.jsonl   the choice joined with where each sample sits in the shards
     SEL/tasks/TASK/shards.json      size and sha256 of every shared shard the task uses
+    SEL/tasks/curated/clusters.npz  `sept curate`'s tree (``sept.cluster.curate``): centroids and parents per
+                                    level, top-level sizes in the pool and the sample, each sample's clusters
 
 The folder may be an object-store URL (``s3://bucket/sel``): every file is then staged on local disk
 and uploaded whole (``sept.io``), and the markers below are what readers trust there too, since a

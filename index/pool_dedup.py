@@ -47,10 +47,26 @@ def train_centroids(x: np.ndarray, n_clusters: int, *, seed: int = 0, gpu: bool 
     return normalize(km.centroids)
 
 
+IVF_ASSIGN_FROM = 8192
+"""From this many centroids on, a vector's centroid is found through an IVF over the centroids
+(sqrt(C) lists, ``ASSIGN_NPROBE`` probed): O(sqrt(C)) comparisons a vector instead of C, so the
+map round's cost grows with n, not n x C. Near copies, almost one vector, get one answer."""
+ASSIGN_NPROBE = 16
+
+
 def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cluster (n,) int64, cosine to that centroid (n,) float32) of each row of x."""
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, np.float32))
+    centroids = np.ascontiguousarray(centroids, np.float32)
+    c, d = centroids.shape
+    if c < IVF_ASSIGN_FROM:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(round(np.sqrt(c)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0
+        index.train(centroids)
+        index.nprobe = ASSIGN_NPROBE
+    index.add(centroids)
     D, I = index.search(normalize(x), 1)
     return I[:, 0].astype(np.int64), D[:, 0].astype(np.float32)
 

@@ -17,6 +17,8 @@ from sept.training.job_shape import JobShape
 # Every flag of every subcommand before the command line was generated from the configs: none may go.
 FLAGS = {
     "bootstrap": "--config --out --pool --sample-size --seed --steps --target",
+    "curate": "--clusters --copy-timeout-s --embeddings --gpu --niter --no-dedup --no-gpu --out --ray-address "
+    "--resampling-steps --sample-size --sampling --seed --size --train-size",
     "dedup": "--bucket-rows --cluster-size --clusters --embeddings --gpu --max-attempts --no-gpu --ray-address --seed "
     "--task-timeout-s --threshold --train-size",
     "demo": "--corpus-only --executor --ray-address --workdir",

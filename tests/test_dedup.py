@@ -82,6 +82,19 @@ def test_near_rule_in_a_large_cluster_matches_the_dense_one(monkeypatch):
         np.testing.assert_allclose(np.sort(a), np.sort(b), rtol=1e-5)
 
 
+def test_assignment_through_an_ivf_over_many_centroids_mostly_agrees_with_the_flat_one(monkeypatch):
+    import sept.index.pool_dedup as pool_dedup
+
+    rng = np.random.default_rng(5)
+    centroids = pool_dedup.normalize(rng.normal(size=(400, 16)).astype(np.float32))
+    x = centroids[rng.integers(400, size=3000)] + 0.1 * rng.normal(size=(3000, 16)).astype(np.float32)
+    flat, _ = pool_dedup.assign(x, centroids)
+    monkeypatch.setattr(pool_dedup, "IVF_ASSIGN_FROM", 100)
+    ivf, sims = pool_dedup.assign(x, centroids)
+    assert np.mean(ivf == flat) > 0.95
+    np.testing.assert_allclose(sims, np.sum(pool_dedup.normalize(x) * centroids[ivf], axis=1), atol=1e-5)
+
+
 def test_table_answers_membership_and_group_sizes(tmp_path):
     store = _store(str(tmp_path / "emb.zarr"), shards=1, per_shard=4)
     table = DedupTable(

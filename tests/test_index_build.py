@@ -239,3 +239,20 @@ def test_parts_merge_into_the_shard_one_encoding_gives():
     counts = {0: 5, 1: 5, 2: 12, 3: 1, 4: 4}
     assert split_pool_shards([0, 1, 2, 3, 4], counts, 10) == [[0, 1], [2], [3, 4]]
     assert split_pool_shards([0, 1, 2, 3, 4], counts, 0) == [[0, 1, 2, 3, 4]]
+
+
+def test_an_encoding_task_past_its_deadline_is_retried_then_named(ray_driver, tmp_path):
+    emb_path = str(tmp_path / "emb.zarr")
+    _store(emb_path, shards=[0, 1], pool_len=2)
+    cfg = IndexConfig(
+        emb_path,
+        str(tmp_path / "index.zarr"),
+        IndexSpec(factory="Flat", shards=2),
+        task_timeout_s=0.001,
+        max_attempts=2,
+    )
+    with pytest.raises(SeptError, match=r"index shard \d \(pool shards \d\.\.\d\): no result in 0.001s, 2 time\(s\)"):
+        build_index(cfg)
+    cfg.task_timeout_s = 600.0  # the same build given time: it completes, nothing half-written in the way
+    build_index(cfg)
+    assert IndexStore.open(cfg.out).attrs["complete"]
