@@ -37,13 +37,15 @@ from sept.cluster.runtime import completed_with_deadline, ray_session
 from sept.errors import SeptError
 from sept.index.dedup_table import EXACT, NEAR, REASONS, DedupTable
 from sept.index.embedding_store import EmbeddingStore, shard_name
-from sept.index.pool_dedup import assign, exact_copies, near_copies, train_centroids
+from sept.index.pool_dedup import exact_copies, near_copies, nearest_centroids, resolve_border, train_centroids
 from sept.io import atomic_write_bytes, atomic_write_json, publish_dir, staging_dir
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "dedup-work"
-DEFAULT_THRESHOLD = 0.96  # benchmarks/dedup_quality.py: the precision/recall sweep that chose it
+# benchmarks/dedup_quality.py (RESULTS.md): on its icon pool no threshold below 1.0 reaches
+# precision 0.99; at 0.96 an ImageNet encoder recalls 1.3x what pHash does at equal precision.
+DEFAULT_THRESHOLD = 0.96
 
 
 @dataclass
@@ -62,6 +64,13 @@ class DedupConfig:
     )
     clusters: int | None = field(
         default=None, metadata={"help": "k-means clusters (default: pool size / --cluster-size)"}
+    )
+    border_margin: float = field(
+        default=0.05,
+        metadata={
+            "help": "a vector whose second-nearest centroid is within this cosine of its nearest is also compared "
+            "in that cluster, so copies a cluster border splits are found (0: never; default: %(default)s)"
+        },
     )
     bucket_rows: int = field(
         default=1 << 20,
@@ -115,8 +124,9 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 @ray.remote(num_cpus=1)
-def map_shard(emb_path: str, work: str, shard: int, centroids: np.ndarray, buckets: int) -> int:
-    """Write one shard's rows sorted by bucket: by cluster for the near round, by hash for the exact round."""
+def map_shard(emb_path: str, work: str, shard: int, centroids: np.ndarray, buckets: int, margin: float) -> int:
+    """Write one shard's rows sorted by bucket: by cluster for the near round (with the rows that visit
+    their second cluster as guests), by hash for the exact round."""
     emb = EmbeddingStore(emb_path)
     x, ids = emb.read_shard(shard)
     hashes = emb.read_hashes(shard)
@@ -125,18 +135,23 @@ def map_shard(emb_path: str, work: str, shard: int, centroids: np.ndarray, bucke
             f"embeddings shard {shard_name(shard)} ({emb.pool[shard]}) has no content hashes: it was embedded "
             "before sept recorded them; embed the pool again into a new --out"
         )
-    cluster, csim = assign(x, centroids)
+    near, sims = nearest_centroids(x, centroids, 2)
+    visits = np.flatnonzero((near[:, 1] >= 0) & (sims[:, 1] >= sims[:, 0] - margin)) if margin > 0 else []
+    rows = np.r_[np.arange(len(ids)), visits].astype(np.int64)
+    cluster = np.r_[near[:, 0], near[visits, 1]]
+    csim = np.r_[sims[:, 0], sims[visits, 1]]
+    guest = np.r_[np.zeros(len(ids), bool), np.ones(len(visits), bool)]
     tmp = staging_dir(_map_part(work, shard))
     group = zarr.open_group(tmp, mode="w")
     by_cluster = np.argsort(cluster % buckets, kind="stable")
     by_hash = np.argsort(hashes[:, 0] % np.uint64(buckets), kind="stable")
-    n = len(ids)
-    chunk = max(1, min(n, 1 << 16))
+    chunk = max(1, min(len(rows), 1 << 16))
     for name, values in (
-        ("ids", ids[by_cluster]),
+        ("ids", ids[rows[by_cluster]]),
         ("cluster", cluster[by_cluster]),
         ("centroid_sim", csim[by_cluster]),
-        ("vectors", x[by_cluster].astype(np.float16)),
+        ("guest", guest[by_cluster]),
+        ("vectors", x[rows[by_cluster]].astype(np.float16)),
         ("hash_ids", ids[by_hash]),
         ("hashes", hashes[by_hash]),
     ):
@@ -145,11 +160,12 @@ def map_shard(emb_path: str, work: str, shard: int, centroids: np.ndarray, bucke
         )
     group.attrs.update(
         shard=shard,
+        guests=len(visits),
         cluster_offsets=_offsets(cluster % buckets, buckets),
         hash_offsets=_offsets(hashes[:, 0] % np.uint64(buckets), buckets),
     )
     publish_dir(tmp, _map_part(work, shard))
-    return n
+    return len(ids)
 
 
 def _offsets(bucket_of: np.ndarray, buckets: int) -> list[int]:
@@ -177,13 +193,21 @@ def exact_bucket(work: str, shards: list[int], bucket: int) -> int:
 
 @ray.remote(num_cpus=1)
 def near_bucket(work: str, shards: list[int], bucket: int, exact_removed: np.ndarray, threshold: float) -> int:
-    ids, cluster, csim, x = _gather(
-        work, shards, bucket, "cluster_offsets", ("ids", "cluster", "centroid_sim", "vectors")
-    )
+    names = ("ids", "cluster", "centroid_sim", "guest", "vectors")
+    ids, cluster, csim, guest, x = _gather(work, shards, bucket, "cluster_offsets", names)
     keep = ~np.isin(ids, exact_removed)
-    removed, kept, sims = near_copies(ids[keep], x[keep].astype(np.float32), cluster[keep], csim[keep], threshold)
-    _save_npz(_bucket_file(work, "near", bucket), removed=removed, kept=kept, similarity=sims)
-    return len(removed)
+    found = near_copies(ids[keep], x[keep].astype(np.float32), cluster[keep], csim[keep], threshold, guest[keep])
+    a, b, s = found.border
+    _save_npz(
+        _bucket_file(work, "near", bucket),
+        removed=found.removed,
+        kept=found.kept,
+        similarity=found.similarity,
+        border_a=a,
+        border_b=b,
+        border_sim=s,
+    )
+    return len(found.removed)
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -214,6 +238,7 @@ def dedup(cfg: DedupConfig) -> dict:
     settings = dict(
         fingerprint=embeddings_fingerprint(emb),
         threshold=float(cfg.threshold),
+        border_margin=float(cfg.border_margin),
         clusters=int(n_clusters),
         buckets=max(1, math.ceil(n / cfg.bucket_rows)),
         train_size=int(min(n, cfg.train_size or default_train_size(n_clusters))),
@@ -235,7 +260,7 @@ def dedup(cfg: DedupConfig) -> dict:
             "map",
             todo,
             len(shards),
-            lambda s: map_shard.remote(emb.path, work, s, centroids_ref, buckets),
+            lambda s: map_shard.remote(emb.path, work, s, centroids_ref, buckets, settings["border_margin"]),
             lambda s: f"dedup map of shard {shard_name(s)} ({emb.pool[s]})",
             cfg,
         )
@@ -259,7 +284,7 @@ def dedup(cfg: DedupConfig) -> dict:
             lambda b: f"dedup near bucket {b}",
             cfg,
         )
-        near = _join(work, "near", buckets)
+        near = _with_border(_join(work, "near", buckets), exact)
     table = _table(exact, near, dict(settings=settings, fingerprint=settings["fingerprint"], config=asdict(cfg)))
     table.write(emb.path)
     storage.remove_tree(work)
@@ -328,6 +353,21 @@ def _run_round(name: str, todo: list[int], total: int, submit, describe, cfg: De
 def _join(work: str, round_: str, buckets: int) -> dict[str, np.ndarray]:
     parts = [_load_npz(_bucket_file(work, round_, b)) for b in range(buckets)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _with_border(near: dict, exact: dict) -> dict[str, np.ndarray]:
+    """The near round's removals plus those its border pairs add (``resolve_border``)."""
+    standing = np.r_[near["kept"], exact["kept"]]
+    removed, kept, sims = resolve_border(
+        near["border_a"], near["border_b"], near["border_sim"], near["removed"], standing
+    )
+    if len(removed):
+        log.info("dedup: %d more near copies found across cluster borders", len(removed))
+    return dict(
+        removed=np.r_[near["removed"], removed],
+        kept=np.r_[near["kept"], kept],
+        similarity=np.r_[near["similarity"], sims].astype(np.float32),
+    )
 
 
 def _table(exact: dict, near: dict, attrs: dict) -> DedupTable:

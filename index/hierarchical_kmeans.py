@@ -8,7 +8,8 @@ sampling evenly over its clusters still over-samples the dense modes. Two things
 * levels: level 1 clusters the points into ``k_1`` clusters, level ``l`` clusters the centroids of
   level ``l - 1`` into ``k_l``; the top level's few clusters stand for broad concepts;
 * resampling: after each k-means of a level, the ``r`` members of every cluster nearest its
-  centroid are drawn and k-means runs again on their union (from the current centroids), so a
+  centroid are drawn and k-means runs again on their union (from fresh seeds: started from the
+  current centroids it stays where it is), so a
   dense mode weighs as much as any cluster's ``r`` points, not as its count; ``steps`` times.
 
 Sampling then gives every top-level cluster an equal share of the requested count (water-filling:
@@ -156,8 +157,8 @@ def _nearest_members(D: np.ndarray, I: np.ndarray, r: int) -> np.ndarray:
 def kmeans_with_resampling(
     x: np.ndarray, k: int, *, steps: int, sample_size: int, seed: int = 0, niter: int = 20, gpu: bool = False
 ) -> np.ndarray:
-    """Centroids (k, d) of k-means on ``x``, then ``steps`` times of k-means (from the current
-    centroids) on the ``sample_size`` members of each cluster nearest its centroid."""
+    """Centroids (k, d) of k-means on ``x``, then ``steps`` times of k-means (from fresh seeds) on the
+    ``sample_size`` members of each cluster nearest its centroid."""
     centroids = kmeans(x, k, seed=seed, niter=niter, gpu=gpu)
     if sample_size < 1 or steps < 1:
         return centroids

@@ -7,11 +7,18 @@ id) stays. Near: within each cluster, members are visited nearest their centroid
 id); a member at least ``threshold`` similar to one already kept is removed in favour of the most
 similar kept one, else it is kept. Every removed sample is thus directly similar to the one that
 stands for it (no chains), and the pairs looked at are those within a cluster: O(n x cluster
-size), never O(n^2). A pair split across two clusters is missed; the recall this costs is
-measured in benchmarks/dedup_quality.py.
+size), never O(n^2).
+
+A pair split by a cluster border would be missed, so a vector nearly as close to its second
+centroid as to its first also visits that cluster as a *guest*: it is never removed there, but
+its close pairs with the cluster's surviving members are reported (``NearCopies.border``), and
+``resolve_border`` removes one of each such pair whose two samples both survived their own
+clusters, never one that already stands for others.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -56,6 +63,13 @@ ASSIGN_NPROBE = 16
 
 def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cluster (n,) int64, cosine to that centroid (n,) float32) of each row of x."""
+    I, D = nearest_centroids(x, centroids, 1)
+    return I[:, 0], D[:, 0]
+
+
+def nearest_centroids(x: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clusters (n, k) int64, cosines (n, k) float32) of each row of x's k nearest centroids, best first;
+    -1 and -inf pad rows when there are fewer than k centroids."""
     centroids = np.ascontiguousarray(centroids, np.float32)
     c, d = centroids.shape
     if c < IVF_ASSIGN_FROM:
@@ -67,32 +81,87 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
         index.train(centroids)
         index.nprobe = ASSIGN_NPROBE
     index.add(centroids)
-    D, I = index.search(normalize(x), 1)
-    return I[:, 0].astype(np.int64), D[:, 0].astype(np.float32)
+    D, I = index.search(normalize(x), k)
+    D = np.where(I < 0, -np.inf, D)
+    return I.astype(np.int64), D.astype(np.float32)
+
+
+@dataclass
+class NearCopies:
+    """The near rule's answer over some clusters: removed ids, the kept id standing for each and their
+    cosine; and the border pairs (guest id, member id, cosine) for ``resolve_border``."""
+
+    removed: np.ndarray
+    kept: np.ndarray
+    similarity: np.ndarray
+    border: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def near_copies(
-    ids: np.ndarray, vectors: np.ndarray, cluster: np.ndarray, centroid_sim: np.ndarray, threshold: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(removed, kept, similarity) by the near rule, cluster by cluster, over the given rows."""
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    cluster: np.ndarray,
+    centroid_sim: np.ndarray,
+    threshold: float,
+    guest: np.ndarray | None = None,
+) -> NearCopies:
+    """The near rule, cluster by cluster, over the given rows; ``guest`` marks rows visiting a cluster
+    that is not their own (compared with its survivors, never removed there)."""
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"near-duplicate threshold is a cosine similarity in [-1, 1], got {threshold}")
     ids = np.asarray(ids, np.int64)
-    # Visiting order: by cluster, then nearest the centroid first, then by id (a stable rule).
-    order = np.lexsort((ids, -np.asarray(centroid_sim, np.float64), np.asarray(cluster)))
-    ids, x, cluster = ids[order], normalize(vectors[order]), np.asarray(cluster)[order]
+    guest = np.zeros(len(ids), bool) if guest is None else np.asarray(guest, bool)
+    # Visiting order: by cluster, members before guests, nearest the centroid first, then by id.
+    order = np.lexsort((ids, -np.asarray(centroid_sim, np.float64), guest, np.asarray(cluster)))
+    ids, x, cluster, guest = ids[order], normalize(vectors[order]), np.asarray(cluster)[order], guest[order]
     bounds = np.flatnonzero(np.diff(cluster)) + 1
-    removed, kept, sims = [], [], []
+    out: list[list[np.ndarray]] = [[], [], [], [], [], []]
     for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(ids)]):
-        if b - a < 2:
+        m = a + int(np.count_nonzero(~guest[a:b]))  # members are rows a:m, guests m:b
+        if m - a >= 2:
+            r, k, s = _greedy(x[a:m], threshold)
+            out[0].append(ids[a:m][r])
+            out[1].append(ids[a:m][k])
+            out[2].append(s)
+            survivors = np.setdiff1d(np.arange(a, m), a + r)
+        else:
+            survivors = np.arange(a, m)
+        for g0 in range(m, b if len(survivors) else m, DENSE_MEMBERS):  # guests a block at a time
+            g1 = min(b, g0 + DENSE_MEMBERS)
+            sim = x[g0:g1] @ x[survivors].T
+            g, j = np.nonzero(sim >= threshold)
+            out[3].append(ids[g0:g1][g])
+            out[4].append(ids[survivors][j])
+            out[5].append(sim[g, j])
+    arrays = [np.concatenate(o) if o else np.zeros(0) for o in out]
+    as_ids = [a.astype(np.int64) for a in (arrays[0], arrays[1], arrays[3], arrays[4])]
+    return NearCopies(
+        as_ids[0], as_ids[1], arrays[2].astype(np.float32), (as_ids[2], as_ids[3], arrays[5].astype(np.float32))
+    )
+
+
+def resolve_border(
+    a: np.ndarray, b: np.ndarray, sims: np.ndarray, gone: np.ndarray, standing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(removed, kept, similarity) from border pairs, most similar first: of a pair whose two samples are
+    both still there (not in ``gone``), the later in pool order goes, unless it already stands for
+    others (``standing``, or an earlier border pair), then the other does, unless it stands too."""
+    live = ~(np.isin(a, gone) | np.isin(b, gone)) & (a != b)
+    a, b, sims = a[live], b[live], sims[live]
+    removed: dict[int, tuple[int, float]] = {}
+    stands = set(np.asarray(standing, np.int64).tolist())
+    for i in np.argsort(-sims, kind="stable"):
+        first, later = sorted((int(a[i]), int(b[i])))
+        if first in removed or later in removed:
             continue
-        r, k, s = _greedy(x[a:b], threshold)
-        removed.append(ids[a:b][r])
-        kept.append(ids[a:b][k])
-        sims.append(s)
-    if not removed:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(removed), np.concatenate(kept), np.concatenate(sims).astype(np.float32)
+        for go, stay in ((later, first), (first, later)):
+            if go not in stands:
+                removed[go] = (stay, float(sims[i]))
+                stands.add(stay)
+                break
+    ids = np.fromiter(removed, np.int64, len(removed))
+    kept = np.asarray([removed[i][0] for i in ids.tolist()], np.int64)
+    return ids, kept, np.asarray([removed[i][1] for i in ids.tolist()], np.float32)
 
 
 def _greedy(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from sept.data.identity import make_ids
 from sept.errors import SeptError
 from sept.index.dedup_table import EXACT, NEAR, DedupTable
 from sept.index.embedding_store import EmbeddingStore, EncoderIdentity
-from sept.index.pool_dedup import exact_copies, near_copies
+from sept.index.pool_dedup import exact_copies, near_copies, resolve_border
 from sept.index.strategies import Stream, fill
 
 # ---- the rules ---------------------------------------------------------------------------------
@@ -50,20 +50,37 @@ def test_near_rule_keeps_the_member_nearest_the_centroid_and_never_chains():
     ids = np.array([1, 2, 3, 4])
     t = float(np.cos(np.deg2rad(12)))
     # b is nearest the centroid: it stands for both a and c, each directly similar to it.
-    removed, kept, sims = near_copies(ids, x, np.zeros(4, int), np.array([0.5, 0.9, 0.5, 0.1]), t)
+    found = near_copies(ids, x, np.zeros(4, int), np.array([0.5, 0.9, 0.5, 0.1]), t)
+    removed, kept, sims = found.removed, found.kept, found.similarity
     assert dict(zip(removed.tolist(), kept.tolist())) == {1: 2, 3: 2}
     assert np.all(sims >= t)
     # a first: b goes as a's copy; c's only close partner is gone, so c stays (no chain a-b-c).
-    removed, kept, _ = near_copies(ids, x, np.zeros(4, int), np.array([0.9, 0.5, 0.1, 0.1]), t)
+    found = near_copies(ids, x, np.zeros(4, int), np.array([0.9, 0.5, 0.1, 0.1]), t)
+    removed, kept = found.removed, found.kept
     assert dict(zip(removed.tolist(), kept.tolist())) == {2: 1}
 
 
 def test_near_rule_compares_within_a_cluster_only():
     x = np.stack([_unit(0), _unit(1)])
-    removed, _, _ = near_copies(np.array([1, 2]), x, np.array([0, 1]), np.ones(2), 0.99)
-    assert len(removed) == 0
-    removed, _, _ = near_copies(np.array([1, 2]), x, np.array([5, 5]), np.ones(2), 0.99)
-    assert removed.tolist() == [2]  # equal centroid similarity: the smaller id is visited first
+    assert len(near_copies(np.array([1, 2]), x, np.array([0, 1]), np.ones(2), 0.99).removed) == 0
+    found = near_copies(np.array([1, 2]), x, np.array([5, 5]), np.ones(2), 0.99)
+    assert found.removed.tolist() == [2]  # equal centroid similarity: the smaller id is visited first
+
+
+def test_a_pair_split_by_a_cluster_border_is_found_through_a_guest():
+    # 1 and 2 are copies in clusters 0 and 1; 2 also visits cluster 0 as a guest, where 3 stands for 4.
+    x = np.stack([_unit(0), _unit(1), _unit(1), _unit(40), _unit(40.5)])
+    ids, cluster = np.array([1, 2, 2, 3, 4]), np.array([0, 1, 0, 0, 0])
+    guest = np.array([False, False, True, False, False])
+    found = near_copies(ids, x, cluster, np.array([0.9, 0.9, 0.8, 0.7, 0.6]), 0.99, guest)
+    assert found.removed.tolist() == [4]  # a guest is never removed in the cluster it visits
+    a, b, s = found.border
+    assert (a.tolist(), b.tolist()) == ([2], [1]) and s[0] >= 0.99
+    removed, kept, _ = resolve_border(a, b, s, gone=found.removed, standing=found.kept)
+    assert dict(zip(removed.tolist(), kept.tolist())) == {2: 1}  # the later in pool order goes
+    removed, kept, _ = resolve_border(a, b, s, gone=found.removed, standing=np.array([2]))
+    assert dict(zip(removed.tolist(), kept.tolist())) == {1: 2}  # unless it stands for others
+    assert len(resolve_border(a, b, s, gone=np.array([1]), standing=found.kept)[0]) == 0
 
 
 def test_near_rule_in_a_large_cluster_matches_the_dense_one(monkeypatch):
@@ -77,8 +94,8 @@ def test_near_rule_in_a_large_cluster_matches_the_dense_one(monkeypatch):
     dense = near_copies(*args)
     monkeypatch.setattr(pool_dedup, "DENSE_MEMBERS", 10)  # the range-search path
     sparse = near_copies(*args)
-    assert len(dense[0]) == 60
-    for a, b in zip(dense, sparse):
+    assert len(dense.removed) == 60
+    for a, b in ((dense.removed, sparse.removed), (dense.kept, sparse.kept), (dense.similarity, sparse.similarity)):
         np.testing.assert_allclose(np.sort(a), np.sort(b), rtol=1e-5)
 
 
