@@ -202,8 +202,14 @@ def train_arm_inprocess(pcfg, cfg: ExperimentConfig) -> dict:
 
 def score_arm(run_dir: str, target: str, summary: dict, images: int, default_steps: int) -> dict:
     """Linear probe and kNN of the arm's final encoder, the kNN of every step snapshot; written to arm.json."""
+    from sept.errors import SeptError
     from sept.training.evaluate import evaluate
 
+    if summary.get("interrupted"):  # a signal stopped the trainer at a checkpoint: nothing to score yet
+        raise SeptError(
+            f"pre-training of {run_dir} stopped at step {summary.get('steps')} on {summary['interrupted']}; "
+            "rerun the same command to resume it"
+        )
     curve = [dict(step=step, knn=evaluate(path, target)["knn"]) for step, path in snapshot_steps(run_dir)]
     final = evaluate(os.path.join(run_dir, "encoder.pt"), target)
     result = dict(

@@ -139,3 +139,11 @@ def test_the_demo_pretrains_with_the_settings_the_benchmarks_publish():
     assert (cfg.image_size, cfg.crop_min_scale, cfg.optimizer) == (16, 0.6, "adamw")
     demo = DemoConfig()
     assert demo.target_val_per_class >= 50 and demo.method == "simclr" and demo.preset is None
+
+
+def test_an_arm_stopped_by_a_signal_says_so_instead_of_missing_its_encoder(tmp_path):
+    from sept.errors import SeptError
+    from sept.experiment import score_arm
+
+    with pytest.raises(SeptError, match=r"stopped at step 7 on SIGTERM; rerun the same command to resume"):
+        score_arm(str(tmp_path / "run"), str(tmp_path / "target"), {"interrupted": "SIGTERM", "steps": 7}, 10, 100)
