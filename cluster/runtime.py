@@ -71,8 +71,18 @@ def completed_with_deadline(
     ``ray.get``s each yielded ref, so task errors surface there, as with a plain ``ray.wait``.
     """
     inflight: dict = {}
-    for item in items:
-        inflight[submit(item)] = (item, 1, time.monotonic())
+    try:
+        for item in items:
+            inflight[submit(item)] = (item, 1, time.monotonic())
+        yield from _until_done(inflight, submit, timeout_s, attempts, describe)
+    finally:  # on an error (or the caller stopping early), no task is left running on its own
+        for ref in inflight:
+            ray.cancel(ref, force=True)
+
+
+def _until_done(
+    inflight: dict, submit, timeout_s: float, attempts: int, describe
+) -> Iterator[tuple[Any, ray.ObjectRef]]:
     while inflight:
         oldest = min(t for _, _, t in inflight.values())
         wait = max(0.0, oldest + timeout_s - time.monotonic())

@@ -97,7 +97,10 @@ class IndexStore:
         group.create_array("ids", shape=(n,), dtype="int64", chunks=(chunk,))[...] = ids
         group.create_array("codes", shape=(n, code_size), dtype="uint8", chunks=(chunk, code_size))[...] = codes
         group.attrs.update(ntotal=int(n))
-        publish_dir(tmp, final, replace=True)
+        # An encoding is deterministic, so a shard already in place (written by an earlier attempt
+        # that was taken for stalled) is the same one: keep it. Replacing it would leave a moment,
+        # or after a kill for good, with no shard there.
+        publish_dir(tmp, final)
 
     def shard_ntotal(self, index_shard: int) -> int:
         """Vectors in one complete index shard, from its attributes (its ids array's shape for a shard
