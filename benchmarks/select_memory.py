@@ -12,7 +12,9 @@ For each budget (queries fixed) it prints the peak Python-traced memory above th
 (numpy arrays are traced too), in bytes per selected sample, and the time of an untraced run; then, with the budget
 growing with the queries, the time for 1k to 10k queries. Baseline in the same run: the bytes of
 the search results themselves (12 bytes a candidate), which no coordinator can avoid holding.
-Growth exponents are fitted over every size (log-log least squares).
+Growth exponents are fitted over every size (log-log least squares), and the marginal bytes per
+selected sample are the slope of a straight line through (selected, peak): what each further
+sample costs once the fixed per-query costs are paid.
 """
 
 from __future__ import annotations
@@ -121,10 +123,12 @@ def main() -> None:
             f"{r['peak'] / r['selected']:>9.0f} {r['results'] / r['selected']:>17.0f}"
         )
     budgets = [r["budget"] for r in rows]
+    slope = float(np.polyfit([r["selected"] for r in rows], [r["peak"] for r in rows], 1)[0])
     print(
         f"peak memory exponent over budget {exponent(budgets, [r['peak'] for r in rows]):.2f}; "
         f"bytes per selected sample at the largest budget {rows[-1]['peak'] / rows[-1]['selected']:.0f} "
-        f"({rows[-1]['peak'] / rows[-1]['results']:.2f}x the search results' own bytes)"
+        f"({rows[-1]['peak'] / rows[-1]['results']:.2f}x the search results' own bytes); "
+        f"marginal bytes per selected sample (slope of a linear fit of peak over selected) {slope:.0f}"
     )
     print("query sweep (budget 10 per query):")
     times = []

@@ -43,7 +43,7 @@ class SelectionTask:
 @dataclass
 class TaskRecords:
     choice: Iterable[dict]  # one row per chosen sample, made as it is written: never all at once
-    queries: list[dict]
+    queries: Iterable[dict]  # one row per target image, made as it is written
     leakage: list[dict]
     summary: dict
 
@@ -66,10 +66,10 @@ def task_records(
     cls_of = [classes[c] for c in t.query_class.tolist()]
     stands_for = dedup.stands_for(choice.ids) if dedup is not None else None
     rows = _choice_rows(choice, names, cls_of, stands_for)
-    queries = [
+    queries = (  # made as written, like the choice rows
         dict(image=names[q], ref=t.query_refs[q], cls=cls_of[q], neighbours=[[int(i), float(s)] for i, s in nb])
         for q, nb in enumerate(neighbours)
-    ]
+    )
     shard_idx, positions = split_ids(np.asarray(sorted(leaked), np.int64))
     leakage = [
         dict(
@@ -91,15 +91,21 @@ def task_records(
     return TaskRecords(choice=rows, queries=queries, leakage=leakage, summary=summary)
 
 
+_ROWS_PER_BLOCK = 4096  # choice rows turned into Python values at once: never a list of every sample
+
+
 def _choice_rows(choice: Choice, names: list[str], cls_of: list[str], stands_for: np.ndarray | None) -> Iterator[dict]:
     retrievers = choice.retrieved_by
-    for j, (pid, score, q) in enumerate(zip(choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist())):
-        row = dict(
-            id=pid, score=score, chosen_by=names[q], cls=cls_of[q], retrieved_by=[names[r] for r in retrievers[j]]
-        )
-        if stands_for is not None and stands_for[j]:
-            row["stands_for"] = int(stands_for[j])  # removed copies of this sample in the pool
-        yield row
+    for start in range(0, len(choice), _ROWS_PER_BLOCK):
+        block = slice(start, start + _ROWS_PER_BLOCK)
+        ids, scores, chosen_by = (a[block].tolist() for a in (choice.ids, choice.scores, choice.chosen_by))
+        for j, (pid, score, q) in enumerate(zip(ids, scores, chosen_by), start):
+            row = dict(
+                id=pid, score=score, chosen_by=names[q], cls=cls_of[q], retrieved_by=[names[r] for r in retrievers[j]]
+            )
+            if stands_for is not None and stands_for[j]:
+                row["stands_for"] = int(stands_for[j])  # removed copies of this sample in the pool
+            yield row
 
 
 def _summary(t: SelectionTask, choice: Choice, leaked: dict, settings: dict, extra: dict) -> dict:

@@ -1,7 +1,8 @@
 """Choosing what to keep: target images' neighbours in, one deduplicated selection out. Math only, no Ray.
 
 Every strategy turns its candidates into *streams*: ordered lists of (pool id, similarity, the
-target image that proposed it), each with a weight. ``fill`` then takes from the streams in
+target image that proposed it), each with a weight, held as positions into one table of
+candidates (``Candidates``: the search results themselves, never copied). ``fill`` then takes from the streams in
 turn, always from the one that is furthest below its weighted share, until the budget is full:
 
 * ``instance`` (SEPT's per-instance search, the default): one stream per balance group, holding
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -41,13 +42,44 @@ STRATEGIES = ("instance", "topk", "cluster")
 BALANCES = ("instance", "class")
 
 
-@dataclass
-class Stream:
-    """Candidates in the order they are to be taken."""
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """Search results as one flat table of candidates, shared by every stream built from them and
+    never copied: candidate p is pool id ``ids[p]`` with similarity ``scores[p]``, proposed by
+    target image ``queries[p]``. For (S, I) results the table is the matrices raveled, and the
+    query is the row, ``p // per_query``, so that column costs nothing."""
 
     ids: np.ndarray  # (n,) int64
-    scores: np.ndarray  # (n,) float32 similarity, higher is better
-    queries: np.ndarray  # (n,) int32 target image (query row) proposing each candidate
+    scores: np.ndarray  # (n,) float32
+    queries: np.ndarray | None = None  # (n,) int32, or None for row-major (S, I) results
+    per_query: int = 1
+
+    @classmethod
+    def from_results(cls, S: np.ndarray, I: np.ndarray) -> Candidates:
+        I = np.ascontiguousarray(I, dtype=np.int64)  # copies only what is not already so
+        S = np.ascontiguousarray(S, dtype=np.float32)
+        return cls(ids=I.reshape(-1), scores=S.reshape(-1), per_query=max(1, I.shape[1]))
+
+    def query_of(self, positions: np.ndarray) -> np.ndarray:
+        if self.queries is not None:
+            return self.queries[positions]
+        return (positions // self.per_query).astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _positions_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
+
+
+@dataclass
+class Stream:
+    """Candidates in the order they are to be taken: positions into a ``Candidates`` table, 4 bytes
+    a candidate, however many streams (instance, top-k, mixed) share the table."""
+
+    source: Candidates
+    positions: np.ndarray  # (n,) int32 (int64 past 2^31 candidates) into ``source``
     weight: float = 1.0
     bound: float = -np.inf
     """Best similarity a candidate beyond this stream's end could have; -inf when nothing lies beyond
@@ -56,8 +88,28 @@ class Stream:
     name: str = ""
     cluster: int = -1  # the k-means cluster a cluster-strategy stream holds
 
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, scores: np.ndarray, queries: np.ndarray, **kw) -> Stream:
+        """A stream owning its candidates, in the order given."""
+        source = Candidates(
+            ids=np.asarray(ids, np.int64), scores=np.asarray(scores, np.float32), queries=np.asarray(queries, np.int32)
+        )
+        return cls(source=source, positions=np.arange(len(source), dtype=_positions_dtype(len(source))), **kw)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.source.ids[self.positions]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.source.scores[self.positions]
+
+    @property
+    def queries(self) -> np.ndarray:
+        return self.source.query_of(self.positions)
+
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.positions)
 
 
 @dataclass
@@ -148,19 +200,21 @@ def instance_streams(
     *,
     balance: str = "instance",
     min_similarity: float | None = None,
+    source: Candidates | None = None,
 ) -> list[Stream]:
     """Per-instance streams: rank-major over a group's queries; one group, or one per class."""
     nq, k = I.shape
-    valid = _valid(S, I, min_similarity)
+    source = Candidates.from_results(S, I) if source is None else source
+    valid = _valid(S, I, min_similarity).reshape(-1)
+    dtype = _positions_dtype(len(source))
     streams = []
     for name, rows in _groups(nq, query_class, balance):
-        rank_major_valid = valid[rows].T.ravel()
+        rank_major = (rows[None, :].astype(np.int64) * k + np.arange(k)[:, None]).reshape(-1)
         streams.append(
             Stream(
-                ids=I[rows].T.ravel()[rank_major_valid].astype(np.int64),
-                scores=S[rows].T.ravel()[rank_major_valid].astype(np.float32),
-                queries=np.tile(rows.astype(np.int32), k)[rank_major_valid],
-                bound=_bound(S, valid, rows),
+                source=source,
+                positions=rank_major[valid[rank_major]].astype(dtype),
+                bound=_bound(S, valid.reshape(nq, k), rows),
                 name=name,
             )
         )
@@ -186,26 +240,27 @@ def topk_streams(
     *,
     balance: str = "instance",
     min_similarity: float | None = None,
+    source: Candidates | None = None,
 ) -> list[Stream]:
-    """Every distinct neighbour by its best similarity, best first (ties by id): one stream, or
-    with ``balance="class"`` one stream of equal weight per class (its images' neighbours only)."""
+    """Every distinct neighbour by its best similarity, best first (ties by id, then query): one
+    stream, or with ``balance="class"`` one stream of equal weight per class (its images'
+    neighbours only)."""
     nq, k = I.shape
+    source = Candidates.from_results(S, I) if source is None else source
     valid = _valid(S, I, min_similarity)
+    dtype = _positions_dtype(len(source))
     streams = []
     for name, rows in _groups(nq, query_class, balance):
-        v = valid[rows]
-        ids = I[rows][v].astype(np.int64)
-        scores = S[rows][v].astype(np.float32)
-        queries = np.repeat(rows.astype(np.int32), k).reshape(len(rows), k)[v]
-        order = np.lexsort((queries, ids, -scores))
-        ids, scores, queries = ids[order], scores[order], queries[order]
+        row_major = (rows[:, None].astype(np.int64) * k + np.arange(k)[None, :])[valid[rows]]
+        ids = source.ids[row_major]
+        # Positions grow with the query row, so they break ties as the query would.
+        order = np.lexsort((row_major, ids, -source.scores[row_major]))
+        row_major, ids = row_major[order], ids[order]
         _, first = np.unique(ids, return_index=True)  # the first occurrence is the best
-        keep = np.sort(first)
         streams.append(
             Stream(
-                ids=ids[keep],
-                scores=scores[keep],
-                queries=queries[keep],
+                source=source,
+                positions=row_major[np.sort(first)].astype(dtype),
                 bound=_bound(S, valid, rows),
                 sorted_by_score=True,
                 name="topk" if balance == "instance" else f"topk:{name}",
@@ -237,13 +292,29 @@ def mix_streams(groups: Sequence[Sequence[Stream]], fractions: Sequence[float]) 
 # ---- filling the budget ------------------------------------------------------------------------
 
 
-def _compact(streams: Sequence[Stream]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Every distinct candidate id once (sorted), and each stream's candidates as int32 positions in it."""
-    if not streams:
-        return np.zeros(0, np.int64), []
-    universe = np.unique(np.concatenate([st.ids for st in streams]))
-    dtype = np.int32 if len(universe) < 2**31 else np.int64
-    return universe, [np.searchsorted(universe, st.ids).astype(dtype) for st in streams]
+_BLOCK = 1 << 16  # entries looked at in one numpy step: bounds the temporaries of a large search
+
+
+def _universe(sources: Sequence[Candidates]) -> np.ndarray:
+    """Every distinct id of the sources, sorted: built block by block and sorted in place, so its
+    temporaries stay near the size of the result rather than of every candidate."""
+    pieces = [np.unique(src.ids[i : i + _BLOCK]) for src in sources for i in range(0, len(src), _BLOCK)]
+    if not pieces:
+        return np.zeros(0, np.int64)
+    universe = np.concatenate(pieces)
+    del pieces
+    universe.sort()
+    keep = np.ones(len(universe), bool)
+    np.not_equal(universe[1:], universe[:-1], out=keep[1:])
+    return universe[keep]
+
+
+def _codes(universe: np.ndarray, src: Candidates) -> np.ndarray:
+    """Each candidate of ``src`` as the position of its id in ``universe``."""
+    codes = np.empty(len(src), _positions_dtype(len(universe)))
+    for i in range(0, len(src), _BLOCK):
+        codes[i : i + _BLOCK] = np.searchsorted(universe, src.ids[i : i + _BLOCK])
+    return codes
 
 
 # A skipped state's "met" mark is the state with its low bit set: excluded 2 -> 3, removed 4 -> 5.
@@ -263,28 +334,36 @@ def fill(
     ``excluded`` (the leakage guard's few ids) and ``removed`` (the dedup table's ids, an array:
     it may be large) are skipped and counted apart.
 
-    The state is a few bytes a candidate and a sample: one mark per distinct candidate id (free,
-    chosen, excluded, excluded and met) and the chosen arrays, never Python objects per sample, so
-    a budget of 10^8 fits a coordinator's memory. Memoryviews give the loop plain Python scalars.
+    The state is a few bytes a candidate and a sample: the streams are positions into their
+    candidate tables, every candidate is coded once by its id's place among the distinct ids, one
+    mark per distinct id says free, chosen, excluded or removed (and met), and the chosen arrays
+    are written as the loop goes; never Python objects per sample, so a budget of 10^8 fits a
+    coordinator's memory. Memoryviews give the loop plain Python scalars.
     """
     if budget < 0:
         raise ValueError(f"budget must be non-negative, got {budget}")
-    universe, codes = _compact(streams)
+    sources = list({id(st.source): st.source for st in streams}.values())
+    universe = _universe(sources)
+    codes = {id(src): memoryview(_codes(universe, src)) for src in sources}
     marks = np.zeros(len(universe), np.uint8)
     if excluded:
         marks[np.isin(universe, np.fromiter(excluded, np.int64, len(excluded)))] = _EXCLUDED
     if removed is not None and len(removed):
         marks[(marks == _FREE) & np.isin(universe, removed)] = _REMOVED
     cap = min(int(budget), len(universe))
+    del universe  # pool ids are read from the candidate tables from here on
     ids = np.empty(cap, np.int64)
     scores = np.empty(cap, np.float32)
-    chosen_by = np.empty(cap, np.int64)
-    stream_of = np.empty(cap, np.int64)
-    mark, pool_id = memoryview(marks), memoryview(universe)
+    chosen_by = np.empty(cap, np.int32)
+    stream_of = np.empty(cap, np.int32)
+    mark = memoryview(marks)
     out_id, out_score, out_query, out_stream = (memoryview(a) for a in (ids, scores, chosen_by, stream_of))
-    code_of = [memoryview(np.ascontiguousarray(c)) for c in codes]
-    score_of = [memoryview(np.ascontiguousarray(st.scores, np.float32)) for st in streams]
-    query_of = [memoryview(np.ascontiguousarray(st.queries)) for st in streams]
+    position_of = [memoryview(np.ascontiguousarray(st.positions)) for st in streams]
+    code_of = [codes[id(st.source)] for st in streams]
+    id_of = [memoryview(st.source.ids) for st in streams]
+    score_of = [memoryview(st.source.scores) for st in streams]
+    query_of = [memoryview(st.source.queries) if st.source.queries is not None else None for st in streams]
+    per_query = [st.source.per_query for st in streams]
     taken = [0] * len(streams)
     lowest = [np.inf] * len(streams)
     ran_out = [False] * len(streams)
@@ -294,24 +373,27 @@ def fill(
     n = 0
     while turns and n < budget:  # past cap nothing is left to take, but a stream learns it ran out
         _, s = heapq.heappop(turns)
-        codes_s, end, p = code_of[s], len(code_of[s]), position[s]
+        positions_s, codes_s, end, p = position_of[s], code_of[s], len(position_of[s]), position[s]
         accepted = False
         while p < end:
-            c = codes_s[p]
+            at = positions_s[p]
             p += 1
+            c = codes_s[at]
             state = mark[c]
             if state == _CHOSEN:
                 continue
             if state != _FREE:
                 mark[c] = state | 1
                 continue
+            pool_id = id_of[s][at]
             if near_dup is not None:
-                if near_dup.duplicate_of(pool_id[c]) is not None:
+                if near_dup.duplicate_of(pool_id) is not None:
                     continue
-                near_dup.accept(pool_id[c])
+                near_dup.accept(pool_id)
             mark[c] = _CHOSEN
-            score = score_of[s][p - 1]
-            out_id[n], out_score[n], out_query[n], out_stream[n] = pool_id[c], score, query_of[s][p - 1], s
+            score = score_of[s][at]
+            query = query_of[s][at] if query_of[s] is not None else at // per_query[s]
+            out_id[n], out_score[n], out_query[n], out_stream[n] = pool_id, score, query, s
             n += 1
             if score < lowest[s]:
                 lowest[s] = score
@@ -352,9 +434,6 @@ def _first(a: np.ndarray, n: int) -> np.ndarray:
     return a if n == len(a) else a[:n].copy()  # a view would keep the whole allocation alive
 
 
-_ROWS_PER_BLOCK = 1024  # rows of (S, I) looked up at once: bounds the temporaries of a large search
-
-
 def _lookup(sorted_ids: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every entry of I: its position in ``sorted_ids`` (clipped), and whether it is there."""
     if not len(sorted_ids):
@@ -363,44 +442,74 @@ def _lookup(sorted_ids: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return at, sorted_ids[at] == I
 
 
+def _row_blocks(nq: int, k: int) -> range:
+    """Starts of blocks of rows of (S, I) holding about ``_BLOCK`` entries each."""
+    return range(0, nq, max(1, _BLOCK // max(1, k)))
+
+
 def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> Choice:
-    """Fill ``retrieved_by`` (every query with the id among its valid neighbours) and best scores."""
-    order = np.argsort(choice.ids, kind="stable")
+    """Fill ``retrieved_by`` (every query with the id among its valid neighbours) and best scores.
+
+    Two passes over (S, I), block by block in query order: the first counts each chosen sample's
+    retrievers (the CSR row lengths), the second writes them in place, so each row comes out
+    sorted and nothing but the CSR arrays grows with the budget."""
+    n = len(choice)
+    order = np.argsort(choice.ids, kind="stable").astype(_positions_dtype(n))
     sorted_ids = choice.ids[order]
-    best = choice.scores.copy()
-    rows, cols = [], []
-    for start in range(0, len(I), _ROWS_PER_BLOCK):
-        Ib, Sb = I[start : start + _ROWS_PER_BLOCK], S[start : start + _ROWS_PER_BLOCK]
-        if not len(sorted_ids):
-            break
+    rows = _row_blocks(*I.shape)
+    step = rows.step
+
+    def chosen_pairs(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chosen sample j, query, similarity) of a block's valid neighbours, one per (j, query)."""
+        Ib, Sb = I[start : start + step], S[start : start + step]
         at, chosen = _lookup(sorted_ids, Ib)
         q, r = np.nonzero(_valid(Sb, Ib, min_similarity) & chosen)
         j = order[at[q, r]]
-        np.maximum.at(best, j, Sb[q, r])
-        rows.append(j)
-        cols.append((q + start).astype(np.int32 if len(I) < 2**31 else np.int64))
-    choice.retrieved_by = Retrievers.from_pairs(
-        np.concatenate(rows) if rows else np.zeros(0, np.int64),
-        np.concatenate(cols) if cols else np.zeros(0, np.int32),
-        len(choice),
-    )
-    choice.scores = best.astype(np.float32)
+        _, once = np.unique(j.astype(np.int64) * len(Ib) + q, return_index=True)  # a repeated id counts once
+        return j[once], (q[once] + start).astype(np.int32), Sb[q[once], r[once]]
+
+    indptr = np.zeros(n + 1, np.int64)
+    if n:
+        for start in rows:
+            j, _, sims = chosen_pairs(start)
+            indptr[1:] += np.bincount(j, minlength=n)
+            np.maximum.at(choice.scores, j, sims)
+        np.cumsum(indptr, out=indptr)
+    indptr = indptr.astype(_positions_dtype(int(indptr[-1])))
+    queries = np.empty(int(indptr[-1]), np.int32)
+    if n:
+        for start in rows:  # indptr[j] is sample j's write cursor until the shift below
+            j, q, _ = chosen_pairs(start)  # sorted by j, then query
+            first = np.ones(len(j), bool)
+            first[1:] = j[1:] != j[:-1]
+            group_start = np.flatnonzero(first)
+            group_size = np.diff(np.append(group_start, len(j)))
+            queries[indptr[j] + (np.arange(len(j)) - np.repeat(group_start, group_size))] = q
+            indptr[j[first]] += group_size
+        for end in range(n, 0, -_BLOCK):  # back from cursors (each row's end) to starts, in place
+            lo = max(0, end - _BLOCK)
+            indptr[lo + 1 : end + 1] = indptr[lo:end].copy()
+        indptr[0] = 0
+    choice.retrieved_by = Retrievers(indptr=indptr, queries=queries)
     return choice
 
 
 def query_neighbours(
     choice: Choice, S: np.ndarray | None, I: np.ndarray | None, nq: int, top: int = 16
-) -> list[list[tuple[int, float]]]:
-    """For each query, its chosen neighbours best first (id, similarity), at most ``top``: what the report shows."""
-    if S is None or I is None:
-        pairs: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
-        for pid, score, q in zip(choice.ids.tolist(), choice.scores.tolist(), choice.chosen_by.tolist()):
-            pairs[q].append((pid, float(score)))
-        return [sorted(p, key=lambda t: (-t[1], t[0]))[:top] for p in pairs]
+) -> Iterator[list[tuple[int, float]]]:
+    """For each query in turn, its chosen neighbours best first (id, similarity), at most ``top``:
+    what the report shows. Made a block of queries at a time, as the rows are written."""
+    if S is None or I is None:  # no search results: each query's own choices
+        order = np.lexsort((choice.ids, -choice.scores, choice.chosen_by))
+        starts = np.searchsorted(choice.chosen_by[order], np.arange(nq + 1))
+        for q in range(nq):
+            mine = order[starts[q] : min(starts[q + 1], starts[q] + top)]
+            yield list(zip(choice.ids[mine].tolist(), choice.scores[mine].astype(float).tolist()))
+        return
     sorted_ids = np.sort(choice.ids)
-    out: list[list[tuple[int, float]]] = []
-    for start in range(0, nq, _ROWS_PER_BLOCK):
-        Ib, Sb = I[start : start + _ROWS_PER_BLOCK], S[start : start + _ROWS_PER_BLOCK]
+    rows = _row_blocks(nq, I.shape[1])
+    for start in rows:
+        Ib, Sb = I[start : start + rows.step], S[start : start + rows.step]
         keep = _lookup(sorted_ids, Ib)[1] & np.isfinite(Sb)
         primary = np.where(keep, -Sb, np.inf)
         order = np.lexsort((np.where(keep, Ib, np.iinfo(np.int64).max), primary), axis=1)[:, :top]
@@ -408,8 +517,7 @@ def query_neighbours(
         sims_b = np.take_along_axis(Sb, order, axis=1)
         kept_b = np.take_along_axis(keep, order, axis=1)
         for ids_q, sims_q, kept_q in zip(ids_b.tolist(), sims_b.tolist(), kept_b.tolist()):
-            out.append([(i, s) for i, s, k in zip(ids_q, sims_q, kept_q) if k])
-    return out
+            yield [(i, s) for i, s, k in zip(ids_q, sims_q, kept_q) if k]
 
 
 def choose(
@@ -437,19 +545,21 @@ def choose(
     off-target pool samples would take them all."""
     if not 0.0 <= topk_share <= 1.0:
         raise ValueError(f"topk_share must lie in [0, 1], got {topk_share}")
+    source = Candidates.from_results(S, I)  # one table for every stream: coded once in fill
     if strategy == "instance":
-        streams = instance_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
+        streams = instance_streams(S, I, query_class, balance=balance, min_similarity=min_similarity, source=source)
         if topk_share > 0:
-            top = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
+            top = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity, source=source)
             # In the mix the top scores are those among each image's k nearest, so no image takes
             # more than k of them: only the round robin running short asks for a larger k.
             top = [dataclasses.replace(st, bound=-np.inf) for st in top]
             streams = mix_streams([streams, top], [1.0 - topk_share, topk_share])
     elif strategy == "topk":
-        streams = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity)
+        streams = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity, source=source)
     else:
         raise ValueError(f"strategy {strategy!r} is not search-based; expected 'instance' or 'topk'")
     choice = fill(streams, budget, excluded=excluded, near_dup=near_dup, removed=removed)
+    del streams, source  # the retrievers are found in (S, I) directly
     return attach_retrievers(choice, S, I, min_similarity=min_similarity)
 
 
@@ -566,10 +676,10 @@ def cluster_streams(
             ids, scores, queries = ids[keep], scores[keep], queries[keep]
         order = np.lexsort((ids, -scores))
         streams.append(
-            Stream(
-                ids=ids[order],
-                scores=scores[order],
-                queries=queries[order],
+            Stream.from_arrays(
+                ids[order],
+                scores[order],
+                queries[order],
                 weight=weights[cl],
                 sorted_by_score=True,
                 name=f"cluster {cl}",

@@ -129,8 +129,8 @@ def test_table_answers_membership_and_group_sizes(tmp_path):
 
 
 def test_fill_skips_removed_ids_and_counts_them():
-    stream = Stream(
-        ids=np.array([5, 6, 7, 8]), scores=np.array([0.9, 0.8, 0.7, 0.6], np.float32), queries=np.zeros(4, np.int64)
+    stream = Stream.from_arrays(
+        np.array([5, 6, 7, 8]), np.array([0.9, 0.8, 0.7, 0.6], np.float32), np.zeros(4, np.int64)
     )
     choice = fill([stream], 2, removed=np.array([6, 99]))
     assert choice.ids.tolist() == [5, 7] and choice.dedup_skipped == 1

@@ -297,3 +297,49 @@ def test_close_pairs_through_an_ivf_find_nearly_every_pair(monkeypatch):
     found = lambda p: {(i, int(j)) for i in range(len(x)) for j in p[1][p[0][i] : p[0][i + 1]]}  # noqa: E731
     want, got = found(exact), found(approx)
     assert got <= want and len(want) >= 3000 and len(got) >= 0.9 * len(want)  # most copies are 0.95+ close
+
+
+def test_streams_are_positions_into_the_search_results_not_copies():
+    S, I = _disjoint(nq=3, k=4)
+    from sept.index.strategies import topk_streams
+
+    (rr,), (top,) = instance_streams(S, I), topk_streams(S, I)
+    for stream in (rr, top):
+        assert np.shares_memory(stream.source.ids, I) and np.shares_memory(stream.source.scores, S)
+        assert stream.positions.dtype == np.int32
+    assert rr.queries.tolist() == [0, 1, 2] * 4  # rank-major: the query is the position's row
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_block_size_never_changes_a_choice_its_retrievers_or_the_neighbours_shown(seed, monkeypatch):
+    """Fill, retrievers and neighbours work a block of rows at a time; one row a block must agree with one block."""
+    from sept.index import strategies
+
+    rng = np.random.default_rng(seed)
+    nq, k = 40, 12
+    I = rng.integers(0, 150, (nq, k)).astype(np.int64)  # overlapping lists, repeats within a row
+    S = np.sort(rng.uniform(0, 1, (nq, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    cls = rng.integers(0, 4, nq)
+
+    def run():
+        c = choose(S, I, 90, balance="class", query_class=cls, topk_share=0.5)
+        shown = list(strategies.query_neighbours(c, S, I, nq, 5))
+        return c, shown
+
+    whole, shown_whole = run()
+    monkeypatch.setattr(strategies, "_BLOCK", 5)  # fewer entries than a row: a row a block
+    blocked, shown_blocked = run()
+    for name in ("ids", "scores", "chosen_by", "stream_of"):
+        np.testing.assert_array_equal(getattr(blocked, name), getattr(whole, name))
+    assert list(blocked.retrieved_by) == list(whole.retrieved_by)
+    assert shown_blocked == shown_whole
+    for j, pid in enumerate(whole.ids.tolist()):
+        assert whole.retrieved_by[j] == sorted(set(np.nonzero(I == pid)[0].tolist()))
+    # Without search results, the neighbours shown are each query's own choices, best first.
+    own = list(strategies.query_neighbours(whole, None, None, nq, 5))
+    for q, pairs in enumerate(own):
+        mine = sorted(
+            zip(whole.ids[whole.chosen_by == q].tolist(), whole.scores[whole.chosen_by == q].tolist()),
+            key=lambda t: (-t[1], t[0]),
+        )[:5]
+        assert pairs == [(i, float(s)) for i, s in mine]
