@@ -56,8 +56,6 @@ from selection_eval import (  # noqa: E402
     RULES,
     centred,
     classifier_selection,
-    colour_histogram,
-    grey_thumbnail,
     load_pool,
     precision,
     refinement_selections,
@@ -116,6 +114,7 @@ def run(
     from sept.index.spec import IndexSpec
     from sept.training.bootstrap import bootstrap
     from sept.training.encoder import load_encoder
+    from sept.training.trivial_features import colour_histogram, grey_thumbnail
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

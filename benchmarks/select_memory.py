@@ -45,7 +45,7 @@ def one_task(nq: int, budget: int, pool: int, workdir: str, *, trace: bool) -> d
     from sept.data import selection_folder as folder
     from sept.data.task_list import TaskSpec
     from sept.index.budget import neighbours_needed
-    from sept.index.strategies import choose, query_neighbours
+    from sept.index.strategies import NeighbourBlock, choose, query_neighbours
 
     cfg = SelectConfig(index="-", encoder="-", target="-", budget=budget, out=workdir)
     k = neighbours_needed(budget, nq, pool)
@@ -81,7 +81,7 @@ def one_task(nq: int, budget: int, pool: int, workdir: str, *, trace: bool) -> d
     choice = choose(
         S, I, budget, strategy=cfg.strategy, balance=cfg.balance, query_class=query_class, topk_share=cfg.topk_share
     )
-    neighbours = query_neighbours(choice, S, I, nq, 16)
+    neighbours = query_neighbours(choice, [NeighbourBlock.whole(S, I)], nq, 16)
     records = task_records(task, choice, neighbours, {}, settings=settings, extra=dict(k=k))
     folder.write_task_records(
         workdir, "t", queries=records.queries, leakage=records.leakage, summary=records.summary, choice=records.choice

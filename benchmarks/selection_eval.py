@@ -1,7 +1,7 @@
-"""Scoring a selection against kept-aside truth, and the trivial feature baselines it is compared to.
+"""Scoring a selection against kept-aside truth, by the rules sept selects with, in memory.
 
 Everything here runs in one process on features held in memory: the pool is read once,
-features are computed by an encoder (or a colour histogram), the target's train images are the
+features are computed by an encoder (or a trivial feature of ``sept.training.trivial_features``), the target's train images are the
 queries, and ``sept.index.budget.fill_budget`` makes the same round-robin selection the real
 ``select`` stage makes (exact inner-product search, which is what a Flat index returns).
 """
@@ -32,16 +32,6 @@ def load_pool(pool_spec: str) -> tuple[np.ndarray, list[str], list[Image.Image]]
                     keys.append(sample.key)
                     images.append(img)
     return np.asarray(ids, dtype=np.int64), keys, images
-
-
-def colour_histogram(images: list[Image.Image], bins: int = 8, size: int = 32) -> np.ndarray:
-    """L2-normalised joint RGB histograms (bins^3), white background pixels included."""
-    out = np.zeros((len(images), bins**3), dtype=np.float32)
-    for i, img in enumerate(images):
-        a = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.int64) * bins // 256
-        codes = (a[..., 0] * bins + a[..., 1]) * bins + a[..., 2]
-        out[i] = np.bincount(codes.ravel(), minlength=bins**3)
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def search(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,15 +66,6 @@ def per_class_precision(selected_keys, truth: dict[str, str]) -> dict[str, float
     keys = list(selected_keys)
     classes = sorted(set(truth.values()))
     return {c: float(np.mean([truth[k] == c for k in keys])) if keys else 0.0 for c in classes}
-
-
-def grey_thumbnail(images: list[Image.Image], size: int = 16) -> np.ndarray:
-    """Mean-centred, L2-normalised grayscale pixels of a ``size`` x ``size`` thumbnail."""
-    x = np.stack(
-        [np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32).ravel() for im in images]
-    )
-    x -= x.mean(axis=1, keepdims=True)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def refinement_selections(

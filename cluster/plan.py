@@ -21,6 +21,12 @@ from sept.io import atomic_write_json
 
 GIB = 1024**3
 
+COORDINATOR_BYTES_PER_SELECTED = 56
+"""Peak memory of ``sept select``'s driver per selected sample, above its search results, at a
+budget of 1M (benchmarks/select_memory.py; RESULTS.md, "the coordinator at <= 64 B a selected
+sample"). A property of sept's code, not of a machine, so it lives here and not in a profile."""
+NEIGHBOUR_BYTES = 12  # one search result: a float32 similarity and an int64 id
+
 
 @dataclass
 class Profile:
@@ -103,6 +109,9 @@ def estimate(inp: PlanInputs, prof: Profile) -> dict:
     searchers = min(shards, inp.nodes)
     waves = math.ceil(shards / searchers)
     selected = int(inp.budget_fraction * n)
+    # Every query image searched for twice its share of the budget (sept.index.budget.neighbours_needed).
+    neighbours = inp.queries * min(n, max(10, 2 * math.ceil(selected / inp.queries)))
+    coordinator_bytes = selected * COORDINATOR_BYTES_PER_SELECTED + neighbours * NEIGHBOUR_BYTES
 
     embed_compute_s = n / (prof.embed_images_per_s_per_device * inp.devices)
     embed_read_s = n * prof.image_bytes / (prof.read_mb_per_s_per_node * 1e6 * inp.nodes)
@@ -122,7 +131,12 @@ def estimate(inp: PlanInputs, prof: Profile) -> dict:
             ),
             index=dict(seconds=index_s, memory_gib=idx_bytes / GIB, disk_gib=idx_bytes / GIB, shards=shards),
             select=dict(
-                seconds=search_s + materialize_s, searchers=searchers, waves=waves, queries_per_s=inp.queries / search_s
+                seconds=search_s + materialize_s,
+                searchers=searchers,
+                waves=waves,
+                queries_per_s=inp.queries / search_s,
+                coordinator_memory_gib=coordinator_bytes / GIB,
+                neighbours=neighbours,
             ),
             pretrain=dict(seconds=pretrain_s, images=selected, epochs=inp.pretrain_epochs),
         ),
@@ -147,7 +161,9 @@ def format_plan(plan: dict) -> str:
         f"{'index':<9} {_hms(s['index']['seconds']):>11}  {s['index']['shards']} shard(s), "
         f"{s['index']['memory_gib']:,.1f} GiB in memory and on disk",
         f"{'select':<9} {_hms(s['select']['seconds']):>11}  {s['select']['searchers']} searcher(s) in "
-        f"{s['select']['waves']} wave(s), {s['select']['queries_per_s']:,.0f} queries/s",
+        f"{s['select']['waves']} wave(s), {s['select']['queries_per_s']:,.0f} queries/s; coordinator "
+        f"{s['select']['coordinator_memory_gib']:,.1f} GiB ({COORDINATOR_BYTES_PER_SELECTED} B a selected sample, "
+        f"benchmarks/select_memory.py, + {NEIGHBOUR_BYTES} B for each of {s['select']['neighbours']:,} neighbours)",
         f"{'pretrain':<9} {_hms(s['pretrain']['seconds']):>11}  {s['pretrain']['images']:,} images x "
         f"{s['pretrain']['epochs']:g} epochs",
         "",

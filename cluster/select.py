@@ -4,8 +4,11 @@ For every task of the run it embeds the target's train images (the queries) and 
 (val/, test/: the leakage guard), searches the index once for all of them together
 (``sept.cluster.search``), and chooses each task's samples (``sept.index.strategies``): SEPT's
 per-instance round robin by default, class-balanced, global top-k or k-means clusters, with
-dedup, an optional near-duplicate rule and the leakage guard. When a task's neighbour lists turn
-out too short for its budget, only that task is searched again with twice the neighbours.
+dedup, an optional near-duplicate rule and the leakage guard. Each class is searched with its own
+k, sized from its own share of the budget (with class balance a class of few images needs more
+neighbours per image than a class of many); images whose k is alike are searched together. When
+a task's neighbour lists turn out too short for its budget, only that task is searched again,
+with k sized from its shortfall.
 
 The union of every task's samples is materialized once into ``OUT/shards`` (samples already
 there are not copied again), then each task gets its manifest. The folder's files are described
@@ -33,12 +36,13 @@ from sept.cluster.task_record import SelectionTask, task_records
 from sept.data import selection_folder as folder
 from sept.data.task_list import TaskSpec, heldout_refs, resolve_tasks
 from sept.errors import SeptError
-from sept.index.budget import neighbours_needed
+from sept.index.budget import neighbours_needed, round_k
 from sept.index.dedup import CandidateNearDuplicates, NearDuplicateFilter, leaked_ids, to_similarity
 from sept.index.dedup_table import DedupTable
 from sept.index.store import IndexStore
 from sept.index.strategies import (
-    choose,
+    NeighbourBlock,
+    choose_blocks,
     choose_by_clusters,
     query_neighbours,
     train_clusters,
@@ -97,8 +101,9 @@ class SelectionRun:
     """One ``sept select`` call, its inputs checked: the index, the encoder, the tasks and the folder.
 
     ``choose`` searches the index for every pending task at once and chooses each; a task whose
-    neighbour lists turn out too short (``k``), or whose leakage guard has not seen every close
-    pool sample (``k_leak``), goes round again alone with twice the neighbours.
+    neighbour lists turn out too short (``k``: one per target image, alike within a class), or
+    whose leakage guard has not seen every close pool sample (``k_leak``), goes round again alone
+    with more neighbours.
     """
 
     cfg: SelectConfig
@@ -108,7 +113,7 @@ class SelectionRun:
     tasks: list[SelectionTask]
     out: str
     n_clusters: int
-    k: dict[str, int] = field(default_factory=dict)
+    k: dict[str, np.ndarray] = field(default_factory=dict)
     k_leak: dict[str, int] = field(default_factory=dict)
     centroids: np.ndarray | None = None
     searches: int = 0
@@ -198,12 +203,7 @@ class SelectionRun:
     def choose(self, tasks: list[SelectionTask]) -> dict[str, dict]:
         """Search, choose and record every task; tasks that need more neighbours go round again."""
         cfg = self.cfg
-        self.k = {
-            t.name: neighbours_needed(t.spec.budget, _effective_queries(t, cfg.balance), self.ntotal)
-            if self.search_based
-            else 0
-            for t in tasks
-        }
+        self.k = {t.name: _neighbours_per_image(t, cfg.balance, self.ntotal) for t in tasks if self.search_based}
         self.k_leak = {t.name: min(self.ntotal, LEAK_NEIGHBOURS) if len(t.xh) else 0 for t in tasks}
         if cfg.strategy == "cluster":
             sample = _embeddings(self.attrs, cfg).sample(max(self.n_clusters * 64, 20_000), seed=cfg.seed)
@@ -213,10 +213,10 @@ class SelectionRun:
         todo = list(tasks)
         with SearcherPool(self.store.path, cfg.memory_per_searcher) as searchers:
             while todo:
-                kk, results = self._search(todo, searchers)
+                results = self._search(todo, searchers)
                 again = []
                 for t in todo:
-                    summary = self._choose_one(t, results, kk)
+                    summary = self._choose_one(t, results)
                     if summary is None:
                         again.append(t)
                     else:
@@ -225,25 +225,49 @@ class SelectionRun:
         log.info("select: %d task(s) chosen with %d search(es)", len(tasks), self.searches)
         return summaries
 
-    def _search(self, todo: list[SelectionTask], searchers: SearcherPool) -> tuple[int, dict]:
-        """One search of the index for every query (and held-out) image of ``todo``, with the largest k any needs."""
-        blocks, owners = [], []
+    def _search(self, todo: list[SelectionTask], searchers: SearcherPool) -> dict:
+        """Search the index for every query (and held-out) image of ``todo``: one search for each k
+        asked for, every image of every task with that k in it. Returns per task its queries'
+        results as a ``NeighbourBlock`` per class (the rows of a class are contiguous in the search,
+        so a block is a view), and its held-out images' (S, I)."""
+        wanted: dict[int, list[tuple[SelectionTask, str, np.ndarray]]] = {}
         for t in todo:
-            if self.k[t.name]:
-                blocks.append(t.xq)
-                owners.append((t.name, "q", len(t.xq)))
+            if t.name in self.k:
+                for k in np.unique(self.k[t.name]).tolist():
+                    rows = np.flatnonzero(self.k[t.name] == k)
+                    if self.cfg.balance == "class":  # class by class, each class's rows ascending
+                        rows = rows[np.argsort(t.query_class[rows], kind="stable")]
+                    wanted.setdefault(k, []).append((t, "q", rows))
             if self.k_leak[t.name]:
-                blocks.append(t.xh)
-                owners.append((t.name, "h", len(t.xh)))
-        kk = max([self.k[t.name] for t in todo] + [self.k_leak[t.name] for t in todo])
-        results: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        if not blocks:
-            return kk, results
+                wanted.setdefault(self.k_leak[t.name], []).append((t, "h", np.arange(len(t.xh))))
+        results: dict[tuple[str, str], list] = {}
+        for k, parts in sorted(wanted.items()):
+            images = [(t.xq if kind == "q" else t.xh)[rows] for t, kind, rows in parts]
+            S, I = self._search_once(images, k, len({t.name for t, _, _ in parts}), searchers)
+            row = 0
+            for t, kind, rows in parts:
+                Sp, Ip = S[row : row + len(rows)], I[row : row + len(rows)]
+                row += len(rows)
+                if kind == "h":
+                    results[(t.name, "h")] = [(Sp, Ip)]
+                    continue
+                classes = t.query_class[rows] if self.cfg.balance == "class" else np.zeros(len(rows))
+                edges = np.flatnonzero(np.diff(classes)) + 1
+                for a, b in zip([0, *edges.tolist()], [*edges.tolist(), len(rows)]):  # a class's rows, ascending
+                    results.setdefault((t.name, "q"), []).append(NeighbourBlock(rows[a:b], Sp[a:b], Ip[a:b]))
+        for t in todo:  # class order, whatever the order of the searches: a choice is a function of its inputs
+            if (t.name, "q") in results:
+                results[(t.name, "q")].sort(key=lambda block, t=t: int(t.query_class[block.rows[0]]))
+        return results
+
+    def _search_once(
+        self, blocks: list[np.ndarray], k: int, tasks: int, searchers: SearcherPool
+    ) -> tuple[np.ndarray, np.ndarray]:
         stats = SearchStats()
         D, I = search_index(
             self.store.path,
             np.concatenate(blocks),
-            kk,
+            k,
             searchers=self.cfg.searchers,
             memory_per_searcher=self.cfg.memory_per_searcher,
             batch_size=self.cfg.query_batch,
@@ -254,62 +278,55 @@ class SelectionRun:
         log.info(
             "select: searched %d queries of %d task(s), k=%d, in %.1fs (%d wave(s), %d restart(s))",
             len(D),
-            len(todo),
-            kk,
+            tasks,
+            k,
             stats.seconds,
             len(stats.waves),
             stats.restarts,
         )
-        S = to_similarity(D, I, self.attrs["metric"])
-        row = 0
-        for name, kind, n in owners:
-            results[(name, kind)] = (S[row : row + n], I[row : row + n])
-            row += n
-        return kk, results
+        return to_similarity(D, I, self.attrs["metric"]), I
 
-    def _choose_one(self, t: SelectionTask, results: dict, kk: int) -> dict | None:
+    def _choose_one(self, t: SelectionTask, results: dict) -> dict | None:
         """Choose and record task ``t`` from the search's results; None if it must be searched again."""
         cfg, name, ntotal = self.cfg, t.name, self.ntotal
         leaked, incomplete = {}, False
         if self.k_leak[name]:
-            Sh, Ih = results[(name, "h")]
-            kl = self.k_leak[name]
-            leaked, incomplete = leaked_ids(Sh[:, :kl], Ih[:, :kl], cfg.leakage_threshold)
+            ((Sh, Ih),) = results[(name, "h")]
+            leaked, incomplete = leaked_ids(Sh, Ih, cfg.leakage_threshold)
         if incomplete and self.k_leak[name] < ntotal:
             self.k_leak[name] = min(ntotal, 2 * self.k_leak[name])
             return None
         if self.search_based:
-            Sq, Iq = results[(name, "q")]
-            Sq, Iq = Sq[:, : self.k[name]], Iq[:, : self.k[name]]
-            choice = choose(
-                Sq,
-                Iq,
+            blocks = results[(name, "q")]
+            k = self.k[name]
+            choice = choose_blocks(
+                blocks,
                 t.spec.budget,
                 strategy=cfg.strategy,
                 balance=cfg.balance,
                 query_class=t.query_class,
                 min_similarity=cfg.min_similarity,
                 excluded=set(leaked),
-                near_dup=_near_dup_filter(cfg, self.attrs, Iq),
+                near_dup=_near_dup_filter(cfg, self.attrs, np.concatenate([b.I.reshape(-1) for b in blocks])),
                 topk_share=_topk_share(cfg) or 0.0,
                 removed=self.removed,
             )
-            if choice.needs_more_neighbours and kk < ntotal:
-                # The search returned kk neighbours per image (the largest k of any task). The
-                # next k is sized from the shortfall it showed (duplicates between images, leaked
-                # and near-duplicate samples all shrink what k neighbours give), with a quarter
-                # more for the estimate's error: one more search, rarely two; never a k searched.
-                self.k[name] = min(ntotal, max(2 * kk, math.ceil(1.25 * kk * choice.neighbours_factor)))
+            if choice.needs_more_neighbours and k.min() < ntotal:
+                # The next k is sized from the shortfall the choice showed (duplicates between
+                # images, leaked and near-duplicate samples all shrink what k neighbours give),
+                # with a quarter more for the estimate's error: one more search, rarely two.
+                grown = np.ceil(1.25 * k * choice.neighbours_factor).astype(np.int64)
+                self.k[name] = np.array([round_k(g, ntotal) for g in np.maximum(2 * k, grown).tolist()])
                 log.info(
                     "select: task %s needs more than the %d neighbours per target image searched; "
                     "searching again with k=%d",
                     name,
-                    kk,
-                    self.k[name],
+                    int(k.max()),
+                    int(self.k[name].max()),
                 )
                 return None
-            neighbours = query_neighbours(choice, Sq, Iq, len(t.xq), NEIGHBOURS_SHOWN)
-            extra = dict(k=self.k[name])
+            neighbours = query_neighbours(choice, blocks, len(t.xq), NEIGHBOURS_SHOWN)
+            extra = dict(k=int(k.max()), k_per_class=_k_per_class(t, k))
         else:
             emb = _embeddings(self.attrs, cfg)
             choice, plan = choose_by_clusters(
@@ -324,7 +341,7 @@ class SelectionRun:
                 near_dup=_near_dup_filter(cfg, self.attrs, None, emb=emb),
                 removed=self.removed,
             )
-            neighbours = query_neighbours(choice, None, None, len(t.xq), NEIGHBOURS_SHOWN)
+            neighbours = query_neighbours(choice, None, len(t.xq), NEIGHBOURS_SHOWN)
             extra = dict(
                 clusters=self.n_clusters,
                 clusters_kept=len(plan.weights),
@@ -398,21 +415,32 @@ def _embeddings(attrs: dict, cfg: SelectConfig):
     return EmbeddingStore.open(path)
 
 
-def _effective_queries(t: SelectionTask, balance: str) -> int:
-    """Queries sharing the budget evenly: with class balance, the smallest class's images carry the largest share."""
+def _neighbours_per_image(t: SelectionTask, balance: str, ntotal: int) -> np.ndarray:
+    """The k of each of the task's images: its share of the budget twice over (``neighbours_needed``).
+    With class balance every class has an equal share of the budget, split over its own images, so
+    each class gets its own k; otherwise every image has the same share."""
     if balance != "class":
-        return len(t.query_class)
-    counts = np.bincount(t.query_class)
-    counts = counts[counts > 0]
-    return int(counts.min() * len(counts))
+        return np.full(
+            len(t.query_class), round_k(neighbours_needed(t.spec.budget, len(t.query_class), ntotal), ntotal)
+        )
+    classes, inverse, counts = np.unique(t.query_class, return_inverse=True, return_counts=True)
+    share = math.ceil(t.spec.budget / len(classes))
+    k_of_class = np.array([round_k(neighbours_needed(share, int(n), ntotal), ntotal) for n in counts])
+    return k_of_class[inverse]
+
+
+def _k_per_class(t: SelectionTask, k: np.ndarray) -> dict[str, int]:
+    return {t.classes[c]: int(k[t.query_class == c].max()) for c in np.unique(t.query_class).tolist()}
 
 
 def _near_dup_filter(
-    cfg: SelectConfig, attrs: dict, I: np.ndarray | None, emb=None
+    cfg: SelectConfig, attrs: dict, candidates: np.ndarray | None, emb=None
 ) -> NearDuplicateFilter | CandidateNearDuplicates | None:
     if cfg.near_dup_threshold is None:
         return None
     emb = emb or _embeddings(attrs, cfg)
-    if I is None:
+    if candidates is None:
         return NearDuplicateFilter(LazyVectors(emb), cfg.near_dup_threshold, dim=emb.dim)
-    return CandidateNearDuplicates(*fetch_vector_array(emb, np.unique(I[I >= 0])), cfg.near_dup_threshold)
+    return CandidateNearDuplicates(
+        *fetch_vector_array(emb, np.unique(candidates[candidates >= 0])), cfg.near_dup_threshold
+    )

@@ -14,7 +14,10 @@ Layout::
     SEL/tasks/TASK/choice.jsonl     its chosen samples: id, score, who chose and who retrieved each
     SEL/tasks/TASK/queries.jsonl    per target image: its class and its best chosen neighbours
     SEL/tasks/TASK/leakage.jsonl    pool samples excluded as too close to a held-out image, and to which
-    SEL/tasks/TASK/manifest.jsonl   the choice joined with where each sample sits in the shards
+    SEL/tasks/TASK/manifest.jsonl   the choice joined with where each sample sits in the shards: for people
+                                    and other tools (its presence lists the task, so it is written last)
+    SEL/tasks/TASK/samples.zarr/    what trainers read: the same samples as arrays sorted by shared shard,
+                                    then key, one shard's rows a slice (``sept.data.task_samples``)
     SEL/tasks/TASK/shards.json      size and sha256 of every shared shard the task uses
     SEL/tasks/curated/clusters.npz  `sept curate`'s tree (``sept.cluster.curate``): centroids and parents per
                                     level, top-level sizes in the pool and the sample, each sample's clusters
@@ -26,8 +29,8 @@ prefix exists as soon as one object under it does.
 Two markers make a run resumable: ``choice.jsonl``, written last when a task is chosen, lets an
 interrupted run skip its search; a job's catalog file, moved into place after its parts, lets it
 skip the copy. Parts no catalog file names were left by a crash and are removed before new work
-(``discard_unfinished``). Every file is JSON with sorted keys, so a rerun of the same command
-reproduces every byte.
+(``discard_unfinished``). Every file is JSON with sorted keys, and ``samples.zarr`` is a function
+of the manifest's rows, so a rerun of the same command reproduces every byte.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import json
 import logging
 import os
 import tempfile
+from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sept import storage
+from sept.data.task_samples import pack_key_bytes, write_task_samples
 from sept.errors import SeptError
 from sept.io import atomic_file, atomic_write_text, is_staging_name
 
@@ -111,8 +116,15 @@ def read_json(path: str):
 
 
 def read_jsonl(path: str) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str) -> Iterator[dict]:
+    """The rows of a JSONL file, one at a time."""
     with storage.open_file(path, "r") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -193,14 +205,21 @@ def task_summary(out: str, name: str) -> dict | None:
 
 
 def write_manifest(out: str, name: str, catalog: Catalog) -> None:
-    """Join a task's choice with where the catalog holds each sample: its manifest and its shards' record."""
+    """Join a task's choice with where the catalog holds each sample: its manifest, its compact
+    samples group (``sept.data.task_samples``) and its shards' record.
+
+    The choice is streamed: each manifest row is written as it is joined, and only its shard, key
+    and id are kept, as arrays. ``manifest.jsonl`` is published last, since it is what lists the task.
+    """
     folder = task_dir(out, name)
-    manifest, parts = [], {}
-    for row in read_jsonl(storage.join(folder, CHOICE_FILE)):
-        where = catalog.rows[int(row["id"])]
-        parts[where["shard"]] = catalog.parts[where["shard"]]
-        manifest.append(
-            dict(
+    codes: dict[str, int] = {}  # shared shard -> its code, in order of first use
+    shard_of, ids, key_lengths = array("q"), array("q"), array("q")
+    key_blob = bytearray()
+    with atomic_file(storage.join(folder, MANIFEST), "w") as f:
+        for row in iter_jsonl(storage.join(folder, CHOICE_FILE)):
+            sample_id = int(row["id"])
+            where = catalog.rows[sample_id]
+            joined = dict(
                 row,
                 key=where["key"],
                 shard=where["shard"],
@@ -208,9 +227,25 @@ def write_manifest(out: str, name: str, catalog: Catalog) -> None:
                 position=where["position"],
                 sha256=where["sha256"],
             )
+            f.write(json.dumps(joined, sort_keys=True) + "\n")
+            shard_of.append(codes.setdefault(where["shard"], len(codes)))
+            ids.append(sample_id)
+            key = where["key"].encode()
+            key_blob += key
+            key_lengths.append(len(key))
+        names = sorted(codes)
+        sorted_code = np.empty(len(names), np.int64)
+        for i, shard in enumerate(names):
+            sorted_code[codes[shard]] = i
+        write_task_samples(
+            folder,
+            name,
+            names,
+            sorted_code[np.frombuffer(shard_of, np.int64)],
+            pack_key_bytes(bytes(key_blob), np.frombuffer(key_lengths, np.int64)),
+            np.frombuffer(ids, np.int64),
         )
-    write_json(storage.join(folder, SHARDS_FILE), dict(sorted(parts.items())))
-    write_jsonl(storage.join(folder, MANIFEST), manifest)
+        write_json(storage.join(folder, SHARDS_FILE), {shard: catalog.parts[shard] for shard in names})
 
 
 @dataclass

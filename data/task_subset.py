@@ -1,22 +1,27 @@
-"""One task's subset of a selection's shared shards: its manifest, its shards checked, its samples read.
+"""One task's subset of a selection's shared shards: its samples found, its shards checked, its samples read.
 
 ``sept select`` writes (layout: ``sept.data.selection_folder``), per task, ``SEL/tasks/TASK/manifest.jsonl`` (one row per selected sample:
-key, id, shard, source shard and position, sample digest, score, and who retrieved it) and
+key, id, shard, source shard and position, sample digest, score, and who retrieved it), the same
+samples as arrays in ``SEL/tasks/TASK/samples.zarr`` (``sept.data.task_samples``), and
 ``SEL/tasks/TASK/shards.json`` (every shared shard the task uses, with its size and sha256).
 Many tasks share the shards in ``SEL/shards/``; this module reads back one task's samples only.
 A shard that is missing, or whose size or hash differs from what the selection recorded, is a
 ``SeptError`` naming the shard and the manifest: the subset is never read silently wrong.
 
 For the trainer: ``open_task_data("SEL/tasks/TASK")`` (or the manifest's path) gives the shard
-list, per shard, the keys to keep, and (``TaskSubset.pool_ids``) each sample's pool id.
+list and ``TaskSubset.samples``: per shard its count, and, read only when asked, its keys and
+its samples' pool ids. Opening reads ``samples.zarr``'s attributes and offsets, never the
+manifest's rows; a selection written before ``samples.zarr`` existed is read from
+``manifest.jsonl`` whole, with a warning to rerun ``sept select``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sept import storage
 from sept.data.samples import PoolSample, ShardStats, iter_samples
@@ -30,8 +35,11 @@ from sept.data.selection_folder import (
     read_manifest,
     task_dir,
 )
+from sept.data.task_samples import SAMPLES_GROUP, TaskSamples, has_task_samples
 from sept.errors import SeptError
 from sept.io import file_digest
+
+log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("hash", "size", "none")
 
@@ -40,56 +48,52 @@ VERIFY_MODES = ("hash", "size", "none")
 class TaskSubset:
     task: str
     selection_dir: str
-    rows: list[dict]
     shards: list[str]
     """Absolute paths (or URLs) of the shared shards holding the task's samples, sorted."""
-    keys: dict[str, frozenset[str]] = field(default_factory=dict)
-    """Shard path -> keys of the task's samples in that shard."""
+    samples: TaskSamples
+    """Per shard of ``shards`` (same index): its sample count, keys and pool ids."""
 
     def __len__(self) -> int:
-        return len(self.rows)
-
-    def pool_ids(self) -> dict[tuple[int, str], int]:
-        """(index of a shard in ``shards``, a sample's key) -> that sample's pool id (its manifest
-        ``id``): how a trainer, which numbers samples by its own shard list, names them as the
-        pool and the manifest do."""
-        index = {storage.basename(path): i for i, path in enumerate(self.shards)}
-        return {(index[row["shard"]], row["key"]): int(row["id"]) for row in self.rows}
+        return self.samples.total
 
 
 def load_task_subset(selection_dir: str, task: str, *, verify: str = "hash") -> TaskSubset:
-    """The task's rows and shards, each shard checked against the selection's record.
+    """The task's samples and shards, each shard checked against the selection's record.
 
     ``verify``: "hash" checks size and sha256 (reads every shard once), "size" only the size,
     "none" nothing. Raises ``SeptError`` for a missing or changed shard.
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    rows = read_manifest(selection_dir, task)
     folder = task_dir(selection_dir, task)
     manifest_path = storage.join(folder, MANIFEST)
+    if has_task_samples(folder):
+        samples = TaskSamples.open(folder)
+        named_by = storage.join(folder, SAMPLES_GROUP)
+    else:
+        rows = read_manifest(selection_dir, task)
+        log.warning(
+            "task %r has no %s (selected before it existed): every rank reads %s whole; rerun `sept select`"
+            " with the same arguments to write it",
+            task,
+            SAMPLES_GROUP,
+            manifest_path,
+        )
+        samples = TaskSamples.from_manifest_rows(rows, manifest_path)
+        named_by = manifest_path
     shards_path = storage.join(folder, SHARDS_FILE)
     if not storage.isfile(shards_path):
         raise SeptError(f"task {task!r}: {shards_path} is missing; rerun `sept select` to write it")
     with storage.open_file(shards_path, "r") as f:
         recorded: dict[str, dict] = json.load(f)
+    unknown = [name for name in samples.shards if name not in recorded]
+    if unknown:
+        raise SeptError(f"task {task!r}: {named_by} names shard {unknown[0]} that {shards_path} does not record")
     shard_root = storage.join(storage.resolve(selection_dir), SHARDS_DIR)
-    keys: dict[str, set[str]] = {}
-    for row in rows:
-        if row["shard"] not in recorded:
-            raise SeptError(
-                f"task {task!r}: {manifest_path} names shard {row['shard']} that {shards_path} does not record"
-            )
-        keys.setdefault(storage.join(shard_root, row["shard"]), set()).add(row["key"])
-    for path in sorted(keys):
-        check_shard(path, recorded[storage.basename(path)], verify=verify, named_by=manifest_path)
-    return TaskSubset(
-        task=task,
-        selection_dir=storage.resolve(selection_dir),
-        rows=rows,
-        shards=sorted(keys),
-        keys={p: frozenset(k) for p, k in keys.items()},
-    )
+    shards = [storage.join(shard_root, name) for name in samples.shards]
+    for path in shards:
+        check_shard(path, recorded[storage.basename(path)], verify=verify, named_by=named_by)
+    return TaskSubset(task=task, selection_dir=storage.resolve(selection_dir), shards=shards, samples=samples)
 
 
 def check_shard(path: str, record: dict, *, verify: str = "hash", named_by: str = "") -> None:
@@ -109,8 +113,7 @@ def check_shard(path: str, record: dict, *, verify: str = "hash", named_by: str 
 
 def iter_task_samples(subset: TaskSubset, stats: ShardStats | None = None) -> Iterator[PoolSample]:
     """The task's samples, exactly as stored, shard by shard (each shard read once, in sorted order)."""
-    for path in subset.shards:
-        wanted = subset.keys[path]
+    for path, wanted in zip(subset.shards, subset.samples, strict=True):
         found = 0
         with closing(iter_samples(path, stats)) as samples:
             for sample in samples:

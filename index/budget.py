@@ -40,3 +40,14 @@ def neighbours_needed(budget: int, nq: int, ntotal: int, *, oversample: float = 
     """
     share = -(-budget // max(1, nq))
     return int(min(ntotal, max(10, oversample * share)))
+
+
+def round_k(k: int, ntotal: int) -> int:
+    """``k`` rounded up to one of four steps an octave (8, 10, 12, 14, 16, 20, 24, 28, 32, ...), at
+    most ``ntotal``: images whose k rounds alike are searched together, so a task with a k per
+    class costs a few searches, never one per class, for at most a quarter more neighbours."""
+    k = max(1, int(k))
+    if k > 8:
+        octave = 1 << (k.bit_length() - 1)
+        k = next(step for step in (octave * m // 4 for m in (4, 5, 6, 7, 8)) if step >= k)
+    return int(min(ntotal, k))

@@ -47,26 +47,45 @@ class Candidates:
     """Search results as one flat table of candidates, shared by every stream built from them and
     never copied: candidate p is pool id ``ids[p]`` with similarity ``scores[p]``, proposed by
     target image ``queries[p]``. For (S, I) results the table is the matrices raveled, and the
-    query is the row, ``p // per_query``, so that column costs nothing."""
+    query is the row, ``p // per_query`` (through ``rows`` when the results are some images'
+    only), so that column costs nothing."""
 
     ids: np.ndarray  # (n,) int64
     scores: np.ndarray  # (n,) float32
     queries: np.ndarray | None = None  # (n,) int32, or None for row-major (S, I) results
     per_query: int = 1
+    rows: np.ndarray | None = None  # (S, I)'s row r holds target image rows[r]; None: image r
 
     @classmethod
-    def from_results(cls, S: np.ndarray, I: np.ndarray) -> Candidates:
+    def from_results(cls, S: np.ndarray, I: np.ndarray, rows: np.ndarray | None = None) -> Candidates:
         I = np.ascontiguousarray(I, dtype=np.int64)  # copies only what is not already so
         S = np.ascontiguousarray(S, dtype=np.float32)
-        return cls(ids=I.reshape(-1), scores=S.reshape(-1), per_query=max(1, I.shape[1]))
+        rows = None if rows is None else np.asarray(rows, np.int32)
+        return cls(ids=I.reshape(-1), scores=S.reshape(-1), per_query=max(1, I.shape[1]), rows=rows)
 
     def query_of(self, positions: np.ndarray) -> np.ndarray:
         if self.queries is not None:
             return self.queries[positions]
-        return (positions // self.per_query).astype(np.int32)
+        row = (positions // self.per_query).astype(np.int32)
+        return row if self.rows is None else self.rows[row]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass(frozen=True)
+class NeighbourBlock:
+    """Search results of some of a task's target images, all searched with one k: image
+    ``rows[r]``'s neighbours are ``I[r]`` with similarities ``S[r]``, best first. A task's results
+    are one block, or with a k per class one block per class (``choose_blocks``)."""
+
+    rows: np.ndarray  # (m,) the target images' rows, ascending
+    S: np.ndarray  # (m, k) similarity, higher is better
+    I: np.ndarray  # (m, k) pool ids, -1 for padding
+
+    @classmethod
+    def whole(cls, S: np.ndarray, I: np.ndarray) -> NeighbourBlock:
+        return cls(rows=np.arange(len(I)), S=S, I=I)
 
 
 def _positions_dtype(n: int) -> type:
@@ -364,6 +383,7 @@ def fill(
     score_of = [memoryview(st.source.scores) for st in streams]
     query_of = [memoryview(st.source.queries) if st.source.queries is not None else None for st in streams]
     per_query = [st.source.per_query for st in streams]
+    row_of = [memoryview(st.source.rows) if st.source.rows is not None else None for st in streams]
     taken = [0] * len(streams)
     lowest = [np.inf] * len(streams)
     ran_out = [False] * len(streams)
@@ -392,7 +412,10 @@ def fill(
                 near_dup.accept(pool_id)
             mark[c] = _CHOSEN
             score = score_of[s][at]
-            query = query_of[s][at] if query_of[s] is not None else at // per_query[s]
+            if query_of[s] is not None:
+                query = query_of[s][at]
+            else:
+                query = at // per_query[s] if row_of[s] is None else row_of[s][at // per_query[s]]
             out_id[n], out_score[n], out_query[n], out_stream[n] = pool_id, score, query, s
             n += 1
             if score < lowest[s]:
@@ -447,39 +470,41 @@ def _row_blocks(nq: int, k: int) -> range:
     return range(0, nq, max(1, _BLOCK // max(1, k)))
 
 
-def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_similarity: float | None = None) -> Choice:
+def attach_retrievers(
+    choice: Choice, blocks: Sequence[NeighbourBlock], *, min_similarity: float | None = None
+) -> Choice:
     """Fill ``retrieved_by`` (every query with the id among its valid neighbours) and best scores.
 
-    Two passes over (S, I), block by block in query order: the first counts each chosen sample's
-    retrievers (the CSR row lengths), the second writes them in place, so each row comes out
-    sorted and nothing but the CSR arrays grows with the budget."""
+    Two passes over the results, block by block in query order: the first counts each chosen
+    sample's retrievers (the CSR row lengths), the second writes them in place, so nothing but
+    the CSR arrays grows with the budget."""
     n = len(choice)
     order = np.argsort(choice.ids, kind="stable").astype(_positions_dtype(n))
     sorted_ids = choice.ids[order]
-    rows = _row_blocks(*I.shape)
-    step = rows.step
 
-    def chosen_pairs(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(chosen sample j, query, similarity) of a block's valid neighbours, one per (j, query)."""
-        Ib, Sb = I[start : start + step], S[start : start + step]
-        at, chosen = _lookup(sorted_ids, Ib)
-        q, r = np.nonzero(_valid(Sb, Ib, min_similarity) & chosen)
-        j = order[at[q, r]]
-        _, once = np.unique(j.astype(np.int64) * len(Ib) + q, return_index=True)  # a repeated id counts once
-        return j[once], (q[once] + start).astype(np.int32), Sb[q[once], r[once]]
+    def chosen_pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per block of rows: (chosen sample j, query, similarity) of its valid neighbours, one per
+        (j, query), sorted by j and then query."""
+        for block in blocks:
+            starts = _row_blocks(*block.I.shape)
+            for start in starts:
+                Ib, Sb = block.I[start : start + starts.step], block.S[start : start + starts.step]
+                at, chosen = _lookup(sorted_ids, Ib)
+                q, r = np.nonzero(_valid(Sb, Ib, min_similarity) & chosen)
+                j = order[at[q, r]]
+                _, once = np.unique(j.astype(np.int64) * len(Ib) + q, return_index=True)  # a repeated id counts once
+                yield j[once], block.rows[start + q[once]].astype(np.int32), Sb[q[once], r[once]]
 
     indptr = np.zeros(n + 1, np.int64)
     if n:
-        for start in rows:
-            j, _, sims = chosen_pairs(start)
+        for j, _, sims in chosen_pairs():
             indptr[1:] += np.bincount(j, minlength=n)
             np.maximum.at(choice.scores, j, sims)
         np.cumsum(indptr, out=indptr)
     indptr = indptr.astype(_positions_dtype(int(indptr[-1])))
     queries = np.empty(int(indptr[-1]), np.int32)
     if n:
-        for start in rows:  # indptr[j] is sample j's write cursor until the shift below
-            j, q, _ = chosen_pairs(start)  # sorted by j, then query
+        for j, q, _ in chosen_pairs():  # indptr[j] is sample j's write cursor until the shift below
             first = np.ones(len(j), bool)
             first[1:] = j[1:] != j[:-1]
             group_start = np.flatnonzero(first)
@@ -490,16 +515,20 @@ def attach_retrievers(choice: Choice, S: np.ndarray, I: np.ndarray, *, min_simil
             lo = max(0, end - _BLOCK)
             indptr[lo + 1 : end + 1] = indptr[lo:end].copy()
         indptr[0] = 0
+        if len(blocks) > 1:  # blocks of interleaved rows: each sample's queries in order again
+            sample = np.repeat(np.arange(n, dtype=np.int32), np.diff(indptr))
+            queries = queries[np.lexsort((queries, sample))]
     choice.retrieved_by = Retrievers(indptr=indptr, queries=queries)
     return choice
 
 
 def query_neighbours(
-    choice: Choice, S: np.ndarray | None, I: np.ndarray | None, nq: int, top: int = 16
+    choice: Choice, blocks: Sequence[NeighbourBlock] | None, nq: int, top: int = 16
 ) -> Iterator[list[tuple[int, float]]]:
     """For each query in turn, its chosen neighbours best first (id, similarity), at most ``top``:
-    what the report shows. Made a block of queries at a time, as the rows are written."""
-    if S is None or I is None:  # no search results: each query's own choices
+    what the report shows. Made a block of queries at a time, as the rows are written; without
+    search results (the cluster strategy), each query's own choices."""
+    if blocks is None:
         order = np.lexsort((choice.ids, -choice.scores, choice.chosen_by))
         starts = np.searchsorted(choice.chosen_by[order], np.arange(nq + 1))
         for q in range(nq):
@@ -507,22 +536,30 @@ def query_neighbours(
             yield list(zip(choice.ids[mine].tolist(), choice.scores[mine].astype(float).tolist()))
         return
     sorted_ids = np.sort(choice.ids)
-    rows = _row_blocks(nq, I.shape[1])
-    for start in rows:
-        Ib, Sb = I[start : start + rows.step], S[start : start + rows.step]
-        keep = _lookup(sorted_ids, Ib)[1] & np.isfinite(Sb)
-        primary = np.where(keep, -Sb, np.inf)
-        order = np.lexsort((np.where(keep, Ib, np.iinfo(np.int64).max), primary), axis=1)[:, :top]
-        ids_b = np.take_along_axis(Ib, order, axis=1)
-        sims_b = np.take_along_axis(Sb, order, axis=1)
-        kept_b = np.take_along_axis(keep, order, axis=1)
-        for ids_q, sims_q, kept_q in zip(ids_b.tolist(), sims_b.tolist(), kept_b.tolist()):
-            yield [(i, s) for i, s, k in zip(ids_q, sims_q, kept_q) if k]
+    step = _row_blocks(nq, max(b.I.shape[1] for b in blocks) if blocks else 1).step
+    for lo in range(0, nq, step):
+        shown: list[list[tuple[int, float]]] = [[] for _ in range(min(step, nq - lo))]
+        for block in blocks:  # the block's rows among queries lo .. lo + step
+            a, b = np.searchsorted(block.rows, [lo, lo + step])
+            Ib, Sb = block.I[a:b], block.S[a:b]
+            keep = _lookup(sorted_ids, Ib)[1] & np.isfinite(Sb)
+            primary = np.where(keep, -Sb, np.inf)
+            order = np.lexsort((np.where(keep, Ib, np.iinfo(np.int64).max), primary), axis=1)[:, :top]
+            ids_b = np.take_along_axis(Ib, order, axis=1).tolist()
+            sims_b = np.take_along_axis(Sb, order, axis=1).tolist()
+            kept_b = np.take_along_axis(keep, order, axis=1).tolist()
+            for row, ids_q, sims_q, kept_q in zip(block.rows[a:b].tolist(), ids_b, sims_b, kept_b):
+                shown[row - lo] = [(i, s) for i, s, k in zip(ids_q, sims_q, kept_q) if k]
+        yield from shown
 
 
-def choose(
-    S: np.ndarray,
-    I: np.ndarray,
+def choose(S: np.ndarray, I: np.ndarray, budget: int, **kw) -> Choice:
+    """``choose_blocks`` for results of every target image searched with one k."""
+    return choose_blocks([NeighbourBlock.whole(S, I)], budget, **kw)
+
+
+def choose_blocks(
+    blocks: Sequence[NeighbourBlock],
     budget: int,
     *,
     strategy: str = "instance",
@@ -542,25 +579,47 @@ def choose(
     both: with "class", every class gets an equal share of each. The mix's top scores are taken
     among each image's k nearest (k sized from its share), not over the whole pool: finding the
     pool-wide top would mean searching again with ever larger k, and one image among many similar
-    off-target pool samples would take them all."""
+    off-target pool samples would take them all.
+
+    With class balance each class may come in its own block, searched with its own k (a class of
+    few images needs more neighbours per image for its share than a class of many); a class never
+    spans two blocks. Without class balance the results are one block."""
     if not 0.0 <= topk_share <= 1.0:
         raise ValueError(f"topk_share must lie in [0, 1], got {topk_share}")
-    source = Candidates.from_results(S, I)  # one table for every stream: coded once in fill
+    if strategy not in ("instance", "topk"):
+        raise ValueError(f"strategy {strategy!r} is not search-based; expected 'instance' or 'topk'")
+    if balance != "class" and len(blocks) != 1:
+        raise ValueError(
+            f"balance {balance!r} shares the budget over every image: one block of results, not {len(blocks)}"
+        )
+    parts = []  # per block: its images' classes and its one candidate table, coded once in fill
+    for block in blocks:
+        classes = None if query_class is None else np.asarray(query_class)[block.rows]
+        rows = None if len(blocks) == 1 and np.array_equal(block.rows, np.arange(len(block.rows))) else block.rows
+        parts.append((block, classes, Candidates.from_results(block.S, block.I, rows)))
+    if len(blocks) > 1 and len({c for _, classes, _ in parts for c in np.unique(classes).tolist()}) != sum(
+        len(np.unique(classes)) for _, classes, _ in parts
+    ):
+        raise ValueError("a class spans two blocks of results")
+
+    def streams_of(make, parts=parts) -> list[Stream]:
+        out = []
+        for block, classes, source in parts:
+            out += make(block.S, block.I, classes, balance=balance, min_similarity=min_similarity, source=source)
+        return out
+
     if strategy == "instance":
-        streams = instance_streams(S, I, query_class, balance=balance, min_similarity=min_similarity, source=source)
+        streams = streams_of(instance_streams)
         if topk_share > 0:
-            top = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity, source=source)
             # In the mix the top scores are those among each image's k nearest, so no image takes
             # more than k of them: only the round robin running short asks for a larger k.
-            top = [dataclasses.replace(st, bound=-np.inf) for st in top]
+            top = [dataclasses.replace(st, bound=-np.inf) for st in streams_of(topk_streams)]
             streams = mix_streams([streams, top], [1.0 - topk_share, topk_share])
-    elif strategy == "topk":
-        streams = topk_streams(S, I, query_class, balance=balance, min_similarity=min_similarity, source=source)
     else:
-        raise ValueError(f"strategy {strategy!r} is not search-based; expected 'instance' or 'topk'")
+        streams = streams_of(topk_streams)
     choice = fill(streams, budget, excluded=excluded, near_dup=near_dup, removed=removed)
-    del streams, source  # the retrievers are found in (S, I) directly
-    return attach_retrievers(choice, S, I, min_similarity=min_similarity)
+    del streams, parts, streams_of  # drop the candidate tables: the retrievers are found in the results
+    return attach_retrievers(choice, blocks, min_similarity=min_similarity)
 
 
 # ---- the cluster strategy ----------------------------------------------------------------------

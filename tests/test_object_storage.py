@@ -224,6 +224,10 @@ def test_bucket_pool_embedded_and_indexed_into_the_bucket_and_resumed(s3_env, ra
     # What a trainer reads: the task's subset straight from the bucket, every shard's hash checked.
     subset = open_task_data(f"{sel}/tasks/target", verify="hash")
     assert sorted(s.key for s in iter_task_samples(subset)) == sorted(r["key"] for r in manifest)
+    # ... its compact samples group read from the bucket slice by slice, pool ids as the manifest says.
+    assert storage.isfile(f"{sel}/tasks/target/samples.zarr/zarr.json")
+    shard_index = [subset.shards.index(storage.join(shards, r["shard"])) for r in manifest]
+    assert subset.samples.pool_ids(shard_index, [r["key"] for r in manifest]).tolist() == [r["id"] for r in manifest]
 
 
 def _target(root) -> str:

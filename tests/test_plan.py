@@ -54,6 +54,9 @@ def test_hand_computed_billion_image_plan(profile):
     # select: 10k queries x 4 shards at 500 q/s per shard on 4 searchers, plus one read of the pool
     assert plan["stages"]["select"]["seconds"] == pytest.approx(10_000 * 4 / (500 * 4) + 6250)
     assert plan["stages"]["select"]["searchers"] == 4 and plan["stages"]["select"]["waves"] == 1
+    # coordinator: 1e8 selected at 56 B each, plus 10k queries x 2 x their 10k share of neighbours at 12 B
+    assert plan["stages"]["select"]["neighbours"] == 10_000 * 20_000
+    assert plan["stages"]["select"]["coordinator_memory_gib"] == pytest.approx((1e8 * 56 + 2e8 * 12) / GIB)
     assert plan["stages"]["pretrain"]["seconds"] == pytest.approx(100 * 1e8 / (2000 * 64))
     assert plan["storage_gib"]["embeddings"] == pytest.approx(1e9 * (256 * 2 + 8) / GIB)
     assert plan["storage_gib"]["selected_shards"] == pytest.approx(1e8 * 50_000 / GIB)

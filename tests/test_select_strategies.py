@@ -323,7 +323,7 @@ def test_block_size_never_changes_a_choice_its_retrievers_or_the_neighbours_show
 
     def run():
         c = choose(S, I, 90, balance="class", query_class=cls, topk_share=0.5)
-        shown = list(strategies.query_neighbours(c, S, I, nq, 5))
+        shown = list(strategies.query_neighbours(c, [strategies.NeighbourBlock.whole(S, I)], nq, 5))
         return c, shown
 
     whole, shown_whole = run()
@@ -336,10 +336,56 @@ def test_block_size_never_changes_a_choice_its_retrievers_or_the_neighbours_show
     for j, pid in enumerate(whole.ids.tolist()):
         assert whole.retrieved_by[j] == sorted(set(np.nonzero(I == pid)[0].tolist()))
     # Without search results, the neighbours shown are each query's own choices, best first.
-    own = list(strategies.query_neighbours(whole, None, None, nq, 5))
+    own = list(strategies.query_neighbours(whole, None, nq, 5))
     for q, pairs in enumerate(own):
         mine = sorted(
             zip(whole.ids[whole.chosen_by == q].tolist(), whole.scores[whole.chosen_by == q].tolist()),
             key=lambda t: (-t[1], t[0]),
         )[:5]
         assert pairs == [(i, float(s)) for i, s in mine]
+
+
+@pytest.mark.parametrize("topk_share", [0.0, 0.5])
+def test_a_block_per_class_chooses_what_one_block_of_the_same_results_chooses(topk_share):
+    from sept.index.strategies import NeighbourBlock, choose_blocks, query_neighbours
+
+    rng = np.random.default_rng(3)
+    nq, k = 24, 10
+    I = rng.integers(0, 100, (nq, k)).astype(np.int64)
+    S = np.sort(rng.uniform(0, 1, (nq, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    cls = rng.integers(0, 3, nq)  # classes interleaved among the rows
+    kw = dict(balance="class", query_class=cls, topk_share=topk_share)
+    one = choose(S, I, 50, **kw)
+    blocks = [NeighbourBlock(np.flatnonzero(cls == c), S[cls == c], I[cls == c]) for c in range(3)]
+    split = choose_blocks(blocks, 50, **kw)
+    for name in ("ids", "scores", "chosen_by", "stream_of"):
+        np.testing.assert_array_equal(getattr(split, name), getattr(one, name))
+    assert list(split.retrieved_by) == list(one.retrieved_by)
+    assert list(query_neighbours(split, blocks, nq, 4)) == list(
+        query_neighbours(one, [NeighbourBlock.whole(S, I)], nq, 4)
+    )
+    with pytest.raises(ValueError, match="spans two blocks"):
+        choose_blocks(
+            [NeighbourBlock(np.arange(12), S[:12], I[:12]), NeighbourBlock(np.arange(12, 24), S[12:], I[12:])], 50, **kw
+        )
+    with pytest.raises(ValueError, match="one block"):
+        choose_blocks(blocks, 50)
+
+
+def test_a_class_of_few_images_fills_its_share_from_its_own_longer_lists():
+    """Class 0 has one image, class 1 has nine: with a k per class, one image's 20 neighbours fill
+    class 0's half of the budget while class 1's images need only 2 each."""
+    from sept.index.strategies import NeighbourBlock, choose_blocks
+
+    few = NeighbourBlock(np.array([0]), np.linspace(0.9, 0.5, 20, dtype=np.float32)[None], np.arange(20)[None])
+    many_rows = np.arange(1, 10)
+    many = NeighbourBlock(
+        many_rows,
+        np.tile(np.array([0.8, 0.7], np.float32), (9, 1)),
+        (1000 + 10 * many_rows[:, None] + np.arange(2)).astype(np.int64),
+    )
+    cls = np.array([0] + [1] * 9)
+    c = choose_blocks([few, many], 36, balance="class", query_class=cls)
+    assert np.bincount(cls[c.chosen_by]).tolist() == [18, 18]
+    assert not c.needs_more_neighbours
+    assert c.retrieved_by[int(np.flatnonzero(c.ids == 1010)[0])] == [1]

@@ -20,6 +20,7 @@ from PIL import Image
 
 from sept.data.demo_corpus import make_demo_corpus
 from sept.data.samples import iter_samples
+from sept.data.task_samples import TaskSamples
 from sept.data.task_subset import iter_task_samples, load_task_subset, open_task_data
 from sept.errors import SeptError
 from sept.io import is_staging_name
@@ -243,6 +244,12 @@ def test_task_subset_loader_reads_exactly_the_tasks_samples(world):
         assert got[r["key"]] == sources[(r["source_shard"], r["key"])], "members copied byte for byte"
         assert set(got[r["key"]]) >= {"jpg", "json"}
     assert len(open_task_data(os.path.join(sel, "tasks", "gradients"))) == BUDGET
+    # What trainers read instead of the manifest: the same rows, sorted by shared shard and key.
+    samples = TaskSamples.open(os.path.join(sel, "tasks", "gradients"))
+    from_arrays = [
+        (name, k.decode(), int(i)) for s, name in enumerate(samples.shards) for k, i in zip(*samples.rows(s))
+    ]
+    assert from_arrays == sorted((r["shard"], r["key"], int(r["id"])) for r in rows)
 
 
 def test_report_shows_both_tasks_with_their_precision(world, tmp_path):
@@ -530,11 +537,16 @@ def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path
     wanted = {r["key"] for r in _manifest(sel, "gradients")}
     other = {r["key"] for r in _manifest(sel, "digits")} - wanted
     assert other, "the other task adds samples to the shared shards that this task must not read"
-    keys = [subset.keys[s] for s in subset.shards]
     seen = []
     for rank in range(2):
         stream = PretrainStream(
-            subset.shards, augment=ViewAugment(16), batch_size=4, rank=rank, world_size=2, keys=keys
+            subset.shards,
+            augment=ViewAugment(16),
+            batch_size=4,
+            rank=rank,
+            world_size=2,
+            keys=subset.samples,
+            shard_counts=subset.samples.counts.tolist(),
         )
         assert stream.num_samples == BUDGET and stream.batches_per_epoch == BUDGET // 2 // 4
         seen.append([k for batch in stream.epoch(0) for k in batch.keys])
@@ -565,7 +577,7 @@ def test_pretraining_reads_one_tasks_subset_of_the_shared_shards(world, tmp_path
     place_of = {}
     for index, shard in enumerate(subset.shards):
         for s in iter_samples(shard):
-            if s.key in subset.keys[shard]:
+            if s.key in subset.samples[index]:
                 place_of[int(make_ids(index, [s.position])[0])] = (os.path.basename(shard), s.key)
     manifest_id = {(r["shard"], r["key"]): int(r["id"]) for r in _manifest(sel, "gradients")}
     assert len(set(logged)) == 24 and set(logged) <= set(place_of)
@@ -707,3 +719,26 @@ def _tiny_config(tmp_path) -> str:
     path = tmp_path / "tiny.yaml"
     path.write_text("image_size: 16\nwidth: 4\nlog_every: 1\n")
     return str(path)
+
+
+def test_each_class_is_searched_with_k_from_its_own_share_of_the_budget():
+    """With class balance a class of one image needs 2 x its whole share; a class of 50 images
+    needs 2 x a fiftieth of it: the small class no longer sets k for every image."""
+    from sept.cluster.select import _neighbours_per_image
+    from sept.cluster.task_record import SelectionTask
+    from sept.data.task_list import TaskSpec
+    from sept.index.budget import round_k
+
+    query_class = np.array([0] * 50 + [1])
+    task = SelectionTask(
+        spec=TaskSpec(name="t", target="/t", budget=1000),
+        classes=["many", "one"],
+        query_refs=[],
+        query_names=[],
+        query_class=query_class,
+        heldout_refs=[],
+    )
+    k = _neighbours_per_image(task, "class", ntotal=10**6)
+    assert k[-1] == round_k(1000, 10**6) == 1024 and set(k[:50].tolist()) == {round_k(20, 10**6)} == {20}
+    assert set(_neighbours_per_image(task, "instance", ntotal=10**6).tolist()) == {round_k(40, 10**6)}
+    assert _neighbours_per_image(task, "class", ntotal=300)[-1] == 300  # never more than the pool

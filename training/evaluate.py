@@ -122,13 +122,15 @@ def linear_probe_accuracy(
     return float((probe.predict(val_features) == np.asarray(val_labels)).mean()), float(C)
 
 
-def _check_task(task: TargetTask) -> None:
+def check_task(task: TargetTask, *, need_val: bool = True) -> None:
+    """Raises ``SeptError`` for a task that cannot be scored: an empty train split, an empty val
+    split (unless not ``need_val``), classes that differ between train and val, a single class."""
     if not task.train:
         raise SeptError(f"target task {task.name} has an empty train split")
-    if not task.val:
+    if not task.val and need_val:
         raise SeptError(f"target task {task.name} has an empty val split (evaluation needs val/)")
     train_classes = set(task.labels("train"))
-    val_classes = set(task.labels("val"))
+    val_classes = set(task.labels("val")) if task.val else train_classes
     if train_classes != val_classes:
 
         def names(indices: set[int]) -> str:
@@ -142,6 +144,29 @@ def _check_task(task: TargetTask) -> None:
         raise SeptError(f"target task {task.name}: classes differ between train and val ({'; '.join(parts)})")
     if len(train_classes) < 2:
         raise SeptError(f"target task {task.name} has a single class; accuracy needs at least two")
+
+
+def open_encoder_and_task(
+    encoder: str | EncoderBundle, target: str | TargetTask, *, device: str = "auto", need_val: bool = True
+) -> tuple[EncoderBundle, TargetTask]:
+    """The encoder (file or bundle) and the target task (directory or ``TargetTask``), the task
+    checked by ``check_task``."""
+    bundle = encoder if isinstance(encoder, EncoderBundle) else load_encoder(encoder, device=device)
+    task = target if isinstance(target, TargetTask) else load_target(target)
+    check_task(task, need_val=need_val)
+    return bundle, task
+
+
+def result_header(bundle: EncoderBundle, task: TargetTask) -> dict[str, Any]:
+    """What a result of an encoder on a target starts with: which target, which encoder, the sizes."""
+    return {
+        "target": task.name,
+        "encoder": bundle.identity,
+        "arch": bundle.arch,
+        "num_classes": len(task.classes),
+        "num_train": len(task.train),
+        "num_val": len(task.val),
+    }
 
 
 def evaluate(
@@ -162,9 +187,7 @@ def evaluate(
     whole encoder for ``finetune_epochs`` epochs on train (``finetune`` in the result). Raises
     ``SeptError`` for a checkpoint that is not an encoder, an empty split or classes that differ
     between train and val."""
-    bundle = encoder if isinstance(encoder, EncoderBundle) else load_encoder(encoder, device=device)
-    task = target if isinstance(target, TargetTask) else load_target(target)
-    _check_task(task)
+    bundle, task = open_encoder_and_task(encoder, target, device=device)
     train_labels = np.asarray(task.labels("train"), dtype=np.int64)
     val_labels = np.asarray(task.labels("val"), dtype=np.int64)
     train_images, val_images = task.load_images("train"), task.load_images("val")
@@ -172,12 +195,7 @@ def evaluate(
     val_features = bundle.embed_images(val_images, batch_size=batch_size)
     probe_accuracy, probe_c = linear_probe_accuracy(train_features, train_labels, val_features, val_labels, C=C)
     result = {
-        "target": task.name,
-        "encoder": bundle.identity,
-        "arch": bundle.arch,
-        "num_classes": len(task.classes),
-        "num_train": len(train_labels),
-        "num_val": len(val_labels),
+        **result_header(bundle, task),
         "linear_probe": probe_accuracy,
         "linear_probe_c": probe_c,
         "knn": knn_accuracy(train_features, train_labels, val_features, val_labels, k=k, temperature=temperature),

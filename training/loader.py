@@ -101,7 +101,7 @@ class PretrainStream:
             world_size=self.world_size,
             seed=self.seed,
             shard_counts=shard_counts,
-            keys=None if keys is None else [None if k is None else frozenset(k) for k in keys],
+            keys=keys,
             max_samples=max_samples,
             num_workers=self.num_workers,
         )

@@ -1,8 +1,12 @@
-"""Retrieval quality of an encoder while it trains: kNN retrieval precision on labelled images.
+"""Retrieval quality of features on labelled images: kNN precision and kNN vote accuracy.
 
 The bootstrap encoder exists to retrieve, so its checkpoints are compared by how well they
 retrieve, not by their loss. ``knn_precision`` is the leave-one-out precision@k of a labelled
 set (each image queries all the others; the share of its k nearest that carry its label).
+``loo_knn_vote_accuracy`` and ``knn_vote_accuracy`` are the share of images whose k nearest
+neighbours (the others of the set, or another set's) vote for their label: what `sept
+encoder-check` reports (``sept.training.encoder_check``). All take L2-normalised float features
+and compare them by inner product; ``nearest_neighbours`` is the one search they share.
 ``RetrievalProbe`` holds a labelled image set preprocessed once, exactly as the embed stage
 preprocesses (``EncoderBundle``), and scores a live backbone on it.
 """
@@ -20,23 +24,76 @@ from torch import nn
 from sept.training.encoder import EncoderBundle
 
 
+def nearest_neighbours(
+    xq: np.ndarray, xb: np.ndarray, k: int, *, leave_one_out: bool = False, chunk: int = 1024
+) -> np.ndarray:
+    """(nq, k) row indices of ``xb``: each query's k most similar rows by inner product, best
+    first, ties broken by row order. ``leave_one_out``: ``xq`` is ``xb``, and a row is never its
+    own neighbour. ``k`` is capped at the rows there are to choose from."""
+    xq = np.asarray(xq, dtype=np.float32)
+    xb = np.asarray(xb, dtype=np.float32)
+    if leave_one_out and xq.shape != xb.shape:
+        raise ValueError(f"leave-one-out searches a set in itself, got {xq.shape} queries for {xb.shape} rows")
+    k = int(min(max(1, k), len(xb) - leave_one_out))
+    if k < 1:
+        raise ValueError("no rows to search")
+    I = np.empty((len(xq), k), dtype=np.int64)
+    for start in range(0, len(xq), chunk):
+        sim = xq[start : start + chunk] @ xb.T
+        if leave_one_out:
+            rows = np.arange(len(sim))
+            sim[rows, start + rows] = -np.inf
+        I[start : start + chunk] = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return I
+
+
+def _labelled(features: np.ndarray, labels: Sequence[int], least: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(labels)
+    if x.shape[0] != len(y):
+        raise ValueError(f"{x.shape[0]} feature rows for {len(y)} labels")
+    if len(y) < least:
+        raise ValueError(f"{what} needs at least {least} labelled rows")
+    return x, y
+
+
 def knn_precision(features: np.ndarray, labels: Sequence[int], k: int = 5) -> float:
     """Leave-one-out precision@k: for every row, the share of its k most similar other rows
     (inner product; features L2-normalised) with the same label, averaged over rows.
 
     ``k`` is capped at (rows - 1). Ties are broken by row order."""
-    x = np.asarray(features, dtype=np.float32)
-    y = np.asarray(labels)
-    n = len(y)
-    if x.shape[0] != n:
-        raise ValueError(f"{x.shape[0]} feature rows for {n} labels")
-    if n < 2:
-        raise ValueError("knn_precision needs at least two labelled rows")
-    k = int(min(max(1, k), n - 1))
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    x, y = _labelled(features, labels, 2, "knn_precision")
+    nearest = nearest_neighbours(x, x, k, leave_one_out=True)
     return float((y[nearest] == y[:, None]).mean())
+
+
+def majority_vote(neighbour_labels: np.ndarray) -> np.ndarray:
+    """Each row's most frequent label (rows: neighbours' labels, nearest first). A tie goes to
+    the tied label whose first neighbour is nearest, so the vote never depends on label order."""
+    votes = (neighbour_labels[:, :, None] == neighbour_labels[:, None, :]).sum(axis=2)  # votes for j's label
+    first_best = votes.argmax(axis=1)  # argmax takes the first (nearest) of equal counts
+    return neighbour_labels[np.arange(len(neighbour_labels)), first_best]
+
+
+def loo_knn_vote_accuracy(features: np.ndarray, labels: Sequence[int], k: int = 5) -> float:
+    """Leave-one-out kNN accuracy: the share of rows whose k most similar other rows vote
+    (``majority_vote``) for the row's own label. ``k`` is capped at (rows - 1)."""
+    x, y = _labelled(features, labels, 2, "loo_knn_vote_accuracy")
+    return float((majority_vote(y[nearest_neighbours(x, x, k, leave_one_out=True)]) == y).mean())
+
+
+def knn_vote_accuracy(
+    train_features: np.ndarray,
+    train_labels: Sequence[int],
+    val_features: np.ndarray,
+    val_labels: Sequence[int],
+    k: int = 5,
+) -> float:
+    """kNN accuracy of val retrieved from train: the share of val rows whose k most similar
+    train rows vote (``majority_vote``) for the val row's label. ``k`` is capped at the train rows."""
+    xb, yb = _labelled(train_features, train_labels, 1, "knn_vote_accuracy's train split")
+    xq, yq = _labelled(val_features, val_labels, 1, "knn_vote_accuracy's val split")
+    return float((majority_vote(yb[nearest_neighbours(xq, xb, k)]) == yq).mean())
 
 
 @dataclass

@@ -23,6 +23,7 @@ from sept import storage
 from sept.data.identity import split_ids
 from sept.data.selection_folder import MASKS_DIR as SELECTION_MASKS_DIR
 from sept.data.shards import list_shards
+from sept.data.task_samples import TaskSamples
 from sept.data.task_subset import is_task_data, open_task_data
 from sept.errors import SeptError
 from sept.training import distributed
@@ -46,18 +47,19 @@ class PoolIds:
     there) into pool ids, so a training log joins the selection's manifest and the embeddings.
 
     Trained on a pool spec, the trainer's shard list is the pool's listing and its ids are pool
-    ids already (``by_key`` None). Trained on a task subset, its shards are the selection's
-    shared shards, and the pool id comes from the manifest by (shard index, sample key): keys
-    are unique within a shared shard and survive DetCon's masked copies, positions need not.
+    ids already (``samples`` None). Trained on a task subset, its shards are the selection's
+    shared shards, and the pool id is found by (shard index, sample key) in the task's sorted
+    arrays (``TaskSamples.pool_ids``): keys are unique within a shared shard and survive
+    DetCon's masked copies, positions need not.
     """
 
-    by_key: dict[tuple[int, str], int] | None = None
+    samples: TaskSamples | None = None
 
     def of(self, ids: np.ndarray | Sequence[int], keys: Sequence[str]) -> list[int]:
-        if self.by_key is None:
+        if self.samples is None:
             return [int(i) for i in ids]
         shard_index, _ = split_ids(np.asarray(ids, dtype=np.int64))
-        return [self.by_key[(int(s), k)] for s, k in zip(shard_index, keys, strict=True)]
+        return self.samples.pool_ids(shard_index, keys).tolist()
 
 
 def shard_counts(cfg: PretrainConfig, shards: list[str], is_main: bool) -> list[int]:
@@ -112,11 +114,12 @@ def open_stream(
 ) -> tuple[PretrainStream, list[str], PoolIds]:
     """This rank's stream over ``cfg.data``, the shards it reads (masked copies for DetCon) and
     the pool ids of their samples."""
-    keys, pool_ids, selection_dir = None, PoolIds(), None
+    keys, counts, pool_ids, selection_dir = None, None, PoolIds(), None
     if is_task_data(cfg.data):  # one task's subset of a selection's shared shards
         subset = open_task_data(cfg.data)
-        shards, keys = list(subset.shards), [subset.keys[s] for s in subset.shards]
-        pool_ids = PoolIds(subset.pool_ids())
+        # Counts come with the subset; each shard's keys are read only when a worker reads that shard.
+        shards, keys, counts = list(subset.shards), subset.samples, subset.samples.counts.tolist()
+        pool_ids = PoolIds(subset.samples)
         selection_dir = subset.selection_dir
         log.info(
             "task %s: %d samples in %d shared shards of %s", subset.task, len(subset), len(shards), subset.selection_dir
@@ -132,7 +135,7 @@ def open_stream(
         rank=info.rank,
         world_size=info.world_size,
         seed=cfg.seed,
-        shard_counts=None if keys is not None else shard_counts(cfg, shards, info.rank == 0),  # keys give the counts
+        shard_counts=counts if keys is not None else shard_counts(cfg, shards, info.rank == 0),
         keys=keys,
         max_samples=cfg.max_samples,
         num_workers=cfg.num_workers or 0,

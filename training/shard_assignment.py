@@ -89,7 +89,9 @@ class ShardAssignment:
     ):
         self.shards = list(shards)
         self.keys = keys
-        """Per shard, the keys to read (a task's subset of shared shards); None reads every sample."""
+        """Per shard, the keys to read (a task's subset of shared shards); None reads every sample.
+        Indexed only when a shard is read, so a ``TaskSamples`` reads one shard's keys at a time
+        (pass ``shard_counts`` with it: counting by ``len`` would read them all)."""
         self.batch_size = int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed = int(seed)
