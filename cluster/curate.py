@@ -142,7 +142,7 @@ def curate(cfg: CurateConfig) -> dict:
             _choose(cfg, emb, table, settings, out)
         union = folder.union_of_choices(out)
         shards = folder.shards_dir(out)
-        held = np.fromiter(folder.read_catalog(shards).rows, np.int64)
+        held = folder.read_catalog(shards).ids
         copied = len(np.setdiff1d(union, held))
         with ray_session(cfg.ray_address) if copied else nullcontext():
             materialize(union, emb.pool, shards, timeout_s=cfg.copy_timeout_s)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from sept import storage
 from sept.cluster.runtime import completed_with_deadline
 from sept.data.identity import split_ids
-from sept.data.selection_folder import CATALOG, discard_unfinished, read_catalog, writer_lock
+from sept.data.selection_folder import CATALOG, Catalog, discard_unfinished, read_catalog, writer_lock
 from sept.data.shard_copy import MAX_SAMPLES_PER_PART, copy_job, plan_jobs
 from sept.errors import SeptError, first_line, task_cause
 
@@ -37,10 +37,11 @@ def materialize(
     *,
     max_per_part: int = MAX_SAMPLES_PER_PART,
     timeout_s: float = JOB_TIMEOUT_S,
-) -> list[dict]:
-    """Make sure every sample with these global ids is in the shared shards at ``out_dir``; return their rows.
+) -> Catalog:
+    """Make sure every sample with these global ids is in the shared shards at ``out_dir``; return
+    the folder's catalog (``Catalog.row`` gives a sample's row).
 
-    Copies only samples not there yet. Rows are sorted by id. Needs a Ray session. A copy job with
+    Copies only samples not there yet. Needs a Ray session. A copy job with
     no result after ``timeout_s`` is retried; after ``JOB_ATTEMPTS`` tries the run stops naming it.
     """
     ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -48,7 +49,7 @@ def materialize(
         storage.makedirs(storage.join(out_dir, CATALOG))
         discard_unfinished(out_dir)
         catalog = read_catalog(out_dir)
-        new = np.asarray([i for i in ids.tolist() if i not in catalog.rows], dtype=np.int64)
+        new = ids[~catalog.has(ids)]
         jobs = plan_jobs(new) if len(new) else []
         if len(new):
             n_pool = len(pool)
@@ -85,11 +86,11 @@ def materialize(
                         raise
                     bar.update(len(record["rows"]))
             catalog = read_catalog(out_dir)
-    missing = [i for i in ids.tolist() if i not in catalog.rows]
-    if missing:
-        shard, position = (int(v[0]) for v in split_ids([missing[0]]))
+    missing = ids[~catalog.has(ids)]
+    if len(missing):
+        shard, position = (int(v[0]) for v in split_ids(missing[:1]))
         raise SeptError(
             f"{len(missing)} selected samples were not copied, first position {position} of "
             f"{pool[shard]}; the pool shard changed since it was indexed"
         )
-    return [catalog.rows[i] for i in ids.tolist()]
+    return catalog

@@ -64,7 +64,7 @@ def select(cfg: SelectConfig) -> dict:
     with folder.writer_lock(run.out):
         pending = run.claim()
         union = folder.union_of_choices(run.out, exclude={t.name for t in pending})
-        held = np.fromiter(folder.read_catalog(run.shards).rows, np.int64)
+        held = folder.read_catalog(run.shards).ids
         summaries: dict[str, dict] = {}
         with ray_session(cfg.ray_address) if pending or len(np.setdiff1d(union, held)) else nullcontext():
             if pending:
@@ -81,7 +81,7 @@ def select(cfg: SelectConfig) -> dict:
     log.info(
         "select: %d task(s), %d samples in %d shared shards (%d copied now) in %.1fs",
         len(run.tasks),
-        len(catalog.rows),
+        len(catalog),
         len(catalog.parts),
         copied,
         time.time() - started,

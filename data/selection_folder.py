@@ -29,7 +29,8 @@ prefix exists as soon as one object under it does.
 Two markers make a run resumable: ``choice.jsonl``, written last when a task is chosen, lets an
 interrupted run skip its search; a job's catalog file, moved into place after its parts, lets it
 skip the copy. Parts no catalog file names were left by a crash and are removed before new work
-(``discard_unfinished``). Every file is JSON with sorted keys, and ``samples.zarr`` is a function
+(``discard_unfinished``). Read together, the done-markers are the ``Catalog``: every copied
+sample as columns sorted by pool id, so a selection of 10^8 samples is joined in one process. Every file is JSON with sorted keys, and ``samples.zarr`` is a function
 of the manifest's rows, so a rerun of the same command reproduces every byte.
 """
 
@@ -218,7 +219,7 @@ def write_manifest(out: str, name: str, catalog: Catalog) -> None:
     with atomic_file(storage.join(folder, MANIFEST), "w") as f:
         for row in iter_jsonl(storage.join(folder, CHOICE_FILE)):
             sample_id = int(row["id"])
-            where = catalog.rows[sample_id]
+            where = catalog.row(sample_id)
             joined = dict(
                 row,
                 key=where["key"],
@@ -250,11 +251,63 @@ def write_manifest(out: str, name: str, catalog: Catalog) -> None:
 
 @dataclass
 class Catalog:
-    """What a shared shard folder holds: every copied sample's row, and every part's size and hash."""
+    """What a shared shard folder holds: every copied sample as columns sorted by pool id (a few
+    dozen bytes a sample, never a dict per sample: a selection of 10^8 is read by one process),
+    and every part's size and hash. ``row(id)`` gives one sample's row as its copy job wrote it."""
 
-    rows: dict[int, dict]
+    ids: np.ndarray  # (n,) int64 pool ids, ascending
+    part: np.ndarray  # (n,) int32 into ``names``: the shared shard holding the sample
+    source: np.ndarray  # (n,) int32 into ``names``: the pool shard it was copied from
+    source_index: np.ndarray  # (n,) int32 that pool shard's index in the pool's listing
+    position: np.ndarray  # (n,) int64 its position there
+    key_end: np.ndarray  # (n,) int64: the sample's key is key_blob[key_end[i-1]:key_end[i]]
+    key_blob: bytes
+    sha256_end: np.ndarray  # (n,) int64: its digest (hex, as the job wrote it) the same way
+    sha256_blob: bytes
+    members: np.ndarray  # (n,) int32 into ``member_sets``
+    names: list[str]  # shard names and paths, each once
+    member_sets: list[list[str]]
     parts: dict[str, dict]
     jobs: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def has(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each of ``ids`` is in the shards."""
+        ids = np.asarray(ids, np.int64)
+        if not len(self.ids):
+            return np.zeros(ids.shape, bool)
+        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return self.ids[at] == ids
+
+    def row(self, sample_id: int) -> dict:
+        i = int(np.searchsorted(self.ids, sample_id))
+        if i == len(self.ids) or self.ids[i] != sample_id:
+            raise KeyError(sample_id)
+        return dict(
+            id=int(sample_id),
+            key=_string(self.key_blob, self.key_end, i),
+            shard=self.names[self.part[i]],
+            source_shard=self.names[self.source[i]],
+            source_index=int(self.source_index[i]),
+            position=int(self.position[i]),
+            members=list(self.member_sets[self.members[i]]),
+            sha256=_string(self.sha256_blob, self.sha256_end, i),
+        )
+
+
+def _string(blob: bytes, ends: np.ndarray, i: int) -> str:
+    return blob[int(ends[i - 1]) if i else 0 : int(ends[i])].decode()
+
+
+def _gather_strings(blob: bytes, ends: np.ndarray, order: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Strings stored end to end (string i is blob[ends[i-1]:ends[i]]), taken in ``order``, stored the same way."""
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    lengths = (ends - starts)[order]
+    new_ends = np.cumsum(lengths).astype(np.int64)
+    gather = np.repeat(starts[order] - (new_ends - lengths), lengths) + np.arange(int(lengths.sum()))
+    return np.frombuffer(blob, np.uint8)[gather].tobytes(), new_ends
 
 
 def catalog_marker(shards: str, job: str) -> str:
@@ -263,7 +316,13 @@ def catalog_marker(shards: str, job: str) -> str:
 
 
 def read_catalog(shards: str) -> Catalog:
-    rows: dict[int, dict] = {}
+    """Every done-marker's rows, one job's at a time, into columns; a later job's row for an id wins."""
+    codes: dict[str, int] = {}
+    member_codes: dict[tuple[str, ...], int] = {}
+    columns: dict[str, array] = {
+        name: array("q") for name in ("id", "part", "source", "index", "position", "key", "sha256", "members")
+    }
+    key_blob, digests = bytearray(), bytearray()
     parts: dict[str, dict] = {}
     jobs = []
     folder = storage.join(shards, CATALOG)
@@ -274,8 +333,41 @@ def read_catalog(shards: str) -> Catalog:
         jobs.append(record["job"])
         parts.update(record["parts"])
         for row in record["rows"]:
-            rows[int(row["id"])] = row
-    return Catalog(rows=rows, parts=parts, jobs=jobs)
+            columns["id"].append(int(row["id"]))
+            columns["part"].append(codes.setdefault(row["shard"], len(codes)))
+            columns["source"].append(codes.setdefault(row["source_shard"], len(codes)))
+            columns["index"].append(int(row["source_index"]))
+            columns["position"].append(int(row["position"]))
+            key_blob += row["key"].encode()
+            columns["key"].append(len(key_blob))
+            digests += row["sha256"].encode()
+            columns["sha256"].append(len(digests))
+            columns["members"].append(member_codes.setdefault(tuple(row["members"]), len(member_codes)))
+    col = {name: np.frombuffer(a, np.int64) if len(a) else np.zeros(0, np.int64) for name, a in columns.items()}
+    ids = col["id"]
+    # Sorted by id, the last row of an id kept (as a dict filled job by job would).
+    order = np.lexsort((np.arange(len(ids)), ids))
+    last = np.ones(len(order), bool)
+    last[:-1] = ids[order][1:] != ids[order][:-1]
+    order = order[last]
+    keys, key_end = _gather_strings(bytes(key_blob), col["key"], order)
+    sha256, sha256_end = _gather_strings(bytes(digests), col["sha256"], order)
+    return Catalog(
+        ids=ids[order].copy(),
+        part=col["part"][order].astype(np.int32),
+        source=col["source"][order].astype(np.int32),
+        source_index=col["index"][order].astype(np.int32),
+        position=col["position"][order].copy(),
+        key_end=key_end,
+        key_blob=keys,
+        sha256_end=sha256_end,
+        sha256_blob=sha256,
+        members=col["members"][order].astype(np.int32),
+        names=list(codes),
+        member_sets=[list(m) for m in member_codes],
+        parts=parts,
+        jobs=jobs,
+    )
 
 
 def _lock_path(folder: str) -> str:

@@ -22,6 +22,7 @@ FLAGS = {
     "dedup": "--bucket-rows --cluster-size --clusters --embeddings --gpu --max-attempts --no-gpu --ray-address --seed "
     "--task-timeout-s --threshold --train-size",
     "demo": "--corpus-only --executor --ray-address --workdir",
+    "encoder-check": "--batch-size --device --encoder --json --k --strict --target",
     "embed": "--batch-size --decode-threads --encoder --max-bad-fraction --max-pixels --num-gpus-per-worker --out "
     "--pool --ray-address --threads-per-worker --workers",
     "evaluate": "--encoder --finetune --target",

@@ -150,3 +150,45 @@ def test_raw_records_and_samples_share_one_writer(source_shard, tmp_path):
         strict.write(originals[0])
         with pytest.raises(ValueError, match="already written"):
             strict.write(originals[0])
+
+
+def test_the_catalog_reads_every_done_marker_into_columns_and_a_later_job_wins(tmp_path):
+    """The catalog holds copied samples as sorted columns, not a dict each: ``row`` gives back exactly
+    what a job's marker wrote, ``has`` answers for many ids at once, and an id that two markers
+    name keeps the later job's row (as the dict filled job by job did)."""
+    import json
+
+    import numpy as np
+
+    from sept.data.selection_folder import CATALOG, read_catalog
+
+    def row(i, key, part, source="/pool/00000.tar", members=("cls", "jpg")):
+        return dict(
+            id=i,
+            key=key,
+            shard=part,
+            source_shard=source,
+            source_index=i >> 32,
+            position=i & 0xFFFFFFFF,
+            members=list(members),
+            sha256=f"{i:0{16 + i % 3}x}",  # digests need not be of one width
+        )
+
+    early = [row(7, "a", "part-a-000000.tar"), row(3, "kéy/with-slash", "part-a-000000.tar", members=("png",))]
+    late = [row((1 << 32) + 5, "zz", "part-b-000000.tar", "/pool/00001.tar"), row(7, "a-again", "part-b-000000.tar")]
+    folder = tmp_path / CATALOG
+    folder.mkdir()
+    for job, rows in (("a", early), ("b", late)):
+        parts = {r["shard"]: dict(size=10, sha256="0" * 64) for r in rows}
+        (folder / f"{job}.json").write_text(json.dumps(dict(job=job, rows=rows, parts=parts)))
+    (folder / "notes.txt").write_text("not a marker")
+    catalog = read_catalog(str(tmp_path))
+    assert catalog.ids.tolist() == [3, 7, (1 << 32) + 5] and len(catalog) == 3
+    assert catalog.row(3) == early[1] and catalog.row(7) == late[1] and catalog.row((1 << 32) + 5) == late[0]
+    assert catalog.has(np.array([7, 8, 3, -1])).tolist() == [True, False, True, False]
+    assert catalog.jobs == ["a", "b"] and sorted(catalog.parts) == ["part-a-000000.tar", "part-b-000000.tar"]
+    with pytest.raises(KeyError):
+        catalog.row(8)
+    empty = tmp_path / "empty"
+    (empty / CATALOG).mkdir(parents=True)
+    assert len(read_catalog(str(empty))) == 0 and not read_catalog(str(empty)).has(np.array([1])).any()
