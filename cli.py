@@ -243,12 +243,21 @@ def _run_import_encoder(args: argparse.Namespace) -> object:
 
 def _add_encoder_check(p: argparse.ArgumentParser) -> None:
     """Before a pass over the pool: does this encoder tell the target's classes apart better than trivial features?
-    Measured on the target alone, in seconds to minutes. The encoder, a grayscale 16x16 thumbnail and a colour
-    histogram each embed the target's images; for each, two kNN accuracies (cosine, k neighbours, majority vote):
-    "train, leave-one-out" (each train image's nearest other train images vote for its class) and "val from train"
-    (each val image's nearest train images vote). Selection retrieves pool images near the target's train images,
-    so these say how often an encoder's neighbours of a target image share its class. The verdict reads the val
-    number (a bootstrap encoder keeps the weights that retrieve train best, so train flatters it).
+    Measured on the target alone (with --pool, and a small pool sample), in seconds to minutes. The encoder, a
+    grayscale 16x16 thumbnail and a colour histogram each embed the target's images; for each, two kNN accuracies
+    (cosine, k neighbours, majority vote): "train, leave-one-out" (each train image's nearest other train images
+    vote for its class) and "val from train" (each val image's nearest train images vote). Selection retrieves pool
+    images near the target's train images, so these say how often an encoder's neighbours of a target image share
+    its class. Without --pool, the verdict reads the val number (a bootstrap encoder keeps the weights that
+    retrieve train best, so train flatters it).
+
+    Telling the target's classes apart is not finding the target's domain in the pool, which is what selection
+    precision depends on. With --pool, a random sample of the pool (--pool-samples images) is embedded like the
+    target, and each train image, as selection queries the pool with it, takes its k nearest among the val images
+    and the pool sample: "target among pool" is the share of val images among them (without val, of the other
+    train images). The val images stand for the pool's in-domain images; the verdict then reads this number. It
+    counts the pool's own in-domain images near the target as misses, so where the target's images differ in style
+    from the pool's (benchmarks/RESULTS.md, "Issue 18: the encoder check") it does not predict selection precision.
 
     When it warns (the encoder no better than the best trivial feature), a selection with this encoder is unlikely
     to beat one by that feature: try another checkpoint, give an imported one a centre (import-encoder
@@ -264,7 +273,15 @@ def _run_encoder_check(args: argparse.Namespace) -> object:
     from sept.training.encoder_check import EncoderCheckConfig, check_encoder, format_check, verdict
 
     cfg = config_from_args(EncoderCheckConfig, args)
-    result = check_encoder(cfg.encoder, cfg.target, k=cfg.k, batch_size=cfg.batch_size, device=cfg.device)
+    result = check_encoder(
+        cfg.encoder,
+        cfg.target,
+        k=cfg.k,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        pool=cfg.pool,
+        pool_samples=cfg.pool_samples,
+    )
     if not cfg.json:
         print(format_check(result))
     print(f"sept encoder-check: {verdict(result)}", file=sys.stderr)

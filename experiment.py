@@ -127,7 +127,8 @@ def random_subset(embeddings: str, budget: int, pool: list[str], out_dir: str, s
     if _done(os.path.join(out_dir, "done.json")) is None:
         _, ids = EmbeddingStore.open(embeddings).read_all()
         chosen = np.sort(np.random.default_rng(seed).choice(ids, size=budget, replace=False))
-        rows = materialize(chosen, pool, shards)
+        catalog = materialize(chosen, pool, shards)
+        rows = (catalog.row(i) for i in chosen.tolist())
         atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(r) + "\n" for r in rows))
         _write_json(os.path.join(out_dir, "done.json"), dict(budget=budget, seed=seed))
     return shards

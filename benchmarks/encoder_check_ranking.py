@@ -3,9 +3,12 @@
     .venv/bin/python benchmarks/encoder_check_ranking.py --corpus icons --workdir work/encoder_check_icons
     .venv/bin/python benchmarks/encoder_check_ranking.py --corpus demo --workdir work/encoder_check_demo
 
-The check reads the target alone; selection precision needs the pool and its truth. For every
-feature of the table, this prints both side by side: the check's two kNN accuracies on the
-target (``sept.training.encoder_check.feature_scores``, k=5), and the precision of the selection
+The check reads the target (and, with ``--pool``, a pool sample); selection precision needs the
+whole pool and its truth. For every feature of the table, this prints both side by side: the
+check's two kNN accuracies on the target and its target-vs-pool share on the sample
+``encoder-check --pool`` draws (``sept.training.encoder_check.feature_scores`` and
+``pool_sample``, k=5, ``--pool-samples`` images, 1000 by default; the sampled rows are taken
+from the whole pool's features), and the precision of the selection
 sept's default rule makes with the same feature in memory (``selection_eval.rule_selections``,
 exact search, a budget of 10% of the pool; precision: the share of the selection in the
 target's domain by the kept-aside truth). Features: the corpus's bootstrap encoder (trained as
@@ -82,10 +85,23 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def run(corpus_name: str, workdir: str, *, budget_fraction: float = 0.1, imagenet: bool = True) -> dict:
+def sample_rows(pool_spec: str, keys: list[str], samples: int) -> np.ndarray:
+    """Rows of the loaded pool that ``encoder-check --pool`` samples (undecodable ones, which it
+    drops too, are not among the loaded rows)."""
+    from sept.training.encoder_check import pool_sample
+
+    row_of = {key: i for i, key in enumerate(keys)}
+    if len(row_of) != len(keys):
+        raise SystemExit(f"pool {pool_spec} repeats keys: its sample cannot be matched to its rows")
+    return np.asarray([row_of[key] for _, key, _, _ in pool_sample(pool_spec, samples) if key in row_of])
+
+
+def run(
+    corpus_name: str, workdir: str, *, budget_fraction: float = 0.1, imagenet: bool = True, pool_samples: int = 1000
+) -> dict:
     from sept.data.targets import load_target
     from sept.training.encoder import load_encoder
-    from sept.training.encoder_check import TRAIN_LOO, VAL, feature_scores
+    from sept.training.encoder_check import POOL, TRAIN_LOO, VAL, feature_scores
     from sept.training.trivial_features import TRIVIAL_FEATURES
 
     workdir = os.path.abspath(workdir)
@@ -97,6 +113,7 @@ def run(corpus_name: str, workdir: str, *, budget_fraction: float = 0.1, imagene
     train, val = task.load_images("train"), task.load_images("val")
     train_labels, val_labels = np.asarray(task.labels("train")), np.asarray(task.labels("val"))
     budget = int(round(budget_fraction * len(keys)))
+    sampled = sample_rows(pool_spec, keys, pool_samples)
 
     def target_rows(path: str) -> tuple[np.ndarray, np.ndarray]:
         encoder = load_encoder(path, device="cpu")
@@ -125,7 +142,7 @@ def run(corpus_name: str, workdir: str, *, budget_fraction: float = 0.1, imagene
         rows.append(
             dict(
                 name=name,
-                **feature_scores(train_x, train_labels, val_x, val_labels, K),
+                **feature_scores(train_x, train_labels, val_x, val_labels, K, pool_x[sampled]),
                 precision=precision([keys[i] for i in chosen], truth, relevant),
             )
         )
@@ -138,14 +155,15 @@ def run(corpus_name: str, workdir: str, *, budget_fraction: float = 0.1, imagene
     result = dict(
         corpus=corpus_name,
         pool=len(keys),
+        pool_samples=len(sampled),
         budget=budget,
         num_train=len(train_labels),
         num_val=len(val_labels),
         num_classes=len(task.classes),
         base_rate=float(np.mean([truth[k] in relevant for k in keys])),
         rows=rows,
-        spearman={c: spearman([r[c] for r in rows], precisions) for c in (TRAIN_LOO, VAL)},
-        encoder_order={c: order(c, enc_rows) for c in (TRAIN_LOO, VAL, "precision")},
+        spearman={c: spearman([r[c] for r in rows], precisions) for c in (TRAIN_LOO, VAL, POOL)},
+        encoder_order={c: order(c, enc_rows) for c in (TRAIN_LOO, VAL, POOL, "precision")},
         seconds=round(time.time() - t0, 1),
     )
     text = format_table(result)
@@ -160,10 +178,11 @@ def format_table(result: dict) -> str:
         f"{result['corpus']}: pool {result['pool']} (base rate {result['base_rate']:.3f}), budget {result['budget']}; "
         f"target {result['num_classes']} classes, {result['num_train']} train, {result['num_val']} val; k={K}",
         "",
-        "| features | check: train, leave-one-out | check: val from train | selection precision (default rule) |",
-        "|---|---|---|---|",
+        "| features | check: train, leave-one-out | check: val from train "
+        f"| check: target among pool ({result['pool_samples']} sampled) | selection precision (default rule) |",
+        "|---|---|---|---|---|",
         *[
-            f"| {r['name']} | {r['train_loo']:.3f} | {r['val']:.3f} | {r['precision']:.3f} |"
+            f"| {r['name']} | {r['train_loo']:.3f} | {r['val']:.3f} | {r['pool']:.3f} | {r['precision']:.3f} |"
             for r in sorted(result["rows"], key=lambda r: -r["precision"])
         ],
         "",
@@ -181,9 +200,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default="work/encoder_check_ranking")
     parser.add_argument("--budget-fraction", type=float, default=0.1)
     parser.add_argument("--no-imagenet", action="store_true", help="leave the EfficientNet-Lite1 row out")
+    parser.add_argument("--pool-samples", type=int, default=1000, help="the pool sample of the target-vs-pool share")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run(args.corpus, args.workdir, budget_fraction=args.budget_fraction, imagenet=not args.no_imagenet)
+    run(
+        args.corpus,
+        args.workdir,
+        budget_fraction=args.budget_fraction,
+        imagenet=not args.no_imagenet,
+        pool_samples=args.pool_samples,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`sept encoder-check`: the kNN vote accuracies against brute force, and the command on the demo corpus."""
+"""`sept encoder-check`: the kNN vote accuracies and the target-vs-pool share against brute force, and
+the command on the demo corpus."""
 
 import json
 import shutil
@@ -13,13 +14,14 @@ from torch import nn
 from sept.data.demo_corpus import make_demo_corpus
 from sept.data.targets import load_target
 from sept.training.encoder import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
-from sept.training.encoder_check import ENCODER_ROW, TRAIN_LOO, VAL, check_encoder
+from sept.training.encoder_check import ENCODER_ROW, POOL, TRAIN_LOO, VAL, check_encoder
 from sept.training.retrieval_metrics import (
     knn_precision,
     knn_vote_accuracy,
     loo_knn_vote_accuracy,
     majority_vote,
     nearest_neighbours,
+    target_share_among_pool,
 )
 from sept.training.trivial_features import TRIVIAL_FEATURES
 
@@ -57,6 +59,42 @@ def test_votes_match_brute_force():
         assert loo_knn_vote_accuracy(x, y, k) == pytest.approx((loo == y).mean())
         val = _brute_force_vote(xq, x, y, k)
         assert knn_vote_accuracy(x, y, xq, yq, k) == pytest.approx((val == yq).mean())
+
+
+def _brute_force_target_share(xq, xt, xp, k, leave_one_out):
+    """Python loops: each query ranks targets then pool by similarity (ties by that order), itself
+    left out when the queries are the targets; the share of targets among its k first."""
+    rows = [("target", i, x) for i, x in enumerate(xt)] + [("pool", i, x) for i, x in enumerate(xp)]
+    shares = []
+    for q, x in enumerate(xq):
+        order = sorted(
+            (r for r in range(len(rows)) if not (leave_one_out and rows[r][:2] == ("target", q))),
+            key=lambda r: (-(x @ rows[r][2]), r),
+        )
+        shares.append(sum(rows[r][0] == "target" for r in order[:k]) / k)
+    return float(np.mean(shares))
+
+
+def test_target_share_among_pool_matches_brute_force():
+    rng = np.random.default_rng(3)
+    x, _ = _clusters(rng, 3, 8, 6, 1.0)
+    train, val, pool = x[::3], x[1::3], np.concatenate([x[2::3], _unit(rng.standard_normal((15, 6)))])
+    for k in (1, 3, 5):
+        assert target_share_among_pool(train, val, pool, k) == pytest.approx(
+            _brute_force_target_share(train, val, pool, k, leave_one_out=False)
+        )
+        assert target_share_among_pool(train, None, pool, k) == pytest.approx(
+            _brute_force_target_share(train, train, pool, k, leave_one_out=True)
+        )
+    # Targets apart from the pool are all found; targets drawn like the pool, at about their share.
+    apart = _unit(np.eye(6)[0] + 0.1 * rng.standard_normal((10, 6)))
+    elsewhere = _unit(-np.eye(6)[0] + 0.1 * rng.standard_normal((30, 6)))
+    assert target_share_among_pool(apart[:4], apart[4:], elsewhere, 3) == 1.0
+    assert target_share_among_pool(apart, None, elsewhere, 5) == 1.0
+    noise = _unit(rng.standard_normal((700, 16)))
+    assert 0.05 < target_share_among_pool(noise[:50], noise[50:150], noise[150:], 5) < 0.3  # chance 100/650
+    with pytest.raises(ValueError):
+        target_share_among_pool(train, val, pool[:, :3])
 
 
 def test_separable_features_score_high_and_random_ones_at_chance():
@@ -115,7 +153,7 @@ def demo(tmp_path_factory):
     corpus = make_demo_corpus(
         str(root / "corpus"), pool_size=40, shards=1, target_train_per_class=10, target_val_per_class=10, image_size=16
     )
-    return root, corpus.target_dir
+    return root, corpus.target_dir, corpus.pool_spec
 
 
 def _encoder(path, taught_on=None, steps=60):
@@ -141,7 +179,7 @@ def _encoder(path, taught_on=None, steps=60):
 
 
 def test_command_ranks_a_taught_encoder_above_a_random_one_and_warns_on_the_random_one(demo):
-    root, target = demo
+    root, target, _ = demo
     random_enc = _encoder(str(root / "random.pt"))
     taught_enc = _encoder(str(root / "taught.pt"), taught_on=target)
 
@@ -164,7 +202,7 @@ def test_command_ranks_a_taught_encoder_above_a_random_one_and_warns_on_the_rand
 
 
 def test_command_names_the_bad_file(demo, tmp_path):
-    _, target = demo
+    _, target, _ = demo
     not_an_encoder = tmp_path / "notes.pt"
     not_an_encoder.write_text("not a checkpoint")
     proc = run_sept("encoder-check", "--encoder", str(not_an_encoder), "--target", target, check=False)
@@ -177,9 +215,40 @@ def test_command_names_the_bad_file(demo, tmp_path):
 
 
 def test_a_target_without_val_is_judged_on_train(demo, tmp_path):
-    _, target = demo
+    _, target, _ = demo
     shutil.copytree(f"{target}/train", tmp_path / "train-only" / "train")
     result = check_encoder(_encoder(str(tmp_path / "random.pt")), str(tmp_path / "train-only"), device="cpu", k=50)
     assert result["headline"] == TRAIN_LOO and result["num_val"] == 0 and result["k"] == 50
     assert all(set(scores) == {TRAIN_LOO} for scores in result["scores"].values())
     assert result["no_better"] == (result["margin"] <= 0)
+
+
+def test_command_with_a_pool_judges_by_the_target_among_the_pool(demo):
+    root, target, pool = demo
+    random_enc = _encoder(str(root / "random-pool.pt"))
+    run = run_sept(
+        "encoder-check", "--encoder", random_enc, "--target", target, "--pool", pool, "--pool-samples", "30", "--json"
+    )
+    result = json.loads(run.stdout)
+    assert result["headline"] == POOL and result["num_pool_samples"] == 30
+    assert all(set(scores) == {TRAIN_LOO, VAL, POOL} for scores in result["scores"].values())
+    assert result["chance"][POOL] == pytest.approx(100 / 130)  # 100 val images among 30 pool images
+    assert result["no_better"] == (result["margin"] <= 0)
+    assert "among the pool" in run.stderr.strip().splitlines()[-1]
+    # The class numbers are those of the check without a pool.
+    plain = check_encoder(random_enc, target, device="cpu")
+    for name, scores in plain["scores"].items():
+        assert {c: result["scores"][name][c] for c in scores} == pytest.approx(scores)
+    table = run_sept(
+        "encoder-check", "--encoder", random_enc, "--target", target, "--pool", pool, "--pool-samples", "30"
+    ).stdout
+    assert "target among pool" in table and "30 images sampled from" in table
+
+
+def test_a_bad_pool_is_named(demo, tmp_path):
+    _, target, _ = demo
+    encoder = _encoder(str(tmp_path / "random.pt"))
+    missing = str(tmp_path / "nowhere" / "{00000..00001}.tar")
+    proc = run_sept("encoder-check", "--encoder", encoder, "--target", target, "--pool", missing, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("sept encoder-check: error:") and "nowhere" in last

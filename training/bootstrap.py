@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import webdataset as wds
 import yaml
+from PIL import Image
 
 from sept.data.decode import BadSample, decode_image
 from sept.data.samples import ShardStats, image_member, iter_samples
@@ -164,6 +165,18 @@ def checkpoint_to_keep(scores: list[tuple[int, float]], probe_size: int) -> int:
     return [s for s, v in scores if v >= best - margin - 1e-12][-1]
 
 
+def decodable_images(items: list[tuple[int, str, str, bytes]]) -> list[Image.Image]:
+    """The images of ``sample_pool``'s items that decode, in order; the others are left out, as
+    the embed stage skips them."""
+    images = []
+    for _, _, _, data in items:
+        try:
+            images.append(decode_image(data))
+        except BadSample:
+            continue
+    return images
+
+
 def feature_center(
     bundle: EncoderBundle, items: list[tuple[int, str, str, bytes]], batch_size: int = 256
 ) -> np.ndarray:
@@ -173,12 +186,7 @@ def feature_center(
     total = np.zeros(bundle.dim, dtype=np.float64)
     count = 0
     for start in range(0, len(items), batch_size):  # decoded a chunk at a time: the subset can be large
-        images = []
-        for _, _, _, data in items[start : start + batch_size]:
-            try:
-                images.append(decode_image(data))
-            except BadSample:
-                continue
+        images = decodable_images(items[start : start + batch_size])
         if images:
             total += bundle.embed_images(images, batch_size=batch_size).sum(axis=0)
             count += len(images)

@@ -5,7 +5,9 @@ retrieve, not by their loss. ``knn_precision`` is the leave-one-out precision@k 
 set (each image queries all the others; the share of its k nearest that carry its label).
 ``loo_knn_vote_accuracy`` and ``knn_vote_accuracy`` are the share of images whose k nearest
 neighbours (the others of the set, or another set's) vote for their label: what `sept
-encoder-check` reports (``sept.training.encoder_check``). All take L2-normalised float features
+encoder-check` reports (``sept.training.encoder_check``); ``target_share_among_pool`` is its
+target-vs-pool number (the share of held-out target images among each query's k nearest in the
+held-out images and a pool sample). All take L2-normalised float features
 and compare them by inner product; ``nearest_neighbours`` is the one search they share.
 ``RetrievalProbe`` holds a labelled image set preprocessed once, exactly as the embed stage
 preprocesses (``EncoderBundle``), and scores a live backbone on it.
@@ -28,11 +30,12 @@ def nearest_neighbours(
     xq: np.ndarray, xb: np.ndarray, k: int, *, leave_one_out: bool = False, chunk: int = 1024
 ) -> np.ndarray:
     """(nq, k) row indices of ``xb``: each query's k most similar rows by inner product, best
-    first, ties broken by row order. ``leave_one_out``: ``xq`` is ``xb``, and a row is never its
-    own neighbour. ``k`` is capped at the rows there are to choose from."""
+    first, ties broken by row order. ``leave_one_out``: ``xq`` is the first rows of ``xb`` (the
+    set itself, or the set followed by others), and query i is never its own neighbour, row i.
+    ``k`` is capped at the rows there are to choose from."""
     xq = np.asarray(xq, dtype=np.float32)
     xb = np.asarray(xb, dtype=np.float32)
-    if leave_one_out and xq.shape != xb.shape:
+    if leave_one_out and xq.shape != xb[: len(xq)].shape:
         raise ValueError(f"leave-one-out searches a set in itself, got {xq.shape} queries for {xb.shape} rows")
     k = int(min(max(1, k), len(xb) - leave_one_out))
     if k < 1:
@@ -94,6 +97,23 @@ def knn_vote_accuracy(
     xb, yb = _labelled(train_features, train_labels, 1, "knn_vote_accuracy's train split")
     xq, yq = _labelled(val_features, val_labels, 1, "knn_vote_accuracy's val split")
     return float((majority_vote(yb[nearest_neighbours(xq, xb, k)]) == yq).mean())
+
+
+def target_share_among_pool(queries: np.ndarray, targets: np.ndarray | None, pool: np.ndarray, k: int = 5) -> float:
+    """The mean share of target rows among each query's k most similar rows of targets ∪ pool.
+
+    ``targets`` None: the queries are their own targets, leave-one-out (each query's k nearest
+    among the other queries and the pool). ``k`` is capped at the rows there are to choose from."""
+    xq = np.asarray(queries, dtype=np.float32)
+    xt = xq if targets is None else np.asarray(targets, dtype=np.float32)
+    xp = np.asarray(pool, dtype=np.float32)
+    if not len(xq) or not len(xt) or xp.ndim != 2 or xp.shape[1] != xq.shape[1] or xt.shape[1] != xq.shape[1]:
+        raise ValueError(
+            f"target_share_among_pool needs queries, targets and pool rows of one width, got "
+            f"{xq.shape}, {xt.shape} and {xp.shape}"
+        )
+    nearest = nearest_neighbours(xq, np.concatenate([xt, xp]), k, leave_one_out=targets is None)
+    return float((nearest < len(xt)).mean())
 
 
 @dataclass
