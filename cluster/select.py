@@ -307,7 +307,7 @@ class SelectionRun:
                 query_class=t.query_class,
                 min_similarity=cfg.min_similarity,
                 excluded=set(leaked),
-                near_dup=_near_dup_filter(cfg, self.attrs, np.concatenate([b.I.reshape(-1) for b in blocks])),
+                near_dup=_near_dup_filter(cfg, self.attrs, blocks),
                 topk_share=_topk_share(cfg) or 0.0,
                 removed=self.removed,
             )
@@ -434,13 +434,14 @@ def _k_per_class(t: SelectionTask, k: np.ndarray) -> dict[str, int]:
 
 
 def _near_dup_filter(
-    cfg: SelectConfig, attrs: dict, candidates: np.ndarray | None, emb=None
+    cfg: SelectConfig, attrs: dict, blocks: list[NeighbourBlock] | None, emb=None
 ) -> NearDuplicateFilter | CandidateNearDuplicates | None:
+    """The near-duplicate rule, if asked for: among the search's candidates (``blocks``), or, for the
+    cluster strategy (None), against every vector accepted so far."""
     if cfg.near_dup_threshold is None:
-        return None
+        return None  # before anything is gathered: the candidates' ids are a copy of the search results
     emb = emb or _embeddings(attrs, cfg)
-    if candidates is None:
+    if blocks is None:
         return NearDuplicateFilter(LazyVectors(emb), cfg.near_dup_threshold, dim=emb.dim)
-    return CandidateNearDuplicates(
-        *fetch_vector_array(emb, np.unique(candidates[candidates >= 0])), cfg.near_dup_threshold
-    )
+    candidates = np.unique(np.concatenate([np.unique(b.I[b.I >= 0]) for b in blocks]))
+    return CandidateNearDuplicates(*fetch_vector_array(emb, candidates), cfg.near_dup_threshold)
